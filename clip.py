@@ -1,0 +1,150 @@
+"""
+CLIP: Learning Transferable Visual Models From Natural Language Supervision (Radford et al. 2021).
+
+For a batch of N (image, text) pairs, embed both, L2-normalise, and score every image against every text:
+
+    logits = s · Î T̂ᵀ                      (N, N),  s = exp(t), t learnable, init ln(1/0.07), s <= 100
+    L_CLIP = ½ [ CE(logits, y) + CE(logitsᵀ, y) ],   y = (0, 1, ..., N-1)
+
+i.e. a symmetric InfoNCE: each image must pick its own caption among the N, and each caption its own image.
+
+Distributed: with W ranks each holding B = N/W pairs, every rank scores its B local rows against the N gathered
+rows (labels = own index in the global batch), the gather carrying gradient. Each rank's loss is the mean over its
+own rows, so summing over ranks gives W·L_CLIP, and DDP's gradient *averaging* divides that W back out: the
+parameter gradients equal those of one process holding the whole global batch (open_clip's ClipLoss with
+local_loss=True, gather_with_grad=True). Memory per rank is B×N logits, not N×N.
+
+This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py) subclasses
+`CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
+
+    Method.defaults                    optimiser defaults of the method (lr, weight_decay, betas, eps, logit_scale_init)
+    Method(model)                      wraps a model.CLIPModel, adds the method's heads, buffers and parameters
+    method.transform(tokenizer)        picklable (PIL image, caption) -> dict of tensors: the views the loss needs
+    method(batch) -> (loss, logs)      the training loss on a collated batch of those dicts; logs = its components
+    method.post_step()                 after every optimiser step (CLIP: clamp the temperature)
+    method.embed_images / embed_texts / embed_classes / similarity      zero-shot classification and retrieval
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed helpers: the one place where features cross ranks (every method gathers through here)
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(x):
+    """(B, ...) on each rank -> (W·B, ...) in rank order. Differentiable: the backward sums the gradient that every
+    rank's loss puts on this rank's slice (a reduce-scatter), so the local features receive the gradient of all W
+    losses. The identity when not distributed."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE of the local rows against the global batch.
+
+    image_features, text_features: (B, D) local, unnormalised (normalised here).
+    logit_scale: the multiplier s = exp(t), a scalar tensor (already exponentiated, as in open_clip).
+    Returns the mean over local rows of ½(CE_image→text + CE_text→image); see the module docstring for DDP.
+    """
+    # float32 logits: bf16 would round logits near s = 100 by up to ~0.4, and autocast casts a matmul's inputs down
+    # even when they are float32, hence switching it off rather than only calling .float()
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features = F.normalize(image_features.float(), dim=-1)  # (B, D)
+        text_features = F.normalize(text_features.float(), dim=-1)  # (B, D)
+        all_image_features = all_gather(image_features)  # (N, D)
+        all_text_features = all_gather(text_features)  # (N, D)
+        rank, _ = rank_and_world()
+        B = image_features.shape[0]
+        labels = torch.arange(B, device=image_features.device) + rank * B  # (B,) own index in the global batch
+        logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, N)
+        logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, N)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Augmentation: one view per image, one caption
+
+
+class Transform:
+    """(PIL image, caption) -> {"image": (3, R, R), "text": (L,)}. A plain class so DataLoader workers can pickle it."""
+
+    def __init__(self, image_size, tokenizer, context_length):
+        # open_clip's CLIP recipe: RandomResizedCrop with scale 0.9-1.0, bicubic, OpenAI normalisation
+        self.image = data.train_transform(image_size, scale=(0.9, 1.0))
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, image, caption):
+        return {"image": self.image(image), "text": self.tokenizer(caption, self.context_length)[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The method
+
+
+class CLIP(nn.Module):
+    # open_clip's ViT defaults (params.py); ResNets there use eps 1e-8, beta2 0.999
+    defaults = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07)
+    # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
+    find_unused_parameters = False
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # model.CLIPModel: encoders, projections and the temperature t (model.logit_scale)
+
+    def transform(self, tokenizer):
+        return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
+
+    def forward(self, batch):
+        image_features = self.model.encode_image(batch["image"])  # (B, D)
+        text_features = self.model.encode_text(batch["text"])  # (B, D)
+        logit_scale = self.model.logit_scale.exp()  # s
+        loss = clip_loss(image_features, text_features, logit_scale)
+        return loss, {"clip": loss.detach(), "logit_scale": logit_scale.detach()}
+
+    @torch.no_grad()
+    def post_step(self):
+        # as OpenAI: keep s = exp(t) in [1, 100] so the logits cannot blow up (clamped after each optimiser step)
+        self.model.logit_scale.clamp_(0, math.log(100))
+
+    # --- zero-shot classification and retrieval: embeddings are batch-first tensors (or tuples of them) -------------
+
+    def embed_images(self, images):
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)  # (B, D)
+
+    def embed_texts(self, tokens):
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # (M, D)
+
+    def embed_classes(self, tokens):
+        """Prompt ensemble (OpenAI): (C, T, L) tokens of T templates per class -> (C, D): embed each template,
+        normalise, average over templates, renormalise."""
+        C, T, L = tokens.shape
+        embeddings = self.embed_texts(tokens.reshape(C * T, L)).reshape(C, T, -1)  # (C, T, D)
+        return F.normalize(embeddings.mean(dim=1), dim=-1)  # (C, D)
+
+    def similarity(self, image_embeddings, text_embeddings):
+        # a fixed scale of 100, as OpenAI's zero-shot evaluation (argmax and recall do not depend on it)
+        return 100.0 * image_embeddings @ text_embeddings.T  # (N, M)
+
+
+Method = CLIP

@@ -1,0 +1,467 @@
+"""
+Data for contrastive image-text pretraining: the CLIP tokenizer (OpenAI's BPE, run by tiktoken), image
+transforms, and three (PIL image, caption) datasets: procedurally drawn shapes (no download), COCO Captions
+2017, and any CSV/TSV of image paths and captions. CaptionDataset applies a method's per-sample transform and
+skips unreadable images.
+"""
+import csv
+import gzip
+import hashlib
+import html
+import importlib.util
+import json
+import os
+import random
+import tempfile
+import urllib.request
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import regex  # installed with tiktoken; unlike `re` it knows \p{L} and \p{N}, which CLIP's pre-tokeniser uses
+import tiktoken
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+try:
+    import ftfy  # optional: OpenAI fixes mojibake with it before tokenising
+except ImportError:
+    ftfy = None
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_PACKAGES = ("open_clip", "clip")  # installed packages that ship a copy of the file
+# OpenAI's pre-tokeniser minus its two special-token alternatives: a caption that literally contains
+# "<|endoftext|>" is plain text here (as in open_clip), so no caption can inject an EOT and move the pooled token.
+CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+# CLIP's BPE marks a word's last symbol with "</w>", so "dog</w>" and "dog" are different tokens. tiktoken's BPE
+# works on bytes, so "</w>" becomes one extra byte appended to each word. 0x1f (unit separator) can never be in
+# cleaned text: str.split() counts it as whitespace, so the whitespace clean-up removes it. Its own byte token
+# (id 219) is therefore never produced by OpenAI's tokenizer either, and no merge contains it.
+EOW = "\x1f"
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip-pretrain")
+
+
+def download_bpe_vocab(dest, url=None, sha256=None):
+    """Download the vocabulary once, check its sha256, and write it atomically (no half files in the cache)."""
+    url, sha256 = url or BPE_URL, sha256 or BPE_SHA256
+    with urllib.request.urlopen(url, timeout=60) as r:
+        data = r.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{url}: sha256 {digest} does not match the expected {sha256}; not saved")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def find_bpe_vocab(vocab_path=None):
+    """Path of OpenAI's BPE file: explicit path, $CLIP_BPE_PATH, our cache, an installed open_clip/clip, download."""
+    if vocab_path is not None:
+        if not os.path.isfile(vocab_path):
+            raise FileNotFoundError(f"BPE vocabulary {vocab_path} does not exist")
+        return vocab_path
+    candidates = [os.environ.get("CLIP_BPE_PATH"), os.path.join(cache_dir(), BPE_FILE)]
+    for package in VOCAB_PACKAGES:  # find_spec locates a package without importing it (open_clip is slow)
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            candidates.append(os.path.join(os.path.dirname(spec.origin), BPE_FILE))
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    dest = os.path.join(cache_dir(), BPE_FILE)
+    try:
+        return download_bpe_vocab(dest)
+    except OSError as e:  # URLError is an OSError: offline, proxy, ...
+        raise RuntimeError(f"CLIP's BPE vocabulary was not found (looked at $CLIP_BPE_PATH, {dest}, and installed "
+                           f"packages {VOCAB_PACKAGES}) and downloading {BPE_URL} failed ({e}). Copy the file to "
+                           f"{dest}, set CLIP_BPE_PATH, or `pip install open_clip_torch`.") from None
+
+
+def bytes_to_unicode():
+    """GPT-2's table of 256 printable characters standing for the 256 bytes, in the order that gives CLIP's ids."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:  # the 68 unprintable bytes get the characters 256, 257, ...
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)  # 188 = number of printable bytes, listed first
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_encoding(vocab_path=None):
+    """OpenAI's 49,408-token CLIP BPE as a tiktoken Encoding whose rank of each token is its CLIP id."""
+    merges = gzip.open(find_bpe_vocab(vocab_path)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    byte_chars = list(bytes_to_unicode().items())
+    char_to_byte = {c: b for b, c in byte_chars}
+    # ids: the 256 bytes, the 256 bytes ending a word, then one token per merge in merge order
+    vocab = [c for _, c in byte_chars] + [c + "</w>" for _, c in byte_chars] + [m.replace(" ", "") for m in merges]
+    ranks = {}
+    for i, token in enumerate(vocab):
+        word_end = token.endswith("</w>")
+        token = token[:-4] if word_end else token
+        ranks[bytes(char_to_byte[c] for c in token) + (EOW.encode() if word_end else b"")] = i
+    assert len(ranks) == len(vocab) == 49406, "unexpected BPE file"
+    # Merge i makes token 512 + i, so tiktoken's merge order (lowest rank of the concatenation first) is CLIP's
+    # (lowest merge index first). They could still differ: tiktoken also merges an adjacent pair that is not a
+    # listed merge when its concatenation is a token. That never happens on the ~250k strings checked against
+    # OpenAI's tokenizer (tests/test_data.py checks every vocabulary word and thousands of captions).
+    # Words arrive already split by CLIP_PAT and end-marked, so tiktoken's pattern only cuts after each marker.
+    return tiktoken.Encoding("clip", pat_str=r"[^\x1f]+\x1f", mergeable_ranks=ranks,
+                             special_tokens={"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+
+
+def clean_text(text, lower=True):
+    """OpenAI's cleaning: ftfy, html.unescape twice, collapse whitespace, lower-case."""
+    # ftfy costs ~15 us a caption and leaves printable ASCII without entities unchanged, so skip it there
+    if ftfy is not None and not (text.isascii() and text.isprintable() and "&" not in text):
+        text = ftfy.fix_text(text)
+    text = " ".join(html.unescape(html.unescape(text)).split())
+    return text.lower() if lower else text
+
+
+class Tokenizer:
+    """texts -> (N, context_length) LongTensor: [SOT] ids [EOT] then 0-padding; EOT holds the row's largest id."""
+
+    def __init__(self, encoding, sot_id, eot_id, clip_bpe=False):
+        self.encoding, self.sot_id, self.eot_id, self.clip_bpe = encoding, sot_id, eot_id, clip_bpe
+        self.pad_id = 0
+        self.vocab_size = max(encoding.n_vocab, sot_id + 1, eot_id + 1)
+        self.cache = {}  # text -> ids; captions repeat across epochs and synthetic captions repeat a lot
+
+    def encode(self, text):
+        ids = self.cache.get(text)
+        if ids is None:
+            if self.clip_bpe:
+                words = CLIP_PAT.findall(clean_text(text))
+                ids = self.encoding.encode_ordinary(EOW.join(words) + EOW) if words else []
+            else:  # GPT-style byte BPEs keep case and spaces; special-token text stays plain text
+                ids = self.encoding.encode_ordinary(clean_text(text, lower=False))
+            if len(self.cache) > 100_000:
+                self.cache.clear()
+            self.cache[text] = ids
+        return ids
+
+    def decode(self, ids):
+        ids = [i for i in ids if i not in (self.sot_id, self.eot_id, self.pad_id)]
+        data = self.encoding.decode_bytes(ids)
+        return (data.replace(EOW.encode(), b" ") if self.clip_bpe else data).decode("utf-8", errors="replace")
+
+    def __call__(self, texts, context_length=77):
+        texts = [texts] if isinstance(texts, str) else texts
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for row, text in zip(out, texts):
+            ids = [self.sot_id] + self.encode(text)[:context_length - 2] + [self.eot_id]  # too long: cut, end in EOT
+            row[:len(ids)] = ids
+        return torch.from_numpy(out)
+
+    def __getstate__(self):  # DataLoader workers get a copy without the cache
+        return {**self.__dict__, "cache": {}}
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(name="clip", vocab_path=None):
+    """"clip" (OpenAI's BPE), a tiktoken encoding name ("cl100k_base", "gpt2", ...) or a tiktoken.Encoding."""
+    if name == "clip":
+        return Tokenizer(clip_encoding(vocab_path), sot_id=49406, eot_id=49407, clip_bpe=True)
+    encoding = name if isinstance(name, tiktoken.Encoding) else tiktoken.get_encoding(name)
+    # the text tower pools at argmax(ids), so SOT and EOT get two new ids above the encoding's vocabulary
+    return Tokenizer(encoding, sot_id=encoding.n_vocab, eot_id=encoding.n_vocab + 1)
+
+
+def tokenize(texts, context_length=77):
+    return get_tokenizer("clip")(texts, context_length)
+
+# -----------------------------------------------------------------------------
+# image transforms (PIL RGB -> normalised float tensor (3, R, R))
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def train_transform(image_size, scale=(0.9, 1.0)):
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def eval_transform(image_size):
+    return v2.Compose([
+        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(image_size),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+# -----------------------------------------------------------------------------
+# synthetic shapes: the default data, learnable by a tiny ViT on a CPU in minutes
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "hexagon"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 235),
+           "yellow": (245, 225, 30), "purple": (150, 50, 200), "orange": (250, 135, 20)}
+SIZES = {"small": 0.15, "large": 0.25}  # object radius as a fraction of the image side
+POSITIONS = {"center": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73)}
+POSITION_WORDS = {"center": ["in the center", "in the middle"], "left": ["on the left"], "right": ["on the right"],
+                  "top": ["at the top"], "bottom": ["at the bottom"]}
+COUNTS = ["one", "two", "three"]
+BACKGROUNDS = {"black": 20, "gray": 128, "white": 235, "striped": None, "checkered": None, "dotted": None}
+SYNTHETIC_TASKS = {  # zero-shot tasks on held-out images: (classnames, templates)
+    "shape": (SHAPES, ["a photo of a {}.", "a {}.", "a picture of a {}.", "a drawing of a {}."]),
+    "colour": (list(COLOURS), ["a {} shape.", "a {} object.", "a picture of something {}."]),
+    "size": (list(SIZES), ["a {} shape.", "a picture of a {} object."]),
+    "count": (COUNTS, ["{} shapes.", "a picture of {} objects."]),
+}
+
+
+def sample_scene(rng, **fixed):
+    """Random attributes; `fixed` pins some (the zero-shot tasks pin the label's attribute)."""
+    s = dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), background=rng.choice(list(BACKGROUNDS)),
+             count=rng.choices(COUNTS, weights=(2, 1, 1))[0])  # single objects are most informative: half of them
+    s.update(fixed)
+    # several objects are drawn small and in a row, so size and position describe single objects only
+    single = s["count"] == "one"
+    s.setdefault("size", rng.choice(list(SIZES)) if single else "small")
+    s.setdefault("position", rng.choice(list(POSITIONS)) if single else None)
+    return s
+
+
+@lru_cache(maxsize=8)
+def _grid(n):
+    return np.mgrid[:n, :n]  # (2, n, n) pixel coordinates for the background textures
+
+
+def _outline(shape, cx, cy, r):
+    """Polygon vertices (or the bounding box for a circle) of a shape of radius r centred at (cx, cy)."""
+    if shape == "circle":
+        return [cx - r, cy - r, cx + r, cy + r]
+    if shape == "square":
+        h = 0.85 * r  # a bit smaller so its area is close to the circle's
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "cross":
+        a, w = r, 0.33 * r
+        return [(cx + x, cy + y) for x, y in [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a),
+                                              (-w, w), (-a, w), (-a, -w), (-w, -w)]]
+    n, radii = {"triangle": (3, [r]), "hexagon": (6, [r]), "star": (10, [r, 0.42 * r])}[shape]  # star: in and out
+    points = []
+    for k in range(n):  # clockwise from the top
+        a, rk = 2 * np.pi * k / n, radii[k % len(radii)]
+        points.append((cx + rk * np.sin(a), cy - rk * np.cos(a)))
+    return points
+
+
+def render_scene(s, rng, image_size=64):
+    n = image_size
+    grey = BACKGROUNDS[s["background"]]
+    if grey is not None:
+        img = Image.new("RGB", (n, n), (grey + rng.randint(-15, 15),) * 3)
+    else:  # two-grey textures, so texture is not confused with an object's colour
+        y, x = _grid(n)
+        p = rng.randint(n // 10, n // 5)  # texture period in pixels
+        if s["background"] == "striped":
+            mask = ((x if rng.random() < 0.5 else y) // p) % 2 == 0
+        elif s["background"] == "checkered":
+            mask = (x // p + y // p) % 2 == 0
+        else:  # dotted
+            mask = (x % p - p // 2) ** 2 + (y % p - p // 2) ** 2 <= (p / 4) ** 2
+        grey = np.where(mask, rng.randint(40, 90), rng.randint(150, 210)).astype(np.uint8)
+        img = Image.fromarray(grey).convert("RGB")
+    colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[s["colour"]])
+    r = SIZES[s["size"]] * n * rng.uniform(0.9, 1.1)
+    k = COUNTS.index(s["count"]) + 1
+    if k == 1:
+        cx, cy = POSITIONS[s["position"]]
+        centres = [(cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(-0.04, 0.04))]
+    else:  # a row or a column of evenly spaced objects
+        along = [0.28, 0.72] if k == 2 else [0.18, 0.5, 0.82]
+        across = rng.uniform(0.3, 0.7)
+        centres = [(t, across) for t in along] if rng.random() < 0.5 else [(across, t) for t in along]
+    draw = ImageDraw.Draw(img)
+    for cx, cy in centres:
+        outline = _outline(s["shape"], cx * n, cy * n, r)
+        (draw.ellipse if s["shape"] == "circle" else draw.polygon)(outline, fill=colour)
+    return img
+
+
+def caption_scene(s, rng):
+    """A caption with varied phrasing; size, colour, position and background are sometimes left out."""
+    k = COUNTS.index(s["count"]) + 1
+    words = [s["size"] if rng.random() < 0.5 else None, s["colour"] if rng.random() < 0.8 else None]
+    words = [w for w in words if w]
+    if k == 1:
+        noun = " ".join(words + [s["shape"]])
+        noun = ("one " if rng.random() < 0.2 else "an " if noun[0] in "aeiou" else "a ") + noun
+    else:
+        noun = " ".join([s["count"]] + words + [s["shape"] + ("es" if s["shape"] == "cross" else "s")])
+    there = "there is " if k == 1 else "there are "
+    text = rng.choice(["", "", "a picture of ", "an image of ", "a drawing of ", there]) + noun
+    if s["position"] and rng.random() < 0.6:
+        text += " " + rng.choice(POSITION_WORDS[s["position"]])
+    if rng.random() < 0.3:
+        text += f" on a {s['background']} background"
+    return text + ("." if rng.random() < 0.5 else "")
+
+
+class SyntheticCaptions(Dataset):
+    """Coloured shapes drawn with PIL: (image, caption), the same for the same (seed, split, index)."""
+
+    def __init__(self, split="train", size=None, image_size=64, seed=0):
+        self.split, self.image_size, self.seed = split, image_size, seed
+        self.size = size or (100_000 if split == "train" else 1_000)
+
+    def __len__(self):
+        return self.size
+
+    def scene(self, index):  # string seeds are hashed with sha512: the same in every process and run
+        rng = random.Random(f"{self.seed}/{self.split}/{index}")
+        return sample_scene(rng), rng
+
+    def __getitem__(self, index):
+        s, rng = self.scene(index)
+        return render_scene(s, rng, self.image_size), caption_scene(s, rng)
+
+
+class SyntheticTask(Dataset):
+    """(image, label) for a zero-shot task of SYNTHETIC_TASKS on held-out images, classes balanced."""
+
+    def __init__(self, task, size=600, image_size=64, seed=0, split="val"):
+        self.classnames, self.templates = SYNTHETIC_TASKS[task]
+        self.task, self.size, self.image_size, self.seed, self.split = task, size, image_size, seed, split
+
+    def __len__(self):
+        return self.size
+
+    def scene(self, index):
+        rng = random.Random(f"{self.seed}/{self.split}/{self.task}/{index}")
+        fixed = {"count": "one"} if self.task != "count" else {}  # one object, so counts cannot confuse the rest
+        return sample_scene(rng, **fixed, **{self.task: self.classnames[index % len(self.classnames)]}), rng
+
+    def __getitem__(self, index):
+        s, rng = self.scene(index)
+        return render_scene(s, rng, self.image_size), index % len(self.classnames)
+
+# -----------------------------------------------------------------------------
+# image files: COCO Captions 2017 and CSV/TSV lists
+
+
+def load_image(path):
+    with Image.open(path) as img:
+        return img.convert("RGB")  # decodes now, so a corrupt file fails inside the dataset
+
+
+class ImageCaptions(Dataset):
+    """One item per (image path, caption) pair; retrieval() groups the captions by image."""
+
+    def __init__(self, paths, captions):
+        self.paths, self.captions = paths, captions
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index]), self.captions[index]
+
+    def retrieval(self):
+        """(image_paths, captions, caption_image): caption_image[j] indexes the image that caption j describes."""
+        image_index = {}
+        caption_image = [image_index.setdefault(p, len(image_index)) for p in self.paths]
+        return list(image_index), list(self.captions), caption_image
+
+
+class CocoCaptions(ImageCaptions):
+    """COCO Captions 2017: root/{train,val}2017/*.jpg and root/annotations/captions_{split}2017.json."""
+
+    def __init__(self, root, split="train"):
+        ann = os.path.join(root, "annotations", f"captions_{split}2017.json")
+        image_dir = os.path.join(root, f"{split}2017")
+        if not os.path.isfile(ann):
+            raise FileNotFoundError(f"{ann} not found: download http://images.cocodataset.org/annotations/"
+                                    f"annotations_trainval2017.zip and unzip it into {root}")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"{image_dir} not found: download http://images.cocodataset.org/zips/"
+                                    f"{split}2017.zip and unzip it into {root}")
+        with open(ann) as f:
+            coco = json.load(f)
+        file_names = {im["id"]: im["file_name"] for im in coco["images"]}
+        pairs = sorted((a["image_id"], a["id"], a["caption"].strip()) for a in coco["annotations"])
+        super().__init__([os.path.join(image_dir, file_names[i]) for i, _, _ in pairs], [c for _, _, c in pairs])
+
+
+class CsvCaptions(ImageCaptions):
+    """A CSV/TSV with an image-path column and a caption column (open_clip's filepath/title, or image/caption)."""
+
+    IMAGE_KEYS, CAPTION_KEYS = ("filepath", "image", "image_path", "file_name"), ("title", "caption", "text")
+
+    def __init__(self, path, img_key=None, caption_key=None, sep=None, root=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"caption file {path} does not exist")
+        sep = sep or ("\t" if path.endswith(".tsv") else ",")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            rows, columns = list(reader), reader.fieldnames or []
+        keys = []
+        for given, options in ((img_key, self.IMAGE_KEYS), (caption_key, self.CAPTION_KEYS)):
+            found = [k for k in ([given] if given else options) if k in columns]
+            if not found:
+                raise ValueError(f"{path}: no column {' or '.join(map(repr, [given] if given else options))}; "
+                                 f"columns found: {list(columns)} (separator {sep!r}; set img_key/caption_key/sep)")
+            keys.append(found[0])
+        root = root or os.path.dirname(os.path.abspath(path))
+        kept = [r for r in rows if (r[keys[1]] or "").strip()]
+        if not kept:
+            raise ValueError(f"{path}: no captions (all {len(rows)} rows have empty captions)")
+        if len(kept) < len(rows):
+            warnings.warn(f"{path}: dropped {len(rows) - len(kept)} of {len(rows)} rows with empty captions")
+        super().__init__([os.path.join(root, r[keys[0]]) for r in kept], [r[keys[1]].strip() for r in kept])
+
+
+def make_dataset(data, data_dir=None, split="train", image_size=64):
+    """"synthetic", "coco" (data_dir = COCO root) or a .csv/.tsv path (data_dir = root of relative paths; the
+    file is the split, so `split` is not used)."""
+    if data == "synthetic":
+        return SyntheticCaptions(split, image_size=image_size)
+    if data == "coco":
+        if data_dir is None:
+            raise ValueError("data 'coco' needs data_dir: the folder holding train2017/, val2017/, annotations/")
+        return CocoCaptions(data_dir, split)
+    if str(data).endswith((".csv", ".tsv")):
+        return CsvCaptions(data, root=data_dir)
+    raise ValueError(f"unknown data {data!r}: use 'synthetic', 'coco' (with data_dir) or a path to a .csv/.tsv file")
+
+
+def retrieval_set(data, data_dir=None, split="val"):
+    """(image_paths, captions, caption_image) for image-text retrieval on "coco" or a .csv/.tsv file."""
+    if data == "synthetic":
+        raise ValueError("retrieval needs 'coco' or a .csv/.tsv file; evaluate synthetic data with SyntheticTask")
+    return make_dataset(data, data_dir, split).retrieval()
+
+
+class CaptionDataset(Dataset):
+    """Applies transform(image, caption) -> dict. An unreadable image is replaced by the next readable item, and
+    "skipped" counts how many were passed over, so batches keep their size (DDP's gathers need equal batches)."""
+
+    max_skips = 100
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for skipped in range(self.max_skips):
+            try:
+                image, caption = self.dataset[(index + skipped) % len(self.dataset)]
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                error = e
+                continue
+            return {**self.transform(image, caption), "skipped": skipped}
+        raise RuntimeError(f"{self.max_skips} unreadable items in a row from index {index}; last error: {error!r}")

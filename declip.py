@@ -1,0 +1,354 @@
+"""
+DeCLIP: Supervision Exists Everywhere: A Data Efficient Contrastive Language-Image Pre-training Paradigm
+(Li et al. 2021; released code Sense-GVT/DeCLIP, prototype/model/declip.py and prototype/solver/declip_solver.py).
+
+CLIP's loss over several views of each pair, plus three supervisions found inside the data itself (weights of the
+released configs):
+
+    L = 0.4 · L_MVS  +  0.2 · L_ISS  +  0.2 · L_TSS  +  0.2 · L_NNS
+
+    L_MVS  multi-view: two image views x_a, x_b (MoCo v2 augmentation) × two text views (the masked caption t_m, as
+           the released code, and an EDA caption t_e): the mean of the 4 CLIP losses L_CLIP(x, t).
+    L_ISS  image self-supervision, SimSiam on the projected (unnormalised) image embeddings e_a, e_b:
+           z = g(e) (projector D → 1024 → 1024 → 1024), p = h(z) (predictor 1024 → 512 → 1024),
+           L_ISS = −½ [cos(p_a, sg(z_b)) + cos(p_b, sg(z_a))]                          (sg: stop-gradient)
+    L_TSS  text self-supervision, masked language modelling: 15% of the caption's tokens are chosen (80% → [MASK],
+           10% → a random token, 10% unchanged) and a linear head over the vocabulary must recover them from the
+           final token features: L_TSS = CE over the chosen positions.
+    L_NNS  nearest-neighbour supervision: a FIFO queue of past (normalised, detached) text embeddings; each
+           caption's nearest neighbour NN(t) in it (top-1 cosine) is another positive for the image, image→text only:
+           L_NNS = mean over x ∈ {x_a, x_b}, t ∈ {t_m, t_e} of CE(s · x̂ NN(t̂)ᵀ, y).
+
+The paper writes (1 − α − β − γ) L_CLIP + α (L_ISS + L_TSS) + β L_MVS + γ L_NNS with α = β = γ = 0.2; the released
+configs, followed here, put the 0.4 on the mean of the four multi-view CLIP losses (the plain pairing is one of them)
+and have no separate CLIP term. One step runs the image encoder twice (x_a, x_b) and the text encoder twice (t_m,
+which serves both the CLIP views and the MLM, and t_e).
+
+Distributed: the CLIP terms are clip.py's clip_loss (local rows against gathered features, with gradient), the NN
+term gathers the neighbours of every rank's captions, and the SimSiam heads use GlobalBatchNorm (slip.py): with DDP's
+averaging those equal one process on the whole batch. The released code divides every term by the world size
+because its communication library SUMS gradients; DDP averages them, so we omit that division. Each rank keeps its
+own queue (train.py's DDP has broadcast_buffers=False); the MLM term is a per-rank mean over masked tokens.
+
+Logs: clip (mean of the 4 CLIP losses), simsiam, mlm, nn, logit_scale (s as used), queue (fraction of the queue filled).
+"""
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip import CLIP, all_gather, clip_loss, rank_and_world
+from slip import GlobalBatchNorm, ssl_augmentation
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text augmentation: EDA (Wei & Zou 2019), one of three operations per caption, offline
+
+
+# EDA draws synonyms from WordNet. To stay offline and dependency-free we use this small built-in table instead: the
+# words of data.py's synthetic captions (colours, shapes, sizes, positions, counts, backgrounds, "picture of"...) and
+# common photo-caption (COCO-style) words. A word without an entry is never replaced; stopwords have no entry, so,
+# as in EDA, they are never replaced either. Multi-word synonyms are allowed, as WordNet's are.
+SYNONYMS = {
+    # colours
+    "red": ["crimson", "scarlet"], "green": ["emerald", "lime"], "blue": ["azure", "navy"],
+    "yellow": ["golden", "lemon"], "purple": ["violet", "lilac"], "orange": ["amber", "tangerine"],
+    "black": ["dark", "ebony"], "white": ["pale", "snowy"], "gray": ["grey", "silver"], "grey": ["gray", "silver"],
+    "brown": ["tan", "chocolate"], "pink": ["rose", "salmon"],
+    # shapes
+    "circle": ["disc", "ring", "round"], "circles": ["discs", "rings"], "square": ["box", "quadrate"],
+    "squares": ["boxes", "quadrates"], "triangle": ["trigon", "wedge"], "triangles": ["trigons", "wedges"],
+    "star": ["pentagram", "asterisk"], "stars": ["pentagrams", "asterisks"], "cross": ["plus sign", "crucifix"],
+    "crosses": ["plus signs", "crucifixes"], "hexagon": ["six-sided figure", "hexagonal shape"],
+    "hexagons": ["six-sided figures", "hexagonal shapes"], "shape": ["form", "figure"], "shapes": ["forms", "figures"],
+    "object": ["thing", "item"], "objects": ["things", "items"],
+    # sizes
+    "small": ["little", "tiny"], "large": ["big", "huge"], "big": ["large", "huge"], "little": ["small", "tiny"],
+    # positions
+    "center": ["centre", "middle"], "centre": ["center", "middle"], "middle": ["center", "centre"],
+    "left": ["left side", "left hand"], "right": ["right side", "right hand"], "top": ["upper side", "summit"],
+    "bottom": ["underside", "base"],
+    # counts
+    "one": ["1", "single"], "two": ["2", "pair of"], "three": ["3", "trio of"],
+    # backgrounds
+    "background": ["backdrop", "setting"], "striped": ["stripy", "banded"], "checkered": ["checked", "chequered"],
+    "dotted": ["spotted", "speckled"],
+    # what the caption is about
+    "picture": ["image", "photo"], "image": ["picture", "photo"], "photo": ["photograph", "picture"],
+    "photograph": ["photo", "picture"], "drawing": ["sketch", "illustration"],
+    # common photo-caption words
+    "man": ["guy", "gentleman"], "woman": ["lady", "female"], "person": ["individual", "human"],
+    "people": ["persons", "folks"], "boy": ["lad", "kid"], "girl": ["lass", "kid"], "child": ["kid", "youngster"],
+    "children": ["kids", "youngsters"], "dog": ["puppy", "hound"], "cat": ["kitten", "kitty"],
+    "car": ["automobile", "vehicle"], "street": ["road", "avenue"], "road": ["street", "roadway"],
+    "plate": ["dish", "platter"], "food": ["meal", "dish"], "sitting": ["seated", "perched"],
+    "standing": ["upright", "erect"], "walking": ["strolling", "walk"], "holding": ["carrying", "gripping"],
+    "looking": ["staring", "gazing"], "eating": ["consuming", "feeding"], "playing": ["frolicking", "sporting"],
+    "riding": ["mounting", "driving"], "group": ["bunch", "cluster"], "several": ["some", "various"],
+    "young": ["youthful", "junior"], "old": ["aged", "elderly"], "room": ["chamber", "space"],
+    "building": ["structure", "edifice"], "field": ["meadow", "grassland"], "grass": ["lawn", "turf"],
+    "sign": ["signboard", "placard"], "beach": ["shore", "seashore"], "ocean": ["sea", "seas"],
+    "sky": ["heavens", "air"], "table": ["desk", "board"], "bowl": ["dish", "basin"],
+}
+
+
+def synonym_replacement(words, n=1):
+    """Replace every occurrence of n randomly chosen words that have an entry in SYNONYMS by one of its synonyms."""
+    def core(word):  # "(Circle." -> ("(", "Circle", ".")
+        return re.match(r"^(\W*)(.*?)(\W*)$", word).groups()
+
+    candidates = sorted({core(w)[1].lower() for w in words} & SYNONYMS.keys())
+    words = list(words)
+    for k in torch.randperm(len(candidates))[:n].tolist():
+        target = candidates[k]
+        options = SYNONYMS[target]
+        synonym = options[torch.randint(len(options), ()).item()]
+        for i, w in enumerate(words):
+            before, word, after = core(w)
+            if word.lower() == target:
+                words[i] = before + synonym + after
+    return words
+
+
+def random_swap(words, n=1):
+    """Swap two random words, n times."""
+    words = list(words)
+    for _ in range(n):
+        if len(words) < 2:
+            break
+        i, j = torch.randperm(len(words))[:2].tolist()  # two different positions (EDA retries up to 3 times)
+        words[i], words[j] = words[j], words[i]
+    return words
+
+
+def random_deletion(words, p=0.1):
+    """Delete each word with probability p; keep one random word when all would go."""
+    if len(words) <= 1:
+        return list(words)
+    keep = (torch.rand(len(words)) >= p).tolist()
+    kept = [w for w, k in zip(words, keep) if k]
+    return kept or [words[torch.randint(len(words), ()).item()]]
+
+
+def eda(caption):
+    """One of synonym replacement (n=1), random swap (n=1) and random deletion (p=0.1), uniformly, as the released
+    code with textaugment's EDA (random insertion is not used). torch's RNG, which train.py seeds per sample."""
+    operation = [synonym_replacement, random_swap, random_deletion][torch.randint(3, ()).item()]
+    return " ".join(operation(caption.split()))
+
+
+class Transform:
+    """(PIL image, caption) -> {"image_a", "image_b": (3, R, R), "text", "text_eda": (L,)}. Picklable for workers.
+    The MLM masking of "text" happens later, per batch on the device (DeCLIP.forward)."""
+
+    def __init__(self, image_size, tokenizer, context_length):
+        # MoCo v2's augmentation (the released MOCOV2 transform): RandomResizedCrop(scale 0.2-1), colour jitter p 0.8,
+        # grayscale p 0.2, Gaussian blur p 0.5, flip; two independent draws per image
+        self.image = ssl_augmentation(image_size, scale=(0.2, 1.0))
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, image, caption):
+        # the released code applies EDA inside the model's forward, on raw strings; here it is per sample, in the
+        # DataLoader workers, before tokenising
+        return {"image_a": self.image(image), "image_b": self.image(image),
+                "text": self.tokenizer(caption, self.context_length)[0],
+                "text_eda": self.tokenizer(eda(caption), self.context_length)[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The losses
+
+
+def simsiam_loss(p_a, p_b, z_a, z_b):
+    """SimSiam (Chen & He 2021): −½ [cos(p_a, sg z_b) + cos(p_b, sg z_a)], mean over local rows. (B, E) each."""
+    return -(F.cosine_similarity(p_a.float(), z_b.detach().float(), dim=-1).mean()
+             + F.cosine_similarity(p_b.float(), z_a.detach().float(), dim=-1).mean()) / 2
+
+
+def mask_tokens(text, probability=0.15):
+    """BERT's masking of a batch of captions, on its device.
+
+    text: (B, L) ids laid out as data.py's tokenizers do: SOT at position 0, EOT at argmax (EOT is the largest id and
+    SOT = EOT − 1, the two ids above the ordinary vocabulary), padding after. Each caption token (never SOT, EOT or
+    padding) is chosen with `probability`; a chosen token becomes [MASK] with p 0.8, a random ordinary token with
+    p 0.1, and stays unchanged with p 0.1.
+    Returns ids (B, L) (random replacements in, [MASK] positions keep their id), to_mask (B, L) bool (the positions
+    that get the [MASK] embedding) and labels (B, L): the original id where chosen, −100 elsewhere.
+    """
+    B, L = text.shape
+    position = torch.arange(L, device=text.device)  # (L,)
+    eot = text.argmax(dim=-1, keepdim=True)  # (B, 1)
+    maskable = (position > 0) & (position < eot)  # (B, L): the caption's own tokens
+    chosen = (torch.rand(B, L, device=text.device) < probability) & maskable
+    labels = torch.where(chosen, text, -100)
+    r = torch.rand(B, L, device=text.device)
+    to_mask = chosen & (r < 0.8)
+    to_random = chosen & (r >= 0.8) & (r < 0.9)
+    # random ids in [0, SOT): the ordinary vocabulary, so a replacement can never become a second EOT/SOT and move
+    # the pooled position (the released code draws from the whole vocabulary, specials included)
+    sot = text.max(dim=-1, keepdim=True).values - 1  # (B, 1)
+    random_ids = torch.randint(1 << 62, (B, L), device=text.device) % sot  # (B, L) uniform in [0, SOT)
+    ids = torch.where(to_random, random_ids, text)
+    return ids, to_mask, labels
+
+
+def mlm_loss(head, tokens, labels):
+    """Cross-entropy of head(token features) against the original ids at the chosen positions.
+    tokens (B, L, width) after ln_final, labels (B, L) with −100 where nothing is to be predicted. Mean over the
+    chosen tokens; 0 (with a zero gradient for the head) when a batch has none."""
+    chosen = labels != -100  # (B, L)
+    logits = head(tokens[chosen])  # (M, V): the vocabulary projection only where needed (B·L·V would be huge)
+    return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+
+
+def nn_loss(image_features, nn_text_features, logit_scale):
+    """Image→text InfoNCE whose text side is the nearest neighbours of the captions (DeCLIP's L_NNS, one term).
+    image_features (B, D) local, unnormalised; nn_text_features (B, D) local neighbours (unit vectors from the queue,
+    constants). Each local image scores the N gathered neighbours; its positive is its own caption's neighbour."""
+    image_features = F.normalize(image_features.float(), dim=-1)  # (B, D)
+    all_nn = all_gather(nn_text_features.float())  # (N, D)
+    rank, _ = rank_and_world()
+    B = image_features.shape[0]
+    labels = torch.arange(B, device=image_features.device) + rank * B  # (B,) own index in the global batch
+    with torch.autocast(image_features.device.type, enabled=False):  # float32 logits (autocast would use bf16)
+        return F.cross_entropy(logit_scale.float() * image_features @ all_nn.T, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The method
+
+
+class DeCLIP(CLIP):
+    # released YFCC-15M configs (experiments/declip_experiments/yfcc15m/*/config.yaml): AdamW wd 0.1, betas
+    # (0.9, 0.98), eps 1e-8; Cosine scheduler with warmup_lr 1e-3 (the peak reached after 2,500 warmup steps from
+    # base_lr 1e-4), batch 4096 = 128 × 32 GPUs
+    defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
+
+    def __init__(self, model, queue_size=65536, proj_dim=1024, pred_dim=512, mlm_probability=0.15,
+                 clip_weight=0.4, simsiam_weight=0.2, mlm_weight=0.2, nn_weight=0.2, min_bn_batch=32):
+        super().__init__(model)
+        self.mlm_probability = mlm_probability
+        self.clip_weight, self.simsiam_weight, self.mlm_weight, self.nn_weight = (clip_weight, simsiam_weight,
+                                                                                 mlm_weight, nn_weight)
+        D, width = model.embed_dim, model.transformer_width
+
+        def bn(dim):  # statistics over the global batch; the released heads use per-GPU nn.BatchNorm1d (batch 128)
+            return GlobalBatchNorm(dim, min_batch=min_bn_batch)
+
+        # SimSiam's projector (BN after all three linears, ReLU after the first two) and bottleneck predictor
+        self.projector = nn.Sequential(nn.Linear(D, proj_dim), bn(proj_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(proj_dim, proj_dim), bn(proj_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(proj_dim, proj_dim), bn(proj_dim))
+        self.predictor = nn.Sequential(nn.Linear(proj_dim, pred_dim), bn(pred_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(pred_dim, proj_dim))
+        # [MASK]: the released code adds a token to the vocabulary; we keep the model's vocabulary in OpenAI's layout
+        # (its checkpoints must load and save unchanged) and give this module its own learnable [MASK] vector, put
+        # in place of the token embedding at masked positions (init as token_embedding: std 0.02)
+        self.mask_embedding = nn.Parameter(0.02 * torch.randn(width))
+        self.mlm_head = nn.Linear(width, model.vocab_size)  # [MASK] is never a target, so the vocabulary suffices
+        # the nearest-neighbour queue: a ring buffer of unit text embeddings, filled from slot 0; persistent buffers,
+        # so checkpoints carry it and a resume continues with the same neighbours
+        self.register_buffer("queue", torch.zeros(queue_size, D))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots written so far (≤ size)
+
+    def transform(self, tokenizer):
+        return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
+
+    # --- the text encoder with [MASK] -------------------------------------------------------------------------------
+
+    def masked_text_features(self, ids, to_mask):
+        """model.text_features(ids) with self.mask_embedding in place of the token embedding where to_mask (B, L).
+        Returns (pooled (B, width), tokens (B, L, width)) after ln_final."""
+        def put_mask(module, inputs, output):  # output: (B, L, width) token embeddings
+            return torch.where(to_mask[..., None], self.mask_embedding.to(output.dtype), output)
+
+        hook = self.model.token_embedding.register_forward_hook(put_mask)
+        try:
+            # causal mask kept during MLM, as the released code: one text pass then serves both the MLM head and the
+            # CLIP embedding of the masked caption (a bidirectional MLM would need a second pass, and the causal
+            # encoder is the one zero-shot evaluation uses). Each masked token is predicted from its left context.
+            return self.model.text_features(ids, causal=True)
+        finally:
+            hook.remove()
+
+    # --- the nearest-neighbour queue --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def nearest_neighbour(self, x):
+        """(B, D) unit vectors -> (B, D) their top-1 cosine neighbours among the filled slots of the queue. With an
+        empty queue the rows are zero vectors (the caller then drops the loss)."""
+        with torch.autocast(x.device.type, enabled=False):  # float32: bf16 cosines would blur near-ties
+            similarity = x.float() @ self.queue.T  # (B, Q): cosine, both sides are unit vectors
+        filled = torch.arange(self.queue.shape[0], device=x.device) < self.queue_filled  # (Q,) only written slots
+        similarity = similarity.masked_fill(~filled, -math.inf)
+        return self.queue[similarity.argmax(dim=1)]  # (B, D)
+
+    @torch.no_grad()
+    def enqueue(self, x):
+        """FIFO: write the (B, D) unit vectors at the pointer, overwriting the oldest entries once full."""
+        Q, B = self.queue.shape[0], x.shape[0]
+        x = x[-Q:]  # a batch larger than the queue: only its newest Q rows survive
+        slots = (self.queue_ptr + B - x.shape[0] + torch.arange(x.shape[0], device=x.device)) % Q  # (min(B, Q),)
+        self.queue[slots] = x.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + B) % Q)
+        self.queue_filled.copy_((self.queue_filled + B).clamp(max=Q))
+
+    # --- the loss -----------------------------------------------------------------------------------------------------
+
+    def forward(self, batch):
+        # text: the masked caption (MLM, and a CLIP text view as in the released code) and the EDA caption
+        ids, to_mask, mlm_labels = mask_tokens(batch["text"], self.mlm_probability)
+        pooled, tokens = self.masked_text_features(ids, to_mask)  # (B, width), (B, L, width)
+        text_features = pooled @ self.model.text_projection  # (B, D)
+        text_eda_features = self.model.encode_text(batch["text_eda"])  # (B, D)
+        # images: two MoCo v2 views
+        image_a = self.model.encode_image(batch["image_a"])  # (B, D)
+        image_b = self.model.encode_image(batch["image_b"])  # (B, D)
+
+        # released: s = exp(t) clamped to ≤ 100 in the forward (and t itself to [3, 6] around each step: post_step)
+        logit_scale = self.model.logit_scale.exp().clamp(max=100)
+
+        # multi-view CLIP: 2 image views × 2 text views
+        loss_clip = (clip_loss(image_a, text_features, logit_scale) + clip_loss(image_b, text_features, logit_scale)
+                     + clip_loss(image_a, text_eda_features, logit_scale)
+                     + clip_loss(image_b, text_eda_features, logit_scale)) / 4
+
+        # image self-supervision: SimSiam on the projected, unnormalised image embeddings
+        z_a, z_b = self.projector(image_a), self.projector(image_b)  # (B, 1024)
+        p_a, p_b = self.predictor(z_a), self.predictor(z_b)  # (B, 1024)
+        loss_simsiam = simsiam_loss(p_a, p_b, z_a, z_b)
+
+        # text self-supervision: recover the chosen tokens from the final token features of the masked caption
+        loss_mlm = mlm_loss(self.mlm_head, tokens, mlm_labels)
+
+        # nearest neighbours of both captions, looked up BEFORE this batch is enqueued (else a caption would find
+        # itself); the images' positives are their captions' neighbours, image→text only
+        text_unit = F.normalize(text_features.detach().float(), dim=-1)  # (B, D)
+        text_eda_unit = F.normalize(text_eda_features.detach().float(), dim=-1)  # (B, D)
+        nn_text, nn_text_eda = self.nearest_neighbour(text_unit), self.nearest_neighbour(text_eda_unit)
+        loss_nn = (nn_loss(image_a, nn_text, logit_scale) + nn_loss(image_a, nn_text_eda, logit_scale)
+                   + nn_loss(image_b, nn_text, logit_scale) + nn_loss(image_b, nn_text_eda, logit_scale)) / 4
+        # an empty queue (the first step) has no neighbours: the term is 0 until it holds entries (the released
+        # memory bank starts full of random vectors instead). Every rank enqueues 2B per step, so all ranks agree.
+        loss_nn = loss_nn * (self.queue_filled > 0)
+        if self.training:  # an evaluation forward must not change the queue
+            self.enqueue(torch.cat([text_unit, text_eda_unit]))
+
+        loss = (self.clip_weight * loss_clip + self.simsiam_weight * loss_simsiam + self.mlm_weight * loss_mlm
+                + self.nn_weight * loss_nn)
+        return loss, {"clip": loss_clip.detach(), "simsiam": loss_simsiam.detach(), "mlm": loss_mlm.detach(),
+                      "nn": loss_nn.detach(), "logit_scale": logit_scale.detach(),
+                      "queue": self.queue_filled.float() / self.queue.shape[0]}
+
+    @torch.no_grad()
+    def post_step(self):
+        # released configs: grad_clip type logit_scale_param_value, value 3, max_value 6: t is clamped to [3, 6]
+        # around every optimiser step (declip_solver.py); with the forward's s ≤ 100, s ∈ [e³ ≈ 20.1, 100]
+        self.model.logit_scale.clamp_(3.0, 6.0)
+
+
+Method = DeCLIP

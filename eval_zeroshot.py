@@ -1,0 +1,272 @@
+"""
+Zero-shot classification and image-text retrieval, for our checkpoints and for OpenAI-format state dicts.
+
+    python eval_zeroshot.py --checkpoint out/ckpt.pt                                   # the built-in synthetic tasks
+    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset cifar10 --data-dir ~/data --download
+    python eval_zeroshot.py --checkpoint ViT-B-32.pt --dataset folder --data-dir ~/imagenet/val --classnames names.txt
+    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset coco --data-dir ~/coco  # retrieval on val2017
+    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset my_pairs.tsv            # retrieval on any csv/tsv
+
+Classification (OpenAI's protocol): every class name is put in each prompt template; the method embeds the
+prompts and combines them into one classifier per class (CLIP: normalise each, average, renormalise); an image's
+logits are its similarity to each class. Retrieval (CLIP_benchmark's protocol): recall@k image→text (a hit when
+any of the image's captions is in the top k) and text→image. Scores come from the method's own similarity
+(cosine for CLIP, token-wise for FILIP), through the interface in clip.py.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+import torchvision
+
+import data
+from model import CLIPModel, build_model
+
+# OpenAI's prompts (openai/CLIP data/prompts.md; the CIFAR set is the same for CIFAR-10 and CIFAR-100)
+CIFAR_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
+    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
+    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
+    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
+]
+STL10_TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
+# the 7 of OpenAI's 80 ImageNet templates that do as well as all 80 (OpenAI's prompt-engineering notebook)
+IMAGENET_TEMPLATES = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
+    "art of the {}.", "a photo of the small {}.",
+]
+
+
+def fail(message):
+    sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: our checkpoints, OpenAI's released files (TorchScript archives), open_clip checkpoints, plain state dicts
+
+
+def load(path, device="cpu"):
+    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP."""
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}")
+    try:  # OpenAI's released .pt files are TorchScript archives, which torch.load hands to torch.jit.load
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling errors come in many types
+        fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}: {e})")
+    if isinstance(checkpoint, torch.jit.ScriptModule):
+        checkpoint = checkpoint.state_dict()
+    if isinstance(checkpoint, dict) and "config" in checkpoint and "method" in checkpoint:  # written by train.py
+        config = checkpoint["config"]
+        model = CLIPModel(**checkpoint["model_config"])
+        method = importlib.import_module(config["method"]).Method(model, **checkpoint["method_kwargs"])
+        try:
+            method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
+        except RuntimeError as e:
+            fail(f"{path} does not match --model {config['model']} / --method {config['method']}: {str(e).splitlines()[0]}")
+        tokenizer = data.get_tokenizer(config.get("tokenizer", "clip"))
+    else:
+        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state_dict, dict):
+            fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip saves DDP's prefix
+        try:
+            method = importlib.import_module("clip").Method(build_model(state_dict))
+        except ValueError as e:
+            fail(f"{path}: {e}")
+        tokenizer = data.get_tokenizer("clip")
+    return method.to(device).eval(), tokenizer
+
+
+def cat(chunks):
+    """Concatenate batch-first embeddings, which are tensors or (FILIP) tuples of tensors."""
+    if isinstance(chunks[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*chunks))
+    return torch.cat(chunks)
+
+
+def loader(dataset, batch_size, workers):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+@torch.no_grad()
+def classify(method, tokenizer, dataset, classnames, templates, device, batch_size=256, workers=0):
+    """dataset yields (image tensor, label). Returns dict(top1, top5, chance, n)."""
+    was_training = method.training
+    method.eval()
+    L = method.model.context_length
+    chunk = max(1, 512 // len(templates))  # classes per text batch
+    classifier = []
+    for i in range(0, len(classnames), chunk):
+        names = classnames[i:i + chunk]
+        tokens = tokenizer([t.format(c) for c in names for t in templates], L).view(len(names), len(templates), L)
+        classifier.append(method.embed_classes(tokens.to(device)))
+    classifier = cat(classifier)
+    k = min(5, len(classnames))
+    correct1 = correct5 = n = 0
+    for images, labels in loader(dataset, batch_size, workers):
+        logits = method.similarity(method.embed_images(images.to(device)), classifier)  # (B, C)
+        top = logits.topk(k, dim=-1).indices.cpu()  # (B, k)
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        n += len(labels)
+    method.train(was_training)
+    return dict(top1=correct1 / n, top5=correct5 / n, chance=1 / len(classnames), n=n)
+
+
+def synthetic(method, tokenizer, device, size=1000):
+    """The built-in held-out zero-shot tasks (data.py): the quick check that a model learned something."""
+    results = {}
+    for task, (classnames, templates) in data.SYNTHETIC_TASKS.items():
+        R = method.model.image_resolution
+        dataset = Labelled(data.SyntheticTask(task, size=size, image_size=R), data.eval_transform(R))
+        results[task] = classify(method, tokenizer, dataset, classnames, templates, device)
+    return results
+
+
+class Labelled(torch.utils.data.Dataset):
+    """(PIL, label) dataset -> (tensor, label) with the evaluation transform."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image.convert("RGB")), label
+
+
+def classification_set(name, data_dir, download, classnames_file, image_size):
+    """-> (dataset of (PIL, label), classnames, templates)"""
+    root = os.path.expanduser(data_dir or "~/data")
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root, train=False, download=download)
+            return ds, ds.classes, CIFAR_TEMPLATES
+        if name == "cifar100":
+            ds = torchvision.datasets.CIFAR100(root, train=False, download=download)
+            return ds, [c.replace("_", " ") for c in ds.classes], CIFAR_TEMPLATES
+        if name == "stl10":
+            ds = torchvision.datasets.STL10(root, split="test", download=download)
+            return ds, ds.classes, STL10_TEMPLATES
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
+    if name == "folder":
+        if not data_dir or not os.path.isdir(data_dir):
+            fail(f"--dataset folder needs --data-dir pointing at a folder of class folders (got {data_dir})")
+        ds = torchvision.datasets.ImageFolder(data_dir)
+        classnames = [c.replace("_", " ") for c in ds.classes]
+        if classnames_file:
+            with open(classnames_file) as f:
+                classnames = [line.strip() for line in f if line.strip()]
+            if len(classnames) != len(ds.classes):
+                fail(f"{classnames_file} has {len(classnames)} names but {data_dir} has {len(ds.classes)} class folders")
+        return ds, classnames, IMAGENET_TEMPLATES
+    fail(f"unknown dataset '{name}'; choose synthetic, cifar10, cifar100, stl10, folder, coco, or a .csv/.tsv path")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(data.load_image(self.paths[i]))
+        except OSError as e:  # skipping would change the benchmark, so say which file to fix
+            raise ValueError(f"cannot read {self.paths[i]} ({e}); fix or remove it to evaluate on this set") from None
+
+
+@torch.no_grad()
+def retrieve(method, tokenizer, image_paths, captions, caption_image, device, batch_size=256, workers=0, ks=(1, 5, 10)):
+    """image_paths: M images; captions: K strings; caption_image: (K,) index of each caption's image.
+    Returns {"image->text R@k": ..., "text->image R@k": ...}."""
+    method.eval()
+    transform = data.eval_transform(method.model.image_resolution)
+    L = method.model.context_length
+    texts = cat([method.embed_texts(tokenizer(captions[i:i + batch_size], L).to(device))
+                 for i in range(0, len(captions), batch_size)])
+    caption_image = torch.as_tensor(caption_image)
+    kmax = max(ks)
+    image_hits = {k: 0 for k in ks}
+    best_scores = best_images = None  # running top-k images for every caption, over the image batches
+    first = 0
+    for images in loader(Images(image_paths, transform), batch_size, workers):
+        scores = method.similarity(method.embed_images(images.to(device)), texts).float().cpu()  # (b, K)
+        top = scores.topk(min(kmax, scores.shape[1]), dim=1).indices  # (b, k) captions
+        own = torch.arange(first, first + len(images))
+        for k in ks:  # a hit when any of the image's captions is among its top k
+            image_hits[k] += (caption_image[top[:, :k]] == own[:, None]).any(dim=1).sum().item()
+        column_scores = torch.cat([scores.T] + ([best_scores] if best_scores is not None else []), dim=1)
+        column_images = torch.cat([own.expand(len(captions), -1)] + ([best_images] if best_images is not None else []), 1)
+        best_scores, idx = column_scores.topk(min(kmax, column_scores.shape[1]), dim=1)
+        best_images = column_images.gather(1, idx)
+        first += len(images)
+    results = {f"image->text R@{k}": image_hits[k] / len(image_paths) for k in ks}
+    for k in ks:
+        results[f"text->image R@{k}"] = (best_images[:, :k] == caption_image[:, None]).any(dim=1).float().mean().item()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a train.py ckpt.pt, an OpenAI .pt, or a CLIP state dict")
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic | cifar10 | cifar100 | stl10 | folder (classification); coco | a .csv/.tsv (retrieval)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    method, tokenizer = load(args.checkpoint, args.device)
+    R = method.model.image_resolution
+    if args.dataset == "synthetic":
+        for task, r in synthetic(method, tokenizer, args.device).items():
+            print(f"{task}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+                  f"(chance {100 * r['chance']:.1f}%, {r['n']} images)")
+    elif args.dataset == "coco" or args.dataset.endswith((".csv", ".tsv")):
+        try:
+            image_paths, captions, caption_image = data.retrieval_set(args.dataset, args.data_dir)
+        except (ValueError, FileNotFoundError) as e:
+            fail(e)
+        try:
+            results = retrieve(method, tokenizer, image_paths, captions, caption_image, args.device, args.batch_size,
+                               args.workers)
+        except ValueError as e:
+            fail(str(e).strip().splitlines()[-1] if args.workers else e)  # a worker's error arrives with its traceback
+        print(f"{args.dataset}: {len(image_paths)} images, {len(captions)} captions")
+        for name, value in results.items():
+            print(f"{name}: {100 * value:.2f}%")
+    else:
+        dataset, classnames, templates = classification_set(args.dataset, args.data_dir, args.download,
+                                                            args.classnames, R)
+        r = classify(method, tokenizer, Labelled(dataset, data.eval_transform(R)), classnames, templates,
+                     args.device, args.batch_size, args.workers)
+        print(f"{args.dataset}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+              f"({len(classnames)} classes, {r['n']} images, {len(templates)} templates)")
+
+
+if __name__ == "__main__":
+    main()

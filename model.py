@@ -1,0 +1,369 @@
+"""
+CLIP's two encoders (Radford et al. 2021), in one file, with OpenAI's checkpoint layout.
+
+    image (B, 3, R, R) --visual-->      pooled image feature --proj-->            (B, D)
+    text  (B, L) ids   --transformer--> token at the EOT position --text_projection--> (B, D)
+
+The image encoder is either
+  * a Vision Transformer: patches + a class token, pre-LN transformer, the class token after ln_post, or
+  * OpenAI's "ModifiedResNet": a ResNet-50 with a 3-conv stem, anti-aliased (avg-pool) strided convolutions and
+    attention pooling (the mean of the final feature map is the single query) in place of global average pooling.
+The text encoder is a causal (GPT-style) pre-LN transformer; the sequence is represented by its EOT token, which
+is the largest id in the vocabulary, so its position is text.argmax(-1).
+
+State-dict keys and shapes are those of OpenAI's released checkpoints (and of open_clip's OpenAI-layout models),
+so `build_model(torch.load(...))` loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
+(in_proj_weight, in_proj_bias, out_proj) but runs through F.scaled_dot_product_attention, batch first.
+Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
+"""
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class QuickGELU(nn.Module):
+    # x·σ(1.702x): the sigmoid approximation of GELU that OpenAI's checkpoints were trained with
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# -----------------------------------------------------------------------------
+# transformer (shared by the text encoder and the ViT)
+
+class Attention(nn.Module):
+    """Multi-head self-attention. Parameter names follow nn.MultiheadAttention (one fused q,k,v projection) so that
+    OpenAI checkpoints load unchanged; the computation is PyTorch's fused scaled_dot_product_attention."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # rows: [W_q; W_k; W_v]
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.normal_(self.in_proj_weight, std=width ** -0.5)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal=False):
+        B, L, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)                     # (B, L, 3C)
+        q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, L, C/H)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                  # (B, H, L, C/H)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, C))                       # (B, L, C)
+
+
+class ResidualAttentionBlock(nn.Module):
+    # pre-LN: x + attn(ln(x)), then x + mlp(ln(x)); the MLP is 4× wide
+    def __init__(self, width, heads, act):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=act(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, act):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
+        # OpenAI's init: projections that write into the residual stream are scaled down by sqrt(2·layers),
+        # so the variance of the stream does not grow with depth (2 writes per block)
+        attn_std = width ** -0.5
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, x, causal=False):  # (B, L, width) -> (B, L, width)
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# image encoder 1: Vision Transformer
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)  # patch embedding
+        scale = width ** -0.5
+        grid = image_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, act)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def features(self, x):  # (B, 3, R, R) -> pooled (B, width), tokens (B, P, width)
+        x = self.conv1(x.to(self.conv1.weight.dtype))                     # (B, width, R/P, R/P)
+        x = x.flatten(2).transpose(1, 2)                                   # (B, P, width), P = (R/P)²
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))                               # (B, 1+P, width)
+        x = self.ln_post(x)  # per-token LayerNorm: the class token's is the pooled feature, the rest FILIP's tokens
+        return x[:, 0], x[:, 1:]
+
+    def project(self, pooled):  # (B, width) -> (B, D)
+        return pooled @ self.proj
+
+
+# -----------------------------------------------------------------------------
+# image encoder 2: OpenAI's ModifiedResNet
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        # every conv has stride 1; downsampling is an avg-pool before the last 1×1 conv (anti-aliased, as in
+        # "Making Convolutional Networks Shift-Invariant Again"), and the same pool on the shortcut
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        nn.init.zeros_(self.bn3.weight)  # each block starts as the identity (plus its shortcut)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False),
+                                            nn.BatchNorm2d(planes * self.expansion))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        shortcut = x if self.downsample is None else self.downsample(self.avgpool(x))
+        return F.relu(out + shortcut)
+
+
+class AttentionPool2d(nn.Module):
+    """Replaces global average pooling: one attention step whose only query is the mean of the feature map
+    (prepended as an extra token), over all positions plus that mean token, then a projection to the output."""
+
+    def __init__(self, spatial, embed_dim, heads, output_dim):
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(spatial * spatial + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            nn.init.normal_(proj.weight, std=embed_dim ** -0.5)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, output_dim)
+        x = x.flatten(2).transpose(1, 2)                                     # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)               # (B, 1+HW, C)
+        x = x + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        H = self.heads
+        q = self.q_proj(x[:, :1]).view(B, 1, H, C // H).transpose(1, 2)     # (B, H, 1, C/H)
+        k = self.k_proj(x).view(B, L, H, C // H).transpose(1, 2)            # (B, H, L, C/H)
+        v = self.v_proj(x).view(B, L, H, C // H).transpose(1, 2)            # (B, H, L, C/H)
+        x = F.scaled_dot_product_attention(q, k, v)                          # (B, H, 1, C/H)
+        return self.c_proj(x.transpose(1, 2).reshape(B, C))                  # (B, output_dim)
+
+
+class ModifiedResNet(nn.Module):
+    def __init__(self, layers, output_dim, heads, image_resolution, width):
+        super().__init__()
+        # stem: three 3×3 convs (the first with stride 2) and an avg-pool instead of one 7×7 conv and a max-pool
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        # four stages of bottlenecks, planes width·(1, 2, 4, 8); stages 2-4 halve the resolution: R/4 -> R/32
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, (1 if i == 0 else 2)
+            stage = [Bottleneck(inplanes, planes, stride)]
+            stage += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * Bottleneck.expansion
+        self.attnpool = AttentionPool2d(image_resolution // 32, width * 32, heads, output_dim)
+
+    def features(self, x):  # (B, 3, R, R) -> pooled (B, D), tokens (B, (R/32)², 32·width)
+        x = x.to(self.conv1.weight.dtype)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)                                                  # (B, width, R/4, R/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))            # (B, 32·width, R/32, R/32)
+        return self.attnpool(x), x.flatten(2).transpose(1, 2)
+
+    def project(self, pooled):  # attnpool's c_proj already maps to the embedding dimension
+        return pooled
+
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+class CLIPModel(nn.Module):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
+                 quick_gelu=True):
+        super().__init__()
+        self.embed_dim, self.image_resolution = embed_dim, image_resolution
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.vision_width, self.transformer_width = vision_width, transformer_width
+        act = QuickGELU if quick_gelu else nn.GELU
+        if isinstance(vision_layers, (tuple, list)):  # a list of 4 stage depths means a ResNet
+            self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
+                                         image_resolution=image_resolution, width=vision_width)
+        else:  # heads of width 64, as in OpenAI's ViTs (build_model relies on it)
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            heads=vision_width // 64, output_dim=embed_dim, act=act)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, act)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # s = exp(.) = 1/τ, τ = 0.07
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
+
+    def image_features(self, images):
+        """(B, 3, R, R) -> pooled (B, Wp) before the projection, tokens (B, P, Wt); see visual.features."""
+        if images.shape[-2:] != (self.image_resolution, self.image_resolution):
+            raise ValueError(f"expected {self.image_resolution}x{self.image_resolution} images, "
+                             f"got {tuple(images.shape[-2:])}")
+        return self.visual.features(images)
+
+    def image_projection(self, pooled):  # (B, Wp) -> (B, D); ViT: @ proj, ResNet: identity
+        return self.visual.project(pooled)
+
+    def encode_image(self, images):  # (B, 3, R, R) -> (B, D), not normalised
+        return self.image_projection(self.image_features(images)[0])
+
+    def text_features(self, text, causal=True):
+        """(B, L) token ids -> pooled (B, width) at the EOT token, tokens (B, L, width), both after ln_final.
+        causal=False lets every token see the whole caption (for a masked-language-model head)."""
+        if text.shape[1] > self.context_length:
+            raise ValueError(f"text has {text.shape[1]} tokens; the model's context length is {self.context_length}")
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, L, width)
+        x = self.transformer(x, causal=causal)
+        x = self.ln_final(x)
+        # EOT has the largest id, so argmax finds it; with the causal mask it has seen the whole caption
+        pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # (B, width)
+        return pooled, x
+
+    def encode_text(self, text):  # (B, L) -> (B, D), not normalised
+        return self.text_features(text)[0] @ self.text_projection
+
+    def forward(self, images, text):  # -> (B, D), (B, D), s: the pieces of the CLIP logits s·Î·T̂ᵀ
+        return self.encode_image(images), self.encode_text(text), self.logit_scale.exp()
+
+
+# -----------------------------------------------------------------------------
+# configurations and loading
+
+def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size=None,
+            text=(512, 8, 12), context_length=77):
+    width, heads, layers = text  # text transformer width, heads, layers
+    return dict(embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
+                vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=context_length,
+                vocab_size=49408, transformer_width=width, transformer_heads=heads, transformer_layers=layers)
+
+
+# name -> CLIPModel kwargs. All use QuickGELU (CLIPModel's default), so build_model, which cannot see the
+# activation in a state dict, rebuilds every one of them exactly; heads are always width // 64 for the same reason.
+CONFIGS = {
+    # OpenAI's released models
+    "RN50": _config(1024, 224, [3, 4, 6, 3], 64),
+    "RN101": _config(512, 224, [3, 4, 23, 3], 64),
+    "RN50x4": _config(640, 288, [4, 6, 10, 6], 80, text=(640, 10, 12)),
+    "ViT-B-32": _config(512, 224, 12, 768, 32),
+    "ViT-B-16": _config(512, 224, 12, 768, 16),
+    "ViT-L-14": _config(768, 224, 24, 1024, 14, text=(768, 12, 12)),
+    # SLIP's ViT-Small (the encoder of its ViT-S runs) with CLIP's 512-wide text transformer
+    "ViT-S-16": _config(512, 224, 12, 384, 16),
+    # small models for CPU runs and tests (64 px images, 8×8 patches)
+    "tiny-vit": _config(128, 64, 4, 192, 8, text=(128, 2, 4), context_length=32),
+    "tiny-rn": _config(128, 64, [1, 1, 1, 1], 32, text=(128, 2, 4), context_length=32),
+    "small-vit": _config(256, 64, 6, 256, 8, text=(256, 4, 6)),
+}
+
+
+def create_model(name, **overrides):
+    """A randomly initialised CLIPModel from CONFIGS; keyword arguments override config entries."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
+    return CLIPModel(**{**CONFIGS[name], **overrides})
+
+
+def infer_config(state_dict):
+    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does)."""
+    sd = state_dict
+    required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
+                "visual.conv1.weight"]
+    missing = [k for k in required if k not in sd]
+    if missing or ("visual.proj" not in sd and "visual.attnpool.positional_embedding" not in sd):
+        hint = ""
+        if any(k.startswith("module.") for k in sd):
+            hint = " (keys start with 'module.': strip the DDP prefix first)"
+        elif "model" in sd:
+            hint = " (this looks like a training checkpoint: pass checkpoint['model'])"
+        raise ValueError(f"not a CLIP state dict in OpenAI's layout: missing {missing or ['visual.proj']}; "
+                         f"first keys are {list(sd)[:5]}{hint}")
+
+    def count(prefix):  # number of distinct block indices under a prefix
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    def grid(key, stride):  # side of the square token grid of a positional embedding (1 extra token)
+        n = sd[key].shape[0] - 1
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{key} has {n + 1} rows, not a square grid plus one")
+        return side * stride
+
+    if "visual.proj" in sd:  # ViT
+        vision_width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+        vision_layers = count("visual.transformer.resblocks.")
+        image_resolution = grid("visual.positional_embedding", patch)
+    else:  # ModifiedResNet
+        patch = None
+        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        vision_layers = [count(f"visual.layer{i}.") for i in (1, 2, 3, 4)]
+        image_resolution = grid("visual.attnpool.positional_embedding", 32)
+    width = sd["ln_final.weight"].shape[0]
+    return dict(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+                vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=patch,
+                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                transformer_width=width, transformer_heads=width // 64,
+                transformer_layers=count("transformer.resblocks."))
+
+
+def build_model(state_dict, quick_gelu=True):
+    """A CLIPModel whose architecture is read off the state dict's shapes, with the weights loaded strictly;
+    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32."""
+    # OpenAI's (JIT) checkpoints carry three scalars that are not parameters
+    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    config = infer_config(sd)
+    model = CLIPModel(**config, quick_gelu=quick_gelu)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"state dict does not fit the architecture inferred from its shapes {config}:\n{e}") from None
+    return model.eval()

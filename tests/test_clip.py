@@ -1,0 +1,76 @@
+"""CLIP's loss: parity with open_clip, a direct loop computation, and the distributed version vs one process."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip import clip_loss
+from distributed import run_distributed
+
+
+def features(N=12, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(N, D, generator=g, dtype=torch.float64)
+
+
+def slow_clip_loss(image, text, s):
+    """The paper's formula written out row by row."""
+    image = [x / x.norm() for x in image]
+    text = [t / t.norm() for t in text]
+    N = len(image)
+    total = 0.0
+    for i in range(N):
+        logits_i = torch.stack([s * image[i] @ text[j] for j in range(N)])
+        logits_t = torch.stack([s * text[i] @ image[j] for j in range(N)])
+        total = total - torch.log_softmax(logits_i, 0)[i] - torch.log_softmax(logits_t, 0)[i]
+    return total / (2 * N)
+
+
+def test_matches_direct_computation():
+    image, text = features()
+    s = torch.tensor(1 / 0.07, dtype=torch.float64)
+    torch.testing.assert_close(clip_loss(image, text, s).double(), slow_clip_loss(image, text, s))
+
+
+def test_matches_open_clip_loss_and_gradients():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    image, text = features()
+    image.requires_grad_(True), text.requires_grad_(True)
+    s = torch.tensor(math.exp(2.3), dtype=torch.float64, requires_grad=True)
+    ours = clip_loss(image, text, s)
+    g_ours = torch.autograd.grad(ours, (image, text, s))
+    # open_clip's ClipLoss takes normalised features and the exponentiated scale
+    theirs = open_clip_loss.ClipLoss()(F.normalize(image, dim=-1), F.normalize(text, dim=-1), s)
+    g_theirs = torch.autograd.grad(theirs, (image, text, s))
+    torch.testing.assert_close(ours.double(), theirs)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a.double(), b)
+
+
+def _rank_loss(rank, world, image, text, s):
+    B = image.shape[0] // world
+    local_image = image[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    local_text = text[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    scale = s.clone().requires_grad_(True)
+    loss = clip_loss(local_image, local_text, scale)
+    loss.backward()
+    return loss.detach(), local_image.grad, local_text.grad, scale.grad
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_equals_one_process(world):
+    """Each rank: B local rows against N gathered ones. Mean of rank losses = the global loss; the gradient every
+    rank receives for its own features, averaged over ranks as DDP does (÷W), equals the global one."""
+    image, text = features(N=12)
+    s = torch.tensor(1 / 0.07, dtype=torch.float64)
+    full_image, full_text, full_s = image.clone().requires_grad_(True), text.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    full = clip_loss(full_image, full_text, full_s)
+    full.backward()
+    results = run_distributed(_rank_loss, world, image, text, s)
+    losses = torch.stack([r[0] for r in results])
+    torch.testing.assert_close(losses.mean(), full.detach())
+    torch.testing.assert_close(torch.cat([r[1] for r in results]) / world, full_image.grad)
+    torch.testing.assert_close(torch.cat([r[2] for r in results]) / world, full_text.grad)
+    torch.testing.assert_close(torch.stack([r[3] for r in results]).mean(), full_s.grad)

@@ -1,0 +1,343 @@
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import random
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from PIL import Image
+
+import data
+
+open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+OPEN_CLIP_BPE = open_clip_tokenizer.default_bpe()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return open_clip_tokenizer.SimpleTokenizer()
+
+
+def test_example_ids():
+    ids = data.tokenize("a photo of a Dog.")
+    assert ids.shape == (1, 77) and ids.dtype == torch.long
+    assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
+    assert ids[0, 8:].eq(0).all()
+    tok = data.get_tokenizer()
+    assert (tok.vocab_size, tok.sot_id, tok.eot_id, tok.pad_id) == (49408, 49406, 49407, 0)
+    assert tok.decode(ids[0].tolist()) == "a photo of a dog . "
+
+
+def parity_strings():
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    rng = random.Random(0)
+    texts = [
+        "", " ", "   \t\n ", ".", "a", "A photo of a DOG!!!", "hello,world...", "what's up? it's 5 o'clock",
+        "they're here; I've, you'll, he'd, I'm, 'S 'T 'RE", "''quoted'' \"double\" `back`", "3.14159 1,000,000 007",
+        "e-mail: x@y.com #tag $12.50 100% (ok) [x] 2024-01-01", "café naïve résumé Ærøskøbing Straße",
+        "日本語のテキスト 中文 한국어", "emoji 😀🐶🎉 👍🏽 flags 🇫🇷", "Ελληνικά русский עברית العربية हिन्दी",
+        "&amp; &lt;b&gt; &amp;amp;lt; &quot;q&quot; &#39;", "aaaaaaa", "mississippi", "z" * 30, "hahahahahahaha",
+        "ﬁne ligature", "Ｆｕｌｌｗｉｄｔｈ", "mojibake: cafÃ© â€œquotedâ€\x9d", "tabs\tand\nnewlines\r\nand\u00a0nbsp\u2003em",
+        "<|endoftext|> <|startoftext|>", "x" * 300, " ".join(["word"] * 100), "a " + "very " * 80 + "long dog.", "ﬀ",
+        "ǅ ǈ İstanbul", "Kelvin \u212a ſ 'ſ", "\x00nul \x07bell \x1fus \x7fdel", "0123456789" * 10, "x²³ ½ ⅓ Ⅻ ①",
+    ]
+    texts += [t(c) for c in IMAGENET_CLASSNAMES for t in rng.sample(OPENAI_IMAGENET_TEMPLATES, 2)]
+    # random concatenations of vocabulary words (as text), the case where tiktoken's "any pair whose
+    # concatenation is a token" rule could differ from CLIP's "listed merges only"
+    words = [w for w in data.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
+    words = [w[:-1].decode("utf-8", "ignore") for w in words]
+    for _ in range(3000):
+        texts.append(" ".join("".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(4)))
+    # random characters from several scripts, punctuation and digits
+    ranges = [(32, 127), (0xC0, 0x250), (0x391, 0x3CA), (0x410, 0x450), (0x4E00, 0x4E80)]
+    alphabet = [chr(c) for lo, hi in ranges for c in range(lo, hi)] + list("😀🐶🎉’“”…–—")
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(1500)]
+    return texts
+
+
+def test_parity_with_open_clip(reference):
+    texts = parity_strings()
+    assert len(texts) > 6000
+    for length in (77, 400):  # 400: compare whole encodings, not just their first 75 ids
+        ours, theirs = data.tokenize(texts, length), reference(texts, length)
+        bad = [t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b)]
+        assert not bad, f"{len(bad)} differ, e.g. {bad[:3]}"
+
+
+def test_without_ftfy(reference, monkeypatch):
+    # ftfy is optional: without it, text that ftfy would leave alone still gets OpenAI's ids
+    monkeypatch.setattr(data, "ftfy", None)
+    texts = ["A photo of a Dog.", "tabs\tand\nnewlines", "café naïve 日本語 😀", "&amp;lt; 3.5 it's"]
+    assert torch.equal(data.get_tokenizer.__wrapped__()(texts), reference(texts))
+
+
+def test_every_vocabulary_word(reference):
+    # each whole word of the vocabulary must come out as the same ids (tiktoken looks whole pieces up directly)
+    words = [w[:-1] for w in data.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
+    texts = [w.decode("utf-8", "replace") for w in words]
+    texts = [t for t in texts if "\ufffd" not in t]  # a few tokens hold part of a character
+    assert len(texts) > 30000
+    tok = data.get_tokenizer()
+    assert [tok.encode(t) for t in texts] == [reference.encode(t) for t in texts]
+
+
+def test_truncation_and_empty():
+    ids = data.tokenize(["word " * 200, ""], context_length=77)
+    assert ids.shape == (2, 77)
+    assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and ids[0].ne(0).all()
+    assert ids[1, :2].tolist() == [49406, 49407] and ids[1, 2:].eq(0).all()
+    short = data.tokenize("a photo of a dog", context_length=4)
+    assert short.tolist() == [[49406, 320, 1125, 49407]]
+    assert (ids.argmax(-1) == torch.tensor([76, 1])).all()  # the text tower pools at the EOT
+
+
+def test_tokenizer_speed_and_pickle():
+    data.get_tokenizer.cache_clear()
+    t0 = time.perf_counter()
+    tok = data.get_tokenizer()
+    build = time.perf_counter() - t0
+    assert build < 1.0
+    captions = [f"a photo of {n} {w} dogs playing in the park near building {n * 7}" for n, w in
+                zip(range(256), ["big", "small", "brown", "happy"] * 64)]
+    t0 = time.perf_counter()
+    first = tok(captions)
+    took = time.perf_counter() - t0
+    print(f"build {build * 1e3:.0f} ms, 256 new captions {took * 1e3:.1f} ms")
+    assert took < 0.1
+    clone = pickle.loads(pickle.dumps(tok))  # DataLoader workers receive a copy
+    assert clone.cache == {} and torch.equal(clone(captions), first)
+
+
+def test_vocab_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
+    assert data.find_bpe_vocab() == OPEN_CLIP_BPE  # nothing else: the installed open_clip copy
+    cached = tmp_path / "cache" / "clip-pretrain" / data.BPE_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert data.find_bpe_vocab() == str(cached)  # cache before packages
+    env = tmp_path / "env.txt.gz"
+    env.write_bytes(b"x")
+    monkeypatch.setenv("CLIP_BPE_PATH", str(env))
+    assert data.find_bpe_vocab() == str(env)  # environment before cache
+    assert data.find_bpe_vocab(OPEN_CLIP_BPE) == OPEN_CLIP_BPE  # explicit path first
+    with pytest.raises(FileNotFoundError, match="missing"):
+        data.find_bpe_vocab(str(tmp_path / "missing.gz"))
+
+
+def test_vocab_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
+    monkeypatch.setattr(data, "VOCAB_PACKAGES", ())
+    source = tmp_path / "served.txt.gz"  # a file:// URL: urllib reads it without any network
+    source.write_bytes(open(OPEN_CLIP_BPE, "rb").read())
+    monkeypatch.setattr(data, "BPE_URL", source.as_uri())
+    path = data.find_bpe_vocab()
+    assert path == str(tmp_path / "cache" / "clip-pretrain" / data.BPE_FILE)
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == data.BPE_SHA256
+    assert os.listdir(os.path.dirname(path)) == [data.BPE_FILE]  # no temporary file left behind
+    tok = data.get_tokenizer("clip", vocab_path=path)
+    assert tok("a photo of a Dog.")[0, :8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    assert data.find_bpe_vocab() == path  # found in the cache: no download
+    os.remove(path)
+    with pytest.raises(RuntimeError, match="CLIP_BPE_PATH"):
+        data.find_bpe_vocab()
+    monkeypatch.undo()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
+    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
+    monkeypatch.setattr(data, "VOCAB_PACKAGES", ())
+    wrong = tmp_path / "wrong.txt.gz"
+    wrong.write_bytes(gzip.compress(b"#version: 0.2\n"))
+    monkeypatch.setattr(data, "BPE_URL", wrong.as_uri())
+    with pytest.raises(RuntimeError, match="sha256"):
+        data.find_bpe_vocab()
+    assert not os.path.exists(tmp_path / "cache2" / "clip-pretrain" / data.BPE_FILE)
+
+
+def test_other_encoding():
+    ranks = {bytes([i]): i for i in range(256)}
+    for i, merge in enumerate([b"th", b"the", b" the", b"do", b"dog"]):
+        ranks[merge] = 256 + i
+    enc = tiktoken.Encoding("tiny", pat_str=r"""\s?\w+|\s?[^\s\w]+|\s+""", mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 261})
+    tok = data.get_tokenizer(enc)
+    assert (tok.sot_id, tok.eot_id, tok.vocab_size, tok.pad_id) == (262, 263, 264, 0)
+    ids = tok(["the dog", "The  Dog", "<|endoftext|>"], context_length=10)
+    assert ids[0].tolist() == [262, 257, 32, 260, 263, 0, 0, 0, 0, 0]  # "the", " ", "dog": spaces kept, never lowered
+    assert ids[1, 1:3].tolist() == [ord("T"), ord("h")]  # case kept, whitespace collapsed
+    assert 261 not in ids[2].tolist()  # special-token text stays text
+    assert (ids.argmax(-1) == (ids == 263).int().argmax(-1)).all()  # EOT has the largest id
+    assert tok.decode(ids[1].tolist()) == "The Dog"
+
+
+def test_tiktoken_named_encoding_if_cached():
+    import tempfile
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    if not os.path.exists(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())):
+        pytest.skip("cl100k_base not in tiktoken's cache (offline)")
+    tok = data.get_tokenizer("cl100k_base")
+    assert (tok.sot_id, tok.eot_id, tok.vocab_size) == (100277, 100278, 100279)
+    assert tok("a dog")[0].argmax() == 3
+
+
+def test_transforms():
+    img = Image.new("RGB", (100, 80), (123, 117, 104))  # about the mean colour
+    for t in (data.train_transform(32), data.eval_transform(32)):
+        x = t(img)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert x.abs().max() < 0.02
+    x = data.eval_transform(48)(Image.new("RGB", (60, 60), (255, 255, 255)))
+    assert torch.allclose(x[:, 0, 0], (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD), atol=1e-5)
+
+
+def test_synthetic_deterministic_and_fast():
+    ds = data.SyntheticCaptions("train", size=50)
+    assert len(ds) == 50 and len(data.SyntheticCaptions("val")) > 0
+    img, caption = ds[7]
+    assert img.mode == "RGB" and img.size == (64, 64) and isinstance(caption, str)
+    again = data.SyntheticCaptions("train", size=50)[7]
+    assert np.array_equal(np.asarray(img), np.asarray(again[0])) and caption == again[1]
+    val = data.SyntheticCaptions("val", size=50)
+    assert sum(ds[i][1] != val[i][1] for i in range(50)) > 25  # the held-out split draws other scenes
+    assert data.SyntheticCaptions("train", image_size=32)[0][0].size == (32, 32)
+    t0 = time.perf_counter()
+    for i in range(200):
+        ds[i % 50]
+    assert (time.perf_counter() - t0) / 200 < 1e-3
+
+
+def test_synthetic_captions_match_attributes():
+    ds = data.SyntheticCaptions("train", size=500)
+    seen = set()
+    for i in range(len(ds)):
+        s, _ = ds.scene(i)
+        caption = ds[i][1]
+        words = caption.rstrip(".").split()
+        seen.add((s["shape"], s["colour"], s["count"]))
+        assert s["shape"] in caption
+        assert all(w not in words for w in data.SHAPES if w != s["shape"])
+        assert all(c not in words for c in data.COLOURS if c != s["colour"])
+        if s["count"] != "one":
+            assert s["count"] in words and s["position"] is None and s["size"] == "small"
+        else:
+            assert "two" not in words and "three" not in words
+        for position, phrases in data.POSITION_WORDS.items():
+            if any(p in caption for p in phrases):
+                assert position == s["position"]
+    assert len(seen) > 60  # many combinations occur
+
+
+def test_synthetic_tasks():
+    assert set(data.SYNTHETIC_TASKS) >= {"shape", "colour", "count"}
+    for task, (classnames, templates) in data.SYNTHETIC_TASKS.items():
+        assert len(set(classnames)) == len(classnames) >= 2
+        assert all(t.count("{}") == 1 for t in templates)
+        ds = data.SyntheticTask(task, size=60)
+        labels = [ds[i][1] for i in range(len(ds))]
+        assert np.bincount(labels).tolist() == [60 // len(classnames)] * len(classnames)  # balanced
+        for i in range(len(ds)):
+            s, _ = ds.scene(i)
+            assert s[task] == classnames[labels[i]]
+            assert task == "count" or s["count"] == "one"
+    img, label = data.SyntheticTask("colour", size=6)[0]
+    assert img.mode == "RGB" and label == 0
+
+
+def write_jpeg(path, colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path, "JPEG")
+
+
+def test_coco(tmp_path):
+    images = [{"id": 9, "file_name": "000000000009.jpg"}, {"id": 3, "file_name": "000000000003.jpg"}]
+    annotations = [{"id": 1, "image_id": 9, "caption": "a red thing. "}, {"id": 2, "image_id": 3, "caption": "grey"},
+                   {"id": 3, "image_id": 9, "caption": "another caption"}]
+    with pytest.raises(FileNotFoundError, match="annotations_trainval2017.zip"):
+        data.CocoCaptions(tmp_path, "val")
+    (tmp_path / "annotations").mkdir()
+    coco = {"images": images, "annotations": annotations}
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(coco))
+    with pytest.raises(FileNotFoundError, match="val2017.zip"):
+        data.CocoCaptions(tmp_path, "val")
+    for im in images:
+        write_jpeg(tmp_path / "val2017" / im["file_name"])
+    ds = data.make_dataset("coco", data_dir=str(tmp_path), split="val")
+    assert isinstance(ds, data.CocoCaptions) and len(ds) == 3
+    img, caption = ds[0]
+    assert img.mode == "RGB" and img.size == (40, 30) and caption == "grey"
+    paths, captions, caption_image = ds.retrieval()
+    assert [os.path.basename(p) for p in paths] == ["000000000003.jpg", "000000000009.jpg"]
+    assert captions == ["grey", "a red thing.", "another caption"] and caption_image == [0, 1, 1]
+    assert data.retrieval_set("coco", str(tmp_path)) == (paths, captions, caption_image)
+    with pytest.raises(ValueError, match="data_dir"):
+        data.make_dataset("coco")
+
+
+def test_csv_and_tsv(tmp_path):
+    write_jpeg(tmp_path / "imgs" / "a.jpg")
+    write_jpeg(tmp_path / "imgs" / "b.jpg")
+    rows = ["filepath,title", 'imgs/a.jpg,"a cat, sitting"', "imgs/b.jpg,  ", "imgs/b.jpg,a dog"]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match="dropped 1 of 3 rows with empty captions"):
+        ds = data.make_dataset(str(tmp_path / "train.csv"))
+    assert len(ds) == 2 and ds.captions == ["a cat, sitting", "a dog"]
+    assert ds.paths[0] == os.path.join(str(tmp_path), "imgs/a.jpg") and ds[1][0].mode == "RGB"
+
+    (tmp_path / "list.tsv").write_text("image\tcaption\na.jpg\tred square\n")
+    ds = data.CsvCaptions(str(tmp_path / "list.tsv"), root=str(tmp_path / "imgs"))
+    assert ds.captions == ["red square"] and ds[0][0].size == (40, 30)
+    ds = data.CsvCaptions(str(tmp_path / "list.tsv"), img_key="image", caption_key="caption", sep="\t",
+                          root=str(tmp_path / "imgs"))
+    assert len(ds) == 1
+
+    (tmp_path / "bad.csv").write_text("path,text2\nx.jpg,hi\n")
+    with pytest.raises(ValueError, match=r"columns found: \['path', 'text2'\]") as e:
+        data.CsvCaptions(str(tmp_path / "bad.csv"))
+    assert "filepath" in str(e.value)
+    (tmp_path / "empty.csv").write_text("filepath,title\nx.jpg,\ny.jpg, \n")
+    with pytest.raises(ValueError, match="empty captions"):
+        data.CsvCaptions(str(tmp_path / "empty.csv"))
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        data.make_dataset(str(tmp_path / "nope.csv"))
+    with pytest.raises(ValueError, match="synthetic"):
+        data.make_dataset("imagenet")
+    assert isinstance(data.make_dataset("synthetic", split="val", image_size=32), data.SyntheticCaptions)
+
+
+def test_caption_dataset_skips_bad_images(tmp_path):
+    for name in ("0.jpg", "3.jpg"):
+        write_jpeg(tmp_path / name)
+    (tmp_path / "1.jpg").write_bytes(b"not a jpeg")
+    good = tmp_path / "0.jpg"
+    (tmp_path / "2.jpg").write_bytes(good.read_bytes()[:100])  # truncated
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(4)] + [str(tmp_path / "missing.jpg")]
+    base = data.ImageCaptions(paths, [f"caption {i}" for i in range(5)])
+    with pytest.raises(Exception):
+        base[1]
+
+    def transform(image, caption):
+        return {"image": torch.from_numpy(np.array(image)).float().mean(), "text": data.tokenize(caption)[0]}
+    ds = data.CaptionDataset(base, transform)
+    assert ds[0]["skipped"] == 0
+    item = ds[1]  # 1 and 2 are bad: 3 is returned
+    assert item["skipped"] == 2 and torch.equal(item["text"], data.tokenize("caption 3")[0])
+    assert ds[4]["skipped"] == 1  # missing file, wraps around to 0
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    assert batch["skipped"].tolist() == [0, 2, 1, 0, 1] and batch["text"].shape == (5, 77)
+
+    ds = data.CaptionDataset(data.ImageCaptions([str(tmp_path / "1.jpg")] * 3, ["x"] * 3), transform)
+    ds.max_skips = 5
+    with pytest.raises(RuntimeError, match="5 unreadable"):
+        ds[0]

@@ -1,0 +1,313 @@
+"""
+Train a language-image model with any of the five methods. One file, no framework.
+
+    python train.py                                         # CLIP, tiny ViT, built-in synthetic data, CPU or one GPU
+    python train.py --method siglip --model ViT-B-32 --data coco --data-dir /data/coco --batch-size 256
+    torchrun --nproc_per_node=8 train.py --method slip --model ViT-B-16 --data coco --data-dir /data/coco
+
+The method (clip.py, siglip.py, slip.py, declip.py, filip.py) is chosen by module name and plugs in through the
+interface documented in clip.py: its views of each sample, its loss, its extra heads, its optimiser defaults.
+
+Batch sizes: --batch-size is the global batch of one optimiser step. Each of the W ranks runs --grad-accum
+micro-batches of batch_size / (W · grad_accum) samples. The contrastive loss sees one micro-batch from every rank
+(batch_size / grad_accum samples, gathered across ranks): accumulation averages gradients over several contrastive
+batches, it does not enlarge the set of negatives. Use more ranks, not more accumulation, to get more negatives.
+"""
+
+import argparse
+import ast
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import eval_zeroshot
+from model import CONFIGS, CLIPModel
+
+METHODS = ("clip", "siglip", "slip", "declip", "filip")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="clip", choices=METHODS)
+    p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512,queue_size=4096")
+    p.add_argument("--model", default="tiny-vit", help="a config of model.py: " + ", ".join(CONFIGS))
+    p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and captions")
+    p.add_argument("--data-dir", default=None, help="COCO root (train2017/, val2017/, annotations/) or image root for a csv")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch per optimiser step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (see the docstring)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="(default: the method's)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of --steps, at most 10k)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from --out-dir/ckpt.pt or a path")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10, help="console print interval (the JSON log gets every step)")
+    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval on the synthetic tasks every k steps")
+    p.add_argument("--eval-size", type=int, default=1000, help="held-out images per synthetic zero-shot task")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
+
+
+def parse_kwargs(text):
+    """'a=1,b=0.5,c=name' -> {'a': 1, 'b': 0.5, 'c': 'name'}"""
+    kwargs = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--method-args: expected key=value, got '{item}'")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+class Batches(torch.utils.data.Sampler):
+    """Index lists of this rank's micro-batches. The data is one endless stream: epoch e is a permutation drawn from
+    (seed, e); global micro-batch i is positions [i·G, (i+1)·G) of the stream, G = micro · world, and rank r takes
+    its r-th slice. So the global batch at a step does not depend on the world size, and a resumed run starts at
+    exactly the next batch. Each item carries its stream position, which seeds that sample's augmentation."""
+
+    def __init__(self, n, micro, rank, world, seed, start):
+        self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        i = self.start
+        while True:
+            first = i * self.micro * self.world + self.rank * self.micro
+            items = []
+            for position in range(first, first + self.micro):
+                if position // self.n != epoch:
+                    epoch = position // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                items.append((perm[position % self.n].item(), position))
+            yield items
+            i += 1
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Augmentations as a pure function of (run seed, stream position): identical whatever the world size, the
+    number of workers, or a resume in between."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, position = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + position)
+            return self.dataset[index]
+
+
+def lr_at(step, peak, warmup, total):
+    """Linear warmup from 0, then cosine to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path, method, optimizer, step, meta):
+    # "model" is the OpenAI layout (loadable by OpenAI's and open_clip's code); "method" holds the method's own state
+    model_state = method.model.state_dict()
+    method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+    checkpoint = dict(model=model_state, method=method_state, optimizer=optimizer.state_dict(), step=step, **meta)
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # --- distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE -------------------------------------------
+    distributed = "RANK" in os.environ
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.batch_size % (world * args.grad_accum):
+        fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = {world * args.grad_accum}")
+    micro = args.batch_size // (world * args.grad_accum)
+
+    # --- method, model, data -------------------------------------------------------------------------------------
+    Method = importlib.import_module(args.method).Method
+    if args.model not in CONFIGS:
+        fail(f"unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
+    try:
+        tokenizer = data.get_tokenizer(args.tokenizer)
+        model_config = dict(CONFIGS[args.model], vocab_size=tokenizer.vocab_size)  # other tokenizers resize the table
+        dataset = data.make_dataset(args.data, args.data_dir, split="train", image_size=model_config["image_resolution"])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(e)
+    torch.manual_seed(args.seed)
+    model = CLIPModel(**model_config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
+    method_kwargs = parse_kwargs(args.method_args)
+    try:
+        method = Method(model, **method_kwargs).to(device)
+    except TypeError as e:
+        fail(f"--method-args: {e}")
+    meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
+    train_set = Seeded(data.CaptionDataset(dataset, method.transform(tokenizer)), args.seed)
+
+    # --- optimiser: AdamW, no weight decay on gains, biases, embeddings and the temperature (anything < 2-D) ------
+    hp = dict(Method.defaults)
+    lr = args.lr if args.lr is not None else hp["lr"]
+    weight_decay = args.weight_decay if args.weight_decay is not None else hp["weight_decay"]
+    warmup = args.warmup if args.warmup is not None else min(10_000, args.steps // 10)
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=hp["betas"], eps=hp["eps"], fused=device.startswith("cuda"))
+
+    # --- resume ----------------------------------------------------------------------------------------------------
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    start_step = 0
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else args.resume
+        if not os.path.exists(path):
+            fail(f"--resume: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        if checkpoint["config"]["method"] != args.method or checkpoint["config"]["model"] != args.model:
+            c = checkpoint["config"]
+            fail(f"{path} was trained with --method {c['method']} --model {c['model']}; pass those to resume it")
+        method.model.load_state_dict(checkpoint["model"])
+        method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        print0(f"resumed from {path} at step {start_step}")
+
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=Batches(len(train_set), micro, rank, world, args.seed, start_step * args.grad_accum),
+        num_workers=args.workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+    batches = iter(loader)
+
+    train_model = torch.compile(method) if args.compile else method
+    if distributed:
+        # broadcast_buffers=False: per-rank buffers (DeCLIP's queue) must stay per rank
+        train_model = DDP(train_model, device_ids=[device] if device.startswith("cuda") else None,
+                          broadcast_buffers=False, find_unused_parameters=Method.find_unused_parameters)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+    n_params = sum(p.numel() for p in method.parameters())
+    print0(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M params) | {args.data}: {len(dataset)} samples | "
+           f"{world} rank(s) on {device} | batch {args.batch_size} = {world} × {args.grad_accum} × {micro} | "
+           f"lr {lr:g} wd {weight_decay:g} warmup {warmup} | {args.steps} steps")
+
+    # --- training loop ---------------------------------------------------------------------------------------------
+    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    pending = []  # per-step logs kept on device and synced once per --log-every (no per-step host sync)
+    skipped = 0
+    t_last = time.perf_counter()
+    for step in range(start_step, args.steps):
+        step_lr = lr_at(step, lr, warmup, args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # in-loss randomness (masks) is resumable too
+        for micro_step in range(args.grad_accum):
+            batch = next(batches)
+            skipped += int(batch.pop("skipped").sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            last = micro_step == args.grad_accum - 1
+            with (train_model.no_sync() if distributed and not last else nullcontext()), autocast:
+                loss, logs = train_model(batch)
+            (loss / args.grad_accum).backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.post_step()
+        pending.append(torch.stack([loss.detach().float()] + [v.float() for v in logs.values()]))
+
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0:
+            values = torch.stack(pending)  # (steps, 1 + components)
+            if distributed:
+                dist.all_reduce(values)
+                values /= world
+            values = values.tolist()
+            dt = time.perf_counter() - t_last
+            t_last = time.perf_counter()
+            samples_per_s = len(pending) * args.batch_size / dt
+            for i, row in enumerate(values):
+                s = done - len(values) + i + 1
+                entry = dict(step=s, loss=row[0], **dict(zip(logs, row[1:])), lr=lr_at(s - 1, lr, warmup, args.steps),
+                             samples_per_s=samples_per_s, skipped=skipped)
+                if log_file:
+                    log_file.write(json.dumps(entry) + "\n")
+            pending = []
+            if not all(math.isfinite(v) for v in values[-1]):
+                if log_file:
+                    log_file.close()
+                fail(f"the loss is not finite at step {done}; stopped without saving, so {ckpt_path} still holds "
+                     f"the last good state. Lower --lr or add --grad-clip 1.0, then --resume.")
+            if log_file:
+                log_file.flush()
+                parts = " ".join(f"{k} {v:.4g}" for k, v in zip(logs, values[-1][1:]))
+                print0(f"step {done}/{args.steps} | loss {values[-1][0]:.4f} | {parts} | lr {step_lr:.3g} | "
+                       f"{samples_per_s:.1f} samples/s | {1000 * dt / len(values):.0f} ms/step"
+                       + (f" | skipped {skipped} bad images" if skipped else ""))
+        if master and (done % args.save_every == 0 or done == args.steps):
+            save_checkpoint(ckpt_path, method, optimizer, done, meta)
+        if master and args.eval_every and done % args.eval_every == 0 and done != args.steps and args.data == "synthetic":
+            report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)
+
+    if master:
+        log_file.close()
+        print0(f"saved {ckpt_path}")
+        if args.data == "synthetic" and args.eval_size > 0:
+            report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)
+        else:
+            print0(f"evaluate with: python eval_zeroshot.py --checkpoint {ckpt_path} --dataset ...")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def report(results, print0):
+    for task, r in results.items():
+        print0(f"zero-shot {task}: top-1 {100 * r['top1']:.1f}% (chance {100 * r['chance']:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
