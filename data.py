@@ -139,7 +139,7 @@ class Tokenizer:
         self.encoding, self.sot_id, self.eot_id, self.clip_bpe = encoding, sot_id, eot_id, clip_bpe
         self.pad_id = 0
         self.vocab_size = max(encoding.n_vocab, sot_id + 1, eot_id + 1)
-        self.cache = {}  # text -> ids; captions repeat across epochs and synthetic captions repeat a lot
+        self.cache = {}  # text -> ids: synthetic captions and prompt templates repeat a lot
 
     def encode(self, text):
         ids = self.cache.get(text)
@@ -149,7 +149,7 @@ class Tokenizer:
                 ids = self.encoding.encode_ordinary(EOW.join(words) + EOW) if words else []
             else:  # GPT-style byte BPEs keep case and spaces; special-token text stays plain text
                 ids = self.encoding.encode_ordinary(clean_text(text, lower=False))
-            if len(self.cache) > 100_000:
+            if len(self.cache) >= 20_000:  # ~1 kB an entry, in every DataLoader worker
                 self.cache.clear()
             self.cache[text] = ids
         return ids

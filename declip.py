@@ -263,17 +263,12 @@ class DeCLIP(CLIP):
     def masked_text_features(self, ids, to_mask):
         """model.text_features(ids) with self.mask_embedding in place of the token embedding where to_mask (B, L).
         Returns (pooled (B, width), tokens (B, L, width)) after ln_final."""
-        def put_mask(module, inputs, output):  # output: (B, L, width) token embeddings
-            return torch.where(to_mask[..., None], self.mask_embedding.to(output.dtype), output)
-
-        hook = self.model.token_embedding.register_forward_hook(put_mask)
-        try:
-            # causal mask kept during MLM, as the released code: one text pass then serves both the MLM head and the
-            # CLIP embedding of the masked caption (a bidirectional MLM would need a second pass, and the causal
-            # encoder is the one zero-shot evaluation uses). Each masked token is predicted from its left context.
-            return self.model.text_features(ids, causal=True)
-        finally:
-            hook.remove()
+        embeddings = self.model.token_embedding(ids)  # (B, L, width)
+        embeddings = torch.where(to_mask[..., None], self.mask_embedding.to(embeddings.dtype), embeddings)
+        # causal mask kept during MLM, as the released code: one text pass then serves both the MLM head and the
+        # CLIP embedding of the masked caption (a bidirectional MLM would need a second pass, and the causal
+        # encoder is the one zero-shot evaluation uses). Each masked token is predicted from its left context.
+        return self.model.text_features(ids, causal=True, embeddings=embeddings)
 
     # --- the nearest-neighbour queue --------------------------------------------------------------------------------
 

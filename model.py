@@ -257,12 +257,15 @@ class CLIPModel(nn.Module):
     def encode_image(self, images):  # (B, 3, R, R) -> (B, D), not normalised
         return self.image_projection(self.image_features(images)[0])
 
-    def text_features(self, text, causal=True):
+    def text_features(self, text, causal=True, embeddings=None):
         """(B, L) token ids -> pooled (B, width) at the EOT token, tokens (B, L, width), both after ln_final.
-        causal=False lets every token see the whole caption (for a masked-language-model head)."""
+        causal=False lets every token see the whole caption (for a masked-language-model head); `embeddings`
+        (B, L, width) replaces token_embedding(text), e.g. with a [MASK] vector at some positions."""
         if text.shape[1] > self.context_length:
             raise ValueError(f"text has {text.shape[1]} tokens; the model's context length is {self.context_length}")
-        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, L, width)
+        if embeddings is None:
+            embeddings = self.token_embedding(text)
+        x = embeddings + self.positional_embedding[: text.shape[1]]  # (B, L, width)
         x = self.transformer(x, causal=causal)
         x = self.ln_final(x)
         # EOT has the largest id, so argmax finds it; with the causal mask it has seen the whole caption

@@ -1,0 +1,416 @@
+"""
+Benchmarks: the training step of any method and model, side by side with open_clip, and the input pipeline.
+
+    python bench.py --method clip --model ViT-B-32 --batch-size 32            # train-step throughput (CPU or GPU)
+    python bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip    # ours vs open_clip, alternating
+    python bench.py --make-jpegs 200 /tmp/jpegs                                # a folder of COCO-sized JPEGs
+    python bench.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 2        # decode + augment, images/s
+
+A step is what train.py does: forward and loss (bf16 autocast on CUDA), backward, AdamW step, post_step. The batch is
+synthetic but has exactly the method's views: the method's own transform applied to SyntheticCaptions samples, so
+SLIP gets its three image views and DeCLIP its two images and two captions. Each configuration prints one line
+starting with "bench" or "data", ending with the command that produced it.
+
+FLOPs: forward_flops() counts the multiply-adds of every matmul and convolution of the two encoders (patch embedding,
+attention projections, attention scores and weighted sums over all L² pairs, MLPs, final projections; a ResNet's
+convolutions and attention pool) and reports 2 FLOPs per multiply-add. That is the convention of open_clip's
+docs/model_profile.csv, whose figures this reproduces (ViT-B-32 14.78, ViT-B-16 41.09, RN50 18.18 GFLOPs per
+image-text pair, forward). A training step costs 3× the forward (the backward computes two products per forward
+product). Method heads and losses are not counted, so MFU is slightly conservative for SLIP/DeCLIP/FILIP.
+"""
+
+import argparse
+import importlib
+import math
+import os
+import resource
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+import data
+from model import CONFIGS, create_model
+
+METHODS = ("clip", "siglip", "slip", "declip", "filip")
+# dense bf16 peak TFLOP/s (no sparsity), matched against torch.cuda.get_device_name(): first match wins
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
+CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",
+            "a plate of food with rice and vegetables", "a city street with cars and a bus."]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="clip", choices=METHODS)
+    p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512")
+    p.add_argument("--model", default="tiny-vit", help="a config of model.py: " + ", ".join(CONFIGS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (per implementation with --vs-open-clip)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (per implementation with --vs-open-clip)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (both, with --vs-open-clip)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: table for GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss (clip only)")
+    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip: the timed steps are split into this many "
+                                                          "alternating rounds (ours, theirs, theirs, ours, ...)")
+    p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="--data-dir: DataLoader workers 1..N")
+    p.add_argument("--passes", type=int, default=2, help="--data-dir: timed passes over the folder per setting")
+    p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil (data.load_image) and/or tvio "
+                                                         "(torchvision.io.decode_jpeg)")
+    p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
+    p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
+    return p.parse_args(argv)
+
+
+def command(args):
+    return "python bench.py " + shlex.join(args.argv)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs (2 per multiply-add), per sample, forward
+
+def transformer_macs(L, width, layers):
+    # per layer, L tokens of width w: q,k,v and out projections 4·L·w², MLP w→4w→w 8·L·w², scores QKᵀ and the
+    # weighted sum AV 2·L²·w (all L² pairs, also under a causal mask, as open_clip's profile counts them)
+    return layers * (12 * L * width ** 2 + 2 * L ** 2 * width)
+
+
+def resnet_macs(layers, width, R, D):
+    """OpenAI's ModifiedResNet (model.py) at R×R: convolutions (a k×k conv to an h×h map: h²·Cin·Cout·k²) and the
+    attention pool. BatchNorm, ReLU and pooling are not matmuls and are not counted."""
+    def conv(h, c_in, c_out, k=1):
+        return h * h * c_in * c_out * k * k
+
+    h = R // 2  # the stem: three 3×3 convs at R/2, then a 2×2 avg-pool
+    macs = conv(h, 3, width // 2, 3) + conv(h, width // 2, width // 2, 3) + conv(h, width // 2, width, 3)
+    h, inplanes = h // 2, width
+    for i, blocks in enumerate(layers):
+        planes = width * 2 ** i
+        for b in range(blocks):
+            stride = 2 if i > 0 and b == 0 else 1
+            out = h // stride  # the avg-pool sits before conv3 and before the shortcut conv
+            macs += conv(h, inplanes, planes) + conv(h, planes, planes, 3) + conv(out, planes, 4 * planes)
+            if stride > 1 or inplanes != 4 * planes:
+                macs += conv(out, inplanes, 4 * planes)
+            h, inplanes = out, 4 * planes
+    C, L = inplanes, h * h + 1  # attention pool over the h×h map plus its mean token, which is the only query
+    return macs + C * C + 2 * L * C * C + 2 * L * C + C * D  # q; k and v; scores and weighted sum; c_proj
+
+
+def forward_flops(config):
+    """(image, text) forward FLOPs per sample of a model.CONFIGS entry, 2 FLOPs per multiply-add."""
+    c = config
+    D, R, w = c["embed_dim"], c["image_resolution"], c["vision_width"]
+    if isinstance(c["vision_layers"], (list, tuple)):
+        image = resnet_macs(c["vision_layers"], w, R, D)
+    else:
+        p = c["vision_patch_size"]
+        P = (R // p) ** 2  # patches; the transformer also carries the class token
+        image = P * 3 * p * p * w + transformer_macs(P + 1, w, c["vision_layers"]) + w * D
+    tw = c["transformer_width"]
+    text = transformer_macs(c["context_length"], tw, c["transformer_layers"]) + tw * D  # projection: EOT token only
+    return 2 * image, 2 * text
+
+
+def step_flops(config, batch):
+    """Training FLOPs per sample: 3 × forward, once per image view and per caption view of the batch."""
+    image, text = forward_flops(config)
+    views = [v for v in batch.values() if torch.is_tensor(v)]
+    n_image = sum(v.ndim == 4 for v in views)
+    n_text = sum(v.ndim == 2 and not v.is_floating_point() for v in views)
+    return 3 * (n_image * image + n_text * text)
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+def make_optimizer(module, hp, device):
+    # as train.py: AdamW, no weight decay on gains, biases, embeddings and the temperature
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], fused=device.type == "cuda")
+
+
+def synthetic_batch(method, batch_size, device, seed):
+    """The method's transform on a few SyntheticCaptions samples, collated and repeated to batch_size: every view
+    the method's loss reads, with the right shapes and dtypes."""
+    transform = method.transform(data.get_tokenizer("clip"))
+    dataset = data.SyntheticCaptions("train", image_size=method.model.image_resolution, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        samples = [transform(*dataset[i]) for i in range(min(batch_size, 32))]
+    batch = torch.utils.data.default_collate(samples)
+    repeat = math.ceil(batch_size / len(samples))
+    return {k: v.repeat(repeat, *[1] * (v.ndim - 1))[:batch_size].to(device) for k, v in batch.items()}
+
+
+def timed_steps(loss_fn, optimizer, post_step, batch, steps, device, autocast):
+    """Run `steps` full training steps; returns the wall time of each (seconds) and the last loss."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        post_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times, loss.detach()
+
+
+def peak_rss():  # GiB; ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def memory(device, rss_before):
+    if device.type == "cuda":
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated"
+    # the process holds ~1 GiB before any model exists (torch's libraries), so the growth is shown too
+    return f"peak RSS {peak_rss():.2f} GiB (+{peak_rss() - rss_before:.2f} from the model on)"
+
+
+def device_label(device):
+    if device.type == "cuda":
+        return f"cuda bf16 {torch.cuda.get_device_name(device)}"
+    return f"cpu fp32 {torch.get_num_threads()} threads"
+
+
+def throughput(flops, samples_per_s, peak):
+    achieved = flops * samples_per_s / 1e12  # TFLOP/s
+    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g}" if peak else ""
+    return f"{flops / 3 / 1e9:.2f} GFLOP/sample fwd, {achieved:.3g} TFLOP/s{mfu}"
+
+
+def bench_step(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.model not in CONFIGS:
+        sys.exit(f"error: unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
+    if args.vs_open_clip and args.method != "clip":
+        sys.exit(f"error: --vs-open-clip compares CLIP only (open_clip has no {args.method}); use --method clip")
+    Method = importlib.import_module(args.method).Method
+    import train  # its --method-args parser, so both scripts read the same syntax
+
+    rss_before = peak_rss()
+    torch.manual_seed(args.seed)
+    model = create_model(args.model)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
+    method = Method(model, **train.parse_kwargs(args.method_args)).to(device).train()
+    hp = dict(Method.defaults)
+    batch = synthetic_batch(method, args.batch_size, device, args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    flops = step_flops(CONFIGS[args.model], batch)
+    peak = peak_tflops(args, device)
+    print(f"# {args.method} {args.model} on {device_label(device)}, batch {args.batch_size}: "
+          f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in batch.items())} | load average {os.getloadavg()[0]:.2f}")
+
+    ours = torch.compile(method) if args.compile else method
+    ours_step = (lambda b: ours(b)[0], make_optimizer(method, hp, device), method.post_step)
+    if not args.vs_open_clip:
+        timed_steps(*ours_step, batch, args.warmup, device, autocast)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, loss = timed_steps(*ours_step, batch, args.steps, device, autocast)
+        if not torch.isfinite(loss):
+            sys.exit(f"error: the loss is not finite ({loss.item()})")
+        ms = [1000 * t for t in times]
+        samples_per_s = args.batch_size * len(times) / sum(times)
+        print(f"bench {args.method} {args.model} | {device_label(device)} | batch {args.batch_size} | "
+              f"{samples_per_s:.1f} samples/s | step {statistics.median(ms):.1f} ms median, "
+              f"{statistics.mean(ms):.1f} ± {statistics.pstdev(ms):.1f} mean, {len(ms)} steps | {memory(device, rss_before)} | "
+              f"{throughput(flops, samples_per_s, peak)} | {command(args)}")
+        return samples_per_s
+
+    # --- side by side with open_clip: same architecture, same weights, same batch, same optimiser ----------------
+    try:
+        import open_clip
+        from open_clip.loss import ClipLoss
+    except ImportError:
+        sys.exit("error: --vs-open-clip needs open_clip: pip install open_clip_torch")
+    c = CONFIGS[args.model]
+    vision = open_clip.model.CLIPVisionCfg(layers=c["vision_layers"], width=c["vision_width"], head_width=64,
+                                           patch_size=c["vision_patch_size"], image_size=c["image_resolution"])
+    text = open_clip.model.CLIPTextCfg(context_length=c["context_length"], vocab_size=c["vocab_size"],
+                                       width=c["transformer_width"], heads=c["transformer_heads"],
+                                       layers=c["transformer_layers"])
+    theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=True).to(device).train()
+    try:  # same state-dict layout: a strict load proves the two architectures have the same parameters
+        theirs_model.load_state_dict(model.state_dict(), strict=True)
+        with torch.no_grad(), autocast:
+            ours_loss = ours(batch)[0].item()
+            theirs_loss = ClipLoss()(*theirs_model(batch["image"], batch["text"])).item()
+        print(f"# same weights, same batch: loss ours {ours_loss:.6f}, open_clip {theirs_loss:.6f}")
+    except RuntimeError as e:
+        print(f"# warning: our weights do not load into open_clip's model ({str(e).splitlines()[0]}); timing anyway")
+    theirs = torch.compile(theirs_model) if args.compile else theirs_model
+    clip_loss = ClipLoss()
+
+    def theirs_post_step():  # open_clip's train loop clamps the temperature after each step, as ours
+        with torch.no_grad():
+            theirs_model.logit_scale.clamp_(0, math.log(100))
+
+    theirs_step = (lambda b: clip_loss(*theirs(b["image"], b["text"])), make_optimizer(theirs_model, hp, device),
+                   theirs_post_step)
+    timed_steps(*ours_step, batch, args.warmup, device, autocast)
+    timed_steps(*theirs_step, batch, args.warmup, device, autocast)
+    per_round = max(1, args.steps // args.rounds)
+    times = {"ours": [], "open_clip": []}
+    ratios = []
+    for r in range(args.rounds):
+        order = [("ours", ours_step), ("open_clip", theirs_step)]  # ABBA order: a slow drift favours neither
+        for name, step in (order if r % 2 == 0 else order[::-1]):
+            t, _ = timed_steps(*step, batch, per_round, device, autocast)
+            times[name] += t
+        ratios.append(sum(times["open_clip"][-per_round:]) / sum(times["ours"][-per_round:]))
+    rate = {name: args.batch_size * len(t) / sum(t) for name, t in times.items()}
+    ms = {name: statistics.median(1000 * x for x in t) for name, t in times.items()}
+    print(f"bench {args.method} {args.model} vs open_clip | {device_label(device)} | batch {args.batch_size} | "
+          f"ours {rate['ours']:.1f} samples/s ({ms['ours']:.1f} ms median), open_clip {rate['open_clip']:.1f} "
+          f"samples/s ({ms['open_clip']:.1f} ms) | ours/open_clip {rate['ours'] / rate['open_clip']:.3f} "
+          f"(rounds {min(ratios):.3f}-{max(ratios):.3f}) | {args.rounds} rounds × {per_round} steps each | "
+          f"{memory(device, rss_before)} (both) | {command(args)}")
+    return rate["ours"] / rate["open_clip"]
+
+
+# -----------------------------------------------------------------------------
+# the input pipeline: JPEG decoding + the method's transform
+
+def decode(path, decoder):
+    if decoder == "pil":
+        return data.load_image(path)  # PIL RGB, what data.py's datasets return
+    import torchvision.io as tvio
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return tvio.decode_jpeg(tvio.read_file(path), mode=tvio.ImageReadMode.RGB)  # (3, H, W) uint8
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    def __init__(self, paths, transform, decoder):
+        self.paths, self.transform, self.decoder = paths, transform, decoder
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):  # the v2 transforms take a PIL image or a uint8 tensor alike
+        return self.transform(decode(self.paths[i], self.decoder), CAPTIONS[i % len(CAPTIONS)])
+
+
+def make_jpegs(n, folder, size):
+    """n photo-like JPEGs (smooth colour field + shapes + sensor-like noise, quality 90): about the file size and
+    decoding cost of COCO images of the same pixel count; flat synthetic images would decode unrealistically fast."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        field = Image.fromarray(rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8))
+        image = field.resize((w, h), Image.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(8):
+            x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(10, h // 3)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, (h, w, 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+    kb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 1024 / max(1, len(os.listdir(folder)))
+    print(f"wrote {n} {w}x{h} JPEGs to {folder} ({kb:.0f} KiB each on average)")
+
+
+def bench_data(args):
+    paths = sorted(os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir)
+                   if f.lower().endswith((".jpg", ".jpeg")))
+    if not paths:
+        sys.exit(f"error: no .jpg files in {args.data_dir} (make some with --make-jpegs 200 {args.data_dir})")
+    Method = importlib.import_module(args.method).Method
+    import train
+
+    method = Method(create_model(args.model), **train.parse_kwargs(args.method_args))
+    transform = method.transform(data.get_tokenizer("clip"))
+    R = method.model.image_resolution
+    decoders = args.decoders.split(",")
+    names = {"pil": "PIL", "tvio": "torchvision.io"}
+    print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {R} px | "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    # one thread, per image: where the time goes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sample = paths[:50]
+    cost = {}
+    for decoder in decoders:
+        for p in sample[:5]:  # warm up: the first decodes and transforms pay one-off set-up costs
+            transform(decode(p, decoder), CAPTIONS[0])
+        t0 = time.perf_counter()
+        images = [decode(p, decoder) for p in sample]
+        t1 = time.perf_counter()
+        for image in images:
+            transform(image, CAPTIONS[0])
+        t2 = time.perf_counter()
+        cost[decoder] = (1000 * (t1 - t0) / len(sample), 1000 * (t2 - t1) / len(sample))
+    torch.set_num_threads(threads)
+    print("# per image, 1 thread: " + "; ".join(f"{names[d]} decode {a:.2f} ms + transform {b:.2f} ms"
+                                                 for d, (a, b) in cost.items()))
+
+    rates = {}
+    for decoder in decoders:
+        parts = []
+        for workers in range(1, args.workers + 1):
+            loader = torch.utils.data.DataLoader(JpegFolder(paths, transform, decoder), batch_size=16,
+                                                 num_workers=workers, persistent_workers=True, prefetch_factor=4)
+            for _ in loader:  # one untimed pass: worker start-up, page cache
+                pass
+            t0 = time.perf_counter()
+            for _ in range(args.passes):
+                for _ in loader:
+                    pass
+            rate = args.passes * len(paths) / (time.perf_counter() - t0)
+            rates[decoder, workers] = rate
+            parts.append(f"{workers} worker{'s' * (workers > 1)} {rate:.1f} images/s ({rate / workers:.1f} per worker)")
+            del loader
+        print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × {args.passes} passes | "
+              f"{' | '.join(parts)} | {command(args)}")
+    if set(decoders) >= {"pil", "tvio"}:
+        speedups = ", ".join(f"{w} worker{'s' * (w > 1)} {rates['tvio', w] / rates['pil', w]:.2f}×"
+                             for w in range(1, args.workers + 1))
+        print(f"# torchvision.io / PIL images/s: {speedups}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
+    if args.make_jpegs:
+        n, folder = args.make_jpegs
+        make_jpegs(int(n), folder, tuple(int(x) for x in args.jpeg_size.lower().split("x")))
+    elif args.data_dir:
+        bench_data(args)
+    else:
+        return bench_step(args)
+
+
+if __name__ == "__main__":
+    main()

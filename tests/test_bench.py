@@ -1,0 +1,113 @@
+"""bench.py: every method's training step runs end to end, the side-by-side and data modes work, and the FLOP
+counter matches a hand count, torch's own counter, and open_clip's published profile."""
+
+import re
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from model import CONFIGS, create_model
+
+# small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
+METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
+               "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": ""}
+BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads \| batch 8 \| ([\d.]+) samples/s \| "
+                        r"step [\d.]+ ms median, [\d.]+ ± [\d.]+ mean, 2 steps \| peak RSS [\d.]+ GiB \(\+[\d.]+ from the model on\) \| "
+                        r"([\d.]+) GFLOP/sample fwd, [\d.e-]+ TFLOP/s \| python bench.py .*$", re.M)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two OpenMP threads on two cores crawl as soon as anything else runs (each parallel op waits for a time slice)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_every_method_steps(method, capsys):
+    bench.main(["--method", method, "--method-args", METHOD_ARGS[method], "--batch-size", "8", "--warmup", "1",
+                "--steps", "2"])
+    match = BENCH_LINE.search(capsys.readouterr().out)
+    assert match and match.group(1) == method, capsys.readouterr().out
+    assert float(match.group(2)) > 0
+    # encoder passes per sample: SLIP 3 images + 1 caption, DeCLIP 2 + 2, the others 1 + 1
+    image, text = bench.forward_flops(CONFIGS["tiny-vit"])
+    views = {"slip": (3, 1), "declip": (2, 2)}.get(method, (1, 1))
+    assert float(match.group(3)) == pytest.approx((views[0] * image + views[1] * text) / 1e9, abs=0.006)
+
+
+def test_side_by_side_with_open_clip(capsys):
+    pytest.importorskip("open_clip")
+    ratio = bench.main(["--vs-open-clip", "--batch-size", "8", "--warmup", "1", "--steps", "2", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert ratio > 0
+    # the same weights load strictly into open_clip's model and give the same loss
+    losses = re.search(r"loss ours ([\d.]+), open_clip ([\d.]+)", out)
+    assert losses and float(losses.group(1)) == pytest.approx(float(losses.group(2)), abs=1e-4), out
+    assert re.search(r"^bench clip tiny-vit vs open_clip \| .* \| ours [\d.]+ samples/s .* open_clip [\d.]+ "
+                     r"samples/s .* \| ours/open_clip [\d.]+ \(rounds", out, re.M), out
+    with pytest.raises(SystemExit, match="compares CLIP only"):
+        bench.main(["--vs-open-clip", "--method", "siglip"])
+
+
+def test_data_pipeline(tmp_path, capsys):
+    folder = str(tmp_path / "jpegs")
+    bench.main(["--make-jpegs", "6", folder, "--jpeg-size", "80x60"])
+    bench.main(["--data-dir", folder, "--workers", "1", "--passes", "1"])
+    out = capsys.readouterr().out
+    for name in ("PIL", "torchvision.io"):
+        assert re.search(rf"^data clip 64px {name} \| 6 JPEGs × 1 passes \| 1 worker [\d.]+ images/s", out, re.M), out
+    with pytest.raises(SystemExit, match="no .jpg files"):
+        bench.main(["--data-dir", str(tmp_path)])
+
+
+def test_flops_by_hand():
+    # tiny-vit: 64 px, 8 px patches -> 64 patches + class token = 65 tokens of width 192, 4 layers, D = 128;
+    # text: 32 tokens of width 128, 4 layers. Per layer 12·L·w² (projections, MLP) + 2·L²·w (scores, weighted sum).
+    patch_embed = 64 * (3 * 8 * 8) * 192
+    vit = 4 * (12 * 65 * 192 ** 2 + 2 * 65 ** 2 * 192)
+    text = 4 * (12 * 32 * 128 ** 2 + 2 * 32 ** 2 * 128)
+    assert bench.forward_flops(CONFIGS["tiny-vit"]) == (2 * (patch_embed + vit + 192 * 128), 2 * (text + 128 * 128))
+    assert (patch_embed + vit + 192 * 128, text + 128 * 128) == (123_889_152, 26_230_784)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "small-vit"])
+def test_flops_match_torch_flop_counter(name):
+    # torch's counter (2 FLOPs per multiply-add) sees every matmul and convolution of the actual forward; the math
+    # attention backend makes the attention products visible to it
+    model = create_model(name)
+    R, L = model.image_resolution, model.context_length
+    text = torch.zeros(2, L, dtype=torch.long)
+    text[:, 0], text[:, 5] = 49406, 49407
+    counted = []
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        for run in (lambda: model.encode_image(torch.randn(2, 3, R, R)), lambda: model.encode_text(text)):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counted.append(counter.get_total_flops() // 2)  # per sample
+    assert bench.forward_flops(CONFIGS[name]) == tuple(counted)
+
+
+# open_clip's docs/model_profile.csv: forward GFLOPs per sample (image, text), 2 FLOPs per multiply-add
+PUBLISHED = {"ViT-B-32": (8.82, 5.96), "ViT-B-16": (35.13, 5.96), "RN50": (12.22, 5.96)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_flops_match_open_clip_profile(name):
+    image, text = bench.forward_flops(CONFIGS[name])
+    published = PUBLISHED[name]
+    assert (image + text) / 1e9 == pytest.approx(sum(published), rel=0.05)
+    assert text / 1e9 == pytest.approx(published[1], rel=0.002)
+    if name.startswith("ViT"):
+        assert image / 1e9 == pytest.approx(published[0], rel=0.002)
+    else:
+        # OpenAI's (and open_clip's) attention pool runs all 50 tokens as queries and keeps the first output; ours
+        # runs only that one query. Adding the 49 other queries' q/c_proj projections and scores gives the profile.
+        C, D, L = 2048, 1024, 50
+        all_queries = (L - 1) * (C * C + C * D) + 2 * (L * L - L) * C
+        assert (image + 2 * all_queries) / 1e9 == pytest.approx(published[0], rel=0.002)
