@@ -192,7 +192,17 @@ def memory(device, rss_before):
 def device_label(device):
     if device.type == "cuda":
         return f"cuda bf16 {torch.cuda.get_device_name(device)}"
-    return f"cpu fp32 {torch.get_num_threads()} threads"
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    return f"cpu fp32 {torch.get_num_threads()} threads" + (f" OMP_WAIT_POLICY={policy}" if policy else "")
+
+
+def check_load(device):
+    # OpenMP threads spin at every barrier: on a CPU that other processes also use, an op can wait a whole time slice
+    # for a descheduled thread (measured: 2 threads on 2 busy cores ran a tiny-vit step 30× slower than idle)
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if device.type == "cpu" and load >= 1.0:
+        print(f"# warning: load average {load:.2f} on {cores} cores: other processes compete for the CPU, so these "
+              f"timings are not representative; measure when idle (or set OMP_WAIT_POLICY=PASSIVE, which suffers less)")
 
 
 def throughput(flops, samples_per_s, peak):
@@ -227,6 +237,7 @@ def bench_step(args):
     print(f"# {args.method} {args.model} on {device_label(device)}, batch {args.batch_size}: "
           f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in batch.items())} | load average {os.getloadavg()[0]:.2f}")
 
+    check_load(device)
     ours = torch.compile(method) if args.compile else method
     ours_step = (lambda b: ours(b)[0], make_optimizer(method, hp, device), method.post_step)
     if not args.vs_open_clip:
@@ -240,8 +251,8 @@ def bench_step(args):
         samples_per_s = args.batch_size * len(times) / sum(times)
         print(f"bench {args.method} {args.model} | {device_label(device)} | batch {args.batch_size} | "
               f"{samples_per_s:.1f} samples/s | step {statistics.median(ms):.1f} ms median, "
-              f"{statistics.mean(ms):.1f} ± {statistics.pstdev(ms):.1f} mean, {len(ms)} steps | {memory(device, rss_before)} | "
-              f"{throughput(flops, samples_per_s, peak)} | {command(args)}")
+              f"{statistics.mean(ms):.1f} ± {statistics.pstdev(ms):.1f} mean, {len(ms)} steps | "
+              f"{memory(device, rss_before)} | {throughput(flops, samples_per_s, peak)} | {command(args)}")
         return samples_per_s
 
     # --- side by side with open_clip: same architecture, same weights, same batch, same optimiser ----------------

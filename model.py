@@ -303,8 +303,9 @@ CONFIGS = {
     # SLIP's ViT-Small (the encoder of its ViT-S runs) with CLIP's 512-wide text transformer
     "ViT-S-16": _config(512, 224, 12, 384, 16),
     # small models for CPU runs and tests (64 px images, 8×8 patches)
-    "tiny-vit": _config(128, 64, 4, 192, 8, text=(128, 2, 4), context_length=32),
-    "tiny-rn": _config(128, 64, [1, 1, 1, 1], 32, text=(128, 2, 4), context_length=32),
+    # (the synthetic captions are at most 19 tokens long, hence a context of 24)
+    "tiny-vit": _config(128, 64, 3, 128, 8, text=(128, 2, 3), context_length=24),
+    "tiny-rn": _config(128, 64, [1, 1, 1, 1], 32, text=(128, 2, 3), context_length=24),
     "small-vit": _config(256, 64, 6, 256, 8, text=(256, 4, 6)),
 }
 

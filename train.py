@@ -1,7 +1,7 @@
 """
 Train a language-image model with any of the five methods. One file, no framework.
 
-    python train.py                                         # CLIP, tiny ViT, built-in synthetic data, CPU or one GPU
+    python train.py                                         # CLIP, tiny ResNet, built-in synthetic data, CPU or GPU
     python train.py --method siglip --model ViT-B-32 --data coco --data-dir /data/coco --batch-size 256
     torchrun --nproc_per_node=8 train.py --method slip --model ViT-B-16 --data coco --data-dir /data/coco
 
@@ -39,18 +39,19 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="clip", choices=METHODS)
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512,queue_size=4096")
-    p.add_argument("--model", default="tiny-vit", help="a config of model.py: " + ", ".join(CONFIGS))
+    p.add_argument("--model", default="tiny-rn", help="a config of model.py: " + ", ".join(CONFIGS))
     p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and captions")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, val2017/, annotations/) or image root for a csv")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimiser step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (see the docstring)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the method's)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of --steps, at most 10k)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores per rank "
+                                                          "less one, at most 8)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from --out-dir/ckpt.pt or a path")
     p.add_argument("--save-every", type=int, default=500)
@@ -161,6 +162,8 @@ def main(argv=None):
     if args.batch_size % (world * args.grad_accum):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = {world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
+    if args.workers is None:  # one core per rank stays with the training loop
+        args.workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
     # --- method, model, data -------------------------------------------------------------------------------------
     Method = importlib.import_module(args.method).Method
@@ -207,9 +210,11 @@ def main(argv=None):
         if checkpoint["config"]["method"] != args.method or checkpoint["config"]["model"] != args.model:
             c = checkpoint["config"]
             fail(f"{path} was trained with --method {c['method']} --model {c['model']}; pass those to resume it")
-        method.model.load_state_dict(checkpoint["model"])
-        method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            fail(f"{path} does not fit this run's --method-args or --tokenizer: {e}")
         start_step = checkpoint["step"]
         print0(f"resumed from {path} at step {start_step}")
 
@@ -223,11 +228,13 @@ def main(argv=None):
     )
     batches = iter(loader)
 
-    train_model = torch.compile(method) if args.compile else method
+    train_model = method
     if distributed:
         # broadcast_buffers=False: per-rank buffers (DeCLIP's queue) must stay per rank
-        train_model = DDP(train_model, device_ids=[device] if device.startswith("cuda") else None,
+        train_model = DDP(method, device_ids=[device] if device.startswith("cuda") else None,
                           broadcast_buffers=False, find_unused_parameters=Method.find_unused_parameters)
+    if args.compile:
+        train_model = torch.compile(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     n_params = sum(p.numel() for p in method.parameters())
@@ -245,6 +252,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # in-loss randomness (masks) is resumable too
+        step_logs = 0  # the loss and its components, averaged over the micro-batches
         for micro_step in range(args.grad_accum):
             batch = next(batches)
             skipped += int(batch.pop("skipped").sum())
@@ -253,12 +261,13 @@ def main(argv=None):
             with (train_model.no_sync() if distributed and not last else nullcontext()), autocast:
                 loss, logs = train_model(batch)
             (loss / args.grad_accum).backward()
+            step_logs = step_logs + torch.stack([loss.detach().float()] + [v.float() for v in logs.values()]) / args.grad_accum
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(method.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         method.post_step()
-        pending.append(torch.stack([loss.detach().float()] + [v.float() for v in logs.values()]))
+        pending.append(step_logs)
 
         done = step + 1
         if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0:
@@ -290,8 +299,10 @@ def main(argv=None):
                        + (f" | skipped {skipped} bad images" if skipped else ""))
         if master and (done % args.save_every == 0 or done == args.steps):
             save_checkpoint(ckpt_path, method, optimizer, done, meta)
+            t_last = time.perf_counter()  # samples/s measures training, not saving
         if master and args.eval_every and done % args.eval_every == 0 and done != args.steps and args.data == "synthetic":
             report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)
+            t_last = time.perf_counter()
 
     if master:
         log_file.close()

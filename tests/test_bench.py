@@ -9,13 +9,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-from model import CONFIGS, create_model
+from model import CONFIGS, CLIPModel
 
 # small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
                "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": ""}
-BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads \| batch 8 \| ([\d.]+) samples/s \| "
-                        r"step [\d.]+ ms median, [\d.]+ ± [\d.]+ mean, 2 steps \| peak RSS [\d.]+ GiB \(\+[\d.]+ from the model on\) \| "
+BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads[^|]*\| batch 8 \| ([\d.]+) samples/s \| "
+                        r"step [\d.]+ ms median, [\d.]+ ± [\d.]+ mean, 2 steps \| "
+                        r"peak RSS [\d.]+ GiB \(\+[\d.]+ from the model on\) \| "
                         r"([\d.]+) GFLOP/sample fwd, [\d.e-]+ TFLOP/s \| python bench.py .*$", re.M)
 
 
@@ -60,27 +61,44 @@ def test_data_pipeline(tmp_path, capsys):
     bench.main(["--make-jpegs", "6", folder, "--jpeg-size", "80x60"])
     bench.main(["--data-dir", folder, "--workers", "1", "--passes", "1"])
     out = capsys.readouterr().out
+    R = CONFIGS["tiny-vit"]["image_resolution"]
     for name in ("PIL", "torchvision.io"):
-        assert re.search(rf"^data clip 64px {name} \| 6 JPEGs × 1 passes \| 1 worker [\d.]+ images/s", out, re.M), out
+        assert re.search(rf"^data clip {R}px {name} \| 6 JPEGs × 1 passes \| 1 worker [\d.]+ images/s", out, re.M), out
     with pytest.raises(SystemExit, match="no .jpg files"):
         bench.main(["--data-dir", str(tmp_path)])
 
 
+# a config of our own, so that the hand count below does not depend on model.CONFIGS
+TINY = dict(embed_dim=96, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+            context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=3)
+TINY_RN = dict(TINY, vision_layers=[1, 1, 1, 1], vision_width=32, vision_patch_size=None, image_resolution=64)
+
+
 def test_flops_by_hand():
-    # tiny-vit: 64 px, 8 px patches -> 64 patches + class token = 65 tokens of width 192, 4 layers, D = 128;
-    # text: 32 tokens of width 128, 4 layers. Per layer 12·L·w² (projections, MLP) + 2·L²·w (scores, weighted sum).
-    patch_embed = 64 * (3 * 8 * 8) * 192
-    vit = 4 * (12 * 65 * 192 ** 2 + 2 * 65 ** 2 * 192)
-    text = 4 * (12 * 32 * 128 ** 2 + 2 * 32 ** 2 * 128)
-    assert bench.forward_flops(CONFIGS["tiny-vit"]) == (2 * (patch_embed + vit + 192 * 128), 2 * (text + 128 * 128))
-    assert (patch_embed + vit + 192 * 128, text + 128 * 128) == (123_889_152, 26_230_784)
+    # image: (32/8)² = 16 patches + the class token = 17 tokens of width 128, 2 layers, projection to D = 96;
+    # text: 16 tokens of width 64, 3 layers. Per layer 12·L·w² (projections, MLP) + 2·L²·w (scores, weighted sum).
+    patch_embed = 16 * (3 * 8 * 8) * 128
+    vit = 2 * (12 * 17 * 128 ** 2 + 2 * 17 ** 2 * 128)
+    text = 3 * (12 * 16 * 64 ** 2 + 2 * 16 ** 2 * 64)
+    assert (patch_embed + vit + 128 * 96, text + 64 * 96) == (7_238_144, 2_463_744)
+    assert bench.forward_flops(TINY) == (2 * 7_238_144, 2 * 2_463_744)  # 2 FLOPs per multiply-add
+    # ResNet, width 32 at 64 px: stem 3×3 convs 3→16→16→32 at 32², then one bottleneck per stage (planes 32, 64,
+    # 128, 256; 4× expansion) at 16², 8², 4², 2² (stride-2 stages pool before conv3 and the shortcut conv), and the
+    # attention pool over 2² + 1 tokens of 1024 channels: q for the mean token only, k and v for all 5
+    stem = 32 ** 2 * 9 * (3 * 16 + 16 * 16 + 16 * 32)
+    stages = 0
+    for planes, inplanes, h, out in [(32, 32, 16, 16), (64, 128, 16, 8), (128, 256, 8, 4), (256, 512, 4, 2)]:
+        stages += h * h * (inplanes * planes + 9 * planes * planes) + out * out * (planes * 4 * planes
+                                                                                   + inplanes * 4 * planes)
+    pool = 1024 ** 2 + 2 * 5 * 1024 ** 2 + 2 * 5 * 1024 + 1024 * 96
+    assert bench.forward_flops(TINY_RN)[0] == 2 * (stem + stages + pool)
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "small-vit"])
-def test_flops_match_torch_flop_counter(name):
+@pytest.mark.parametrize("config", [TINY, TINY_RN, CONFIGS["tiny-vit"], CONFIGS["tiny-rn"]])
+def test_flops_match_torch_flop_counter(config):
     # torch's counter (2 FLOPs per multiply-add) sees every matmul and convolution of the actual forward; the math
     # attention backend makes the attention products visible to it
-    model = create_model(name)
+    model = CLIPModel(**config)
     R, L = model.image_resolution, model.context_length
     text = torch.zeros(2, L, dtype=torch.long)
     text[:, 0], text[:, 5] = 49406, 49407
@@ -90,7 +108,7 @@ def test_flops_match_torch_flop_counter(name):
             with FlopCounterMode(display=False) as counter:
                 run()
             counted.append(counter.get_total_flops() // 2)  # per sample
-    assert bench.forward_flops(CONFIGS[name]) == tuple(counted)
+    assert bench.forward_flops(config) == tuple(counted)
 
 
 # open_clip's docs/model_profile.csv: forward GFLOPs per sample (image, text), 2 FLOPs per multiply-add

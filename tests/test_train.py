@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "24"]
+TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "24"]
 
 
 def run(script, *args, cwd, check=True, launcher=()):
