@@ -1,0 +1,126 @@
+"""eval_zeroshot.py: recall@k and top-k against a direct computation, and each dataset mode end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import clip
+import data
+import eval_zeroshot
+from model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_images(folder, n, size=(48, 40)):
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"{i:03d}.jpg")
+        Image.new("RGB", size, ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def method():
+    torch.manual_seed(0)
+    return clip.CLIP(create_model("tiny-vit")).eval()
+
+
+def test_retrieval_recall_matches_a_direct_computation(method, tmp_path):
+    paths = write_images(tmp_path, 7)
+    captions = [f"a photo number {j} of {w}" for j, w in enumerate("abcdefghijklmnopqrstu")]  # 21 captions
+    caption_image = [j % 7 for j in range(21)]  # 3 captions per image
+    tokenizer = data.get_tokenizer()
+    results = eval_zeroshot.retrieve(method, tokenizer, paths, captions, caption_image, "cpu", batch_size=3)
+
+    with torch.no_grad():  # the same scores, computed in one go
+        images = torch.stack([data.eval_transform(64)(data.load_image(p)) for p in paths])
+        scores = method.similarity(method.embed_images(images), method.embed_texts(tokenizer(captions, 24)))  # (7, 21)
+    owner = torch.tensor(caption_image)
+    for k in (1, 5, 10):
+        i2t = sum((owner[scores[i].topk(min(k, 21)).indices] == i).any().item() for i in range(7)) / 7
+        t2i = sum((scores[:, j].topk(min(k, 7)).indices == owner[j]).any().item() for j in range(21)) / 21
+        assert results[f"image->text R@{k}"] == pytest.approx(i2t)
+        assert results[f"text->image R@{k}"] == pytest.approx(t2i)
+    assert results["text->image R@10"] == 1.0  # only 7 images: every caption's image is in its top 10
+
+
+def test_classification_top_k_matches_a_direct_computation(method):
+    classnames, templates = data.SYNTHETIC_TASKS["shape"]
+    dataset = eval_zeroshot.Labelled(data.SyntheticTask("shape", size=30), data.eval_transform(64))
+    r = eval_zeroshot.classify(method, data.get_tokenizer(), dataset, classnames, templates, "cpu", batch_size=8)
+    tokenizer = data.get_tokenizer()
+    with torch.no_grad():
+        weights = []
+        for c in classnames:  # OpenAI's prompt ensemble, written out
+            e = torch.nn.functional.normalize(method.model.encode_text(tokenizer([t.format(c) for t in templates], 24)), dim=-1)
+            weights.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+        images = torch.stack([dataset[i][0] for i in range(30)])
+        labels = torch.tensor([dataset[i][1] for i in range(30)])
+        logits = torch.nn.functional.normalize(method.model.encode_image(images), dim=-1) @ torch.stack(weights).T
+    assert r["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert r["top5"] == pytest.approx((logits.topk(5).indices == labels[:, None]).any(1).float().mean().item())
+    assert r["n"] == 30 and r["chance"] == pytest.approx(1 / 6)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny-vit", "--steps", "1",
+                    "--batch-size", "4", "--workers", "0", "--eval-size", "0", "--out-dir", str(out)],
+                   check=True, capture_output=True, cwd=out)
+    return out / "ckpt.pt"
+
+
+def evaluate(*args, cwd):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), *map(str, args), "--workers", "0"],
+                       capture_output=True, text=True, cwd=cwd, timeout=300)
+    return p
+
+
+def test_folder_classification(checkpoint, tmp_path):
+    for name in ("golden_retriever", "tabby_cat"):
+        write_images(tmp_path / "val" / name, 3)
+    p = evaluate("--checkpoint", checkpoint, "--dataset", "folder", "--data-dir", tmp_path / "val", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "folder: top-1" in p.stdout and "(2 classes, 6 images, 7 templates)" in p.stdout
+    (tmp_path / "names.txt").write_text("dog\n")
+    p = evaluate("--checkpoint", checkpoint, "--dataset", "folder", "--data-dir", tmp_path / "val",
+                 "--classnames", tmp_path / "names.txt", cwd=tmp_path)
+    assert p.returncode != 0 and "has 1 names but" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_retrieval_on_csv_and_coco(checkpoint, tmp_path):
+    paths = write_images(tmp_path / "imgs", 4)
+    rows = [f"imgs/{os.path.basename(p)},caption {i} of image {i // 2}" for i, p in enumerate(paths + paths)]
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    p = evaluate("--checkpoint", checkpoint, "--dataset", tmp_path / "pairs.csv", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "4 images, 8 captions" in p.stdout and "image->text R@1:" in p.stdout and "text->image R@10: 100.00%" in p.stdout
+
+    coco = tmp_path / "coco"
+    write_images(coco / "val2017", 3)
+    ann = {"images": [{"id": i, "file_name": f"{i:03d}.jpg"} for i in range(3)],
+           "annotations": [{"id": 10 + j, "image_id": j % 3, "caption": f"a thing {j}"} for j in range(6)]}
+    os.makedirs(coco / "annotations")
+    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps(ann))
+    p = evaluate("--checkpoint", checkpoint, "--dataset", "coco", "--data-dir", coco, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "3 images, 6 captions" in p.stdout
+
+
+def test_openai_layout_state_dict_and_missing_downloads(checkpoint, tmp_path):
+    state_dict = torch.load(checkpoint, weights_only=False)["model"]  # the OpenAI layout, as a released file holds
+    torch.save(state_dict, tmp_path / "openai.pt")
+    p = evaluate("--checkpoint", tmp_path / "openai.pt", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "colour: top-1" in p.stdout
+    p = evaluate("--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "none", cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--download" in p.stderr.strip().splitlines()[-1]
