@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import data
-from clip import CLIP, all_gather, clip_loss, rank_and_world
+from clip import CLIP, all_gather, rank_and_world
 from model import ModifiedResNet
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,19 +188,15 @@ class SLIP(CLIP):
         return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
 
     def forward(self, batch):
-        # CLIP on the mildly cropped view: one encoder pass, its pooled feature projected
-        image_features = self.model.encode_image(batch["image"])  # (B, D)
-        text_features = self.model.encode_text(batch["text"])  # (B, D)
-        logit_scale = self.model.logit_scale.exp()  # s
-        loss_clip = clip_loss(image_features, text_features, logit_scale)
+        # CLIP on the mildly cropped view, exactly as clip.py: logs {"clip", "logit_scale"}
+        loss_clip, logs = super().forward(batch)
         # SimCLR on the two strongly augmented views, each through the encoder and the head separately (as SLIP:
         # each BatchNorm sees one view's batch)
         z_a = self.image_mlp(self.model.image_features(batch["image_a"])[0])  # (B, 256)
         z_b = self.image_mlp(self.model.image_features(batch["image_b"])[0])  # (B, 256)
         loss_ssl, ssl_accuracy = simclr_loss(z_a, z_b, self.ssl_temperature)
         loss = loss_clip + self.ssl_scale * loss_ssl
-        return loss, {"clip": loss_clip.detach(), "ssl": loss_ssl.detach(), "ssl_acc": ssl_accuracy,
-                      "logit_scale": logit_scale.detach()}
+        return loss, {**logs, "ssl": loss_ssl.detach(), "ssl_acc": ssl_accuracy}
 
     # post_step (clamp s to [1, 100], as SLIP's main.py) and the zero-shot interface are CLIP's
 

@@ -20,7 +20,7 @@ from model import create_model
 SOT, EOT = 49406, 49407
 
 
-def _text(B, L=32, seed=0, lengths=None):
+def _text(B, L=24, seed=0, lengths=None):  # 24: the tiny configs' context
     """Well-formed captions: SOT, ordinary ids in [1, SOT), EOT, zero padding."""
     g = torch.Generator().manual_seed(seed)
     text = torch.zeros(B, L, dtype=torch.long)
@@ -239,7 +239,7 @@ def test_transform_views_and_pickling():
     out = transform(image, "a small green triangle at the top")
     assert set(out) == {"image_a", "image_b", "text", "text_eda"}
     assert out["image_a"].shape == out["image_b"].shape == (3, 64, 64)
-    assert out["text"].shape == out["text_eda"].shape == (32,) and out["text"].dtype == torch.long
+    assert out["text"].shape == out["text_eda"].shape == (method.model.context_length,) and out["text"].dtype == torch.long
     torch.manual_seed(0)
     again = transform(image, "a small green triangle at the top")
     assert all(torch.equal(out[k], again[k]) for k in out)  # torch's RNG only: train.py's per-sample seeding holds

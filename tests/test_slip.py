@@ -22,7 +22,7 @@ def _views(N=10, E=8, seed=0, dtype=torch.float32):
     return torch.randn(N, E, generator=g, dtype=dtype), torch.randn(N, E, generator=g, dtype=dtype)
 
 
-def _batch(B=8, seed=0, resolution=64, context_length=32):
+def _batch(B=8, seed=0, resolution=64, context_length=24):  # the tiny configs' context
     """Random images and well-formed captions: SOT, ordinary ids, EOT, zero padding."""
     g = torch.Generator().manual_seed(seed)
     text = torch.zeros(B, context_length, dtype=torch.long)
@@ -198,7 +198,7 @@ def test_transform_views_and_pickling():
     assert set(out) == {"image", "image_a", "image_b", "text"}
     for key in ("image", "image_a", "image_b"):
         assert out[key].shape == (3, 64, 64) and out[key].dtype == torch.float32
-    assert out["text"].shape == (32,) and out["text"].dtype == torch.long
+    assert out["text"].shape == (method.model.context_length,) and out["text"].dtype == torch.long
     assert not torch.equal(out["image_a"], out["image_b"])  # two independent draws
     torch.manual_seed(0)
     again = transform(image, "a red square")
