@@ -43,7 +43,6 @@ def test_every_method_steps(method, capsys):
 
 
 def test_side_by_side_with_open_clip(capsys):
-    pytest.importorskip("open_clip")
     ratio = bench.main(["--vs-open-clip", "--batch-size", "8", "--warmup", "1", "--steps", "2", "--rounds", "2"])
     out = capsys.readouterr().out
     assert ratio > 0

@@ -7,7 +7,7 @@ import torch
 
 import model as M
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip  # the independent reference (requirements-dev.txt)
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "no pretrained weights loaded" on every model
 
 OPENAI_NAMES = ["RN50", "RN101", "RN50x4", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
