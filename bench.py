@@ -32,6 +32,7 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+from PIL import Image
 
 import data
 from model import CONFIGS, create_model
@@ -61,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="--data-dir: DataLoader workers 1..N")
     p.add_argument("--passes", type=int, default=2, help="--data-dir: timed passes over the folder per setting")
-    p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil (data.load_image) and/or tvio "
+    p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil and/or tvio (data.load_image) "
                                                          "(torchvision.io.decode_jpeg)")
     p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
     p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
@@ -311,12 +312,9 @@ def bench_step(args):
 
 def decode(path, decoder):
     if decoder == "pil":
-        return data.load_image(path)  # PIL RGB, what data.py's datasets return
-    import torchvision.io as tvio
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return tvio.decode_jpeg(tvio.read_file(path), mode=tvio.ImageReadMode.RGB)  # (3, H, W) uint8
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, what data.py's datasets return
 
 
 class JpegFolder(torch.utils.data.Dataset):

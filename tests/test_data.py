@@ -282,7 +282,7 @@ def test_coco(tmp_path):
     ds = data.make_dataset("coco", data_dir=str(tmp_path), split="val")
     assert isinstance(ds, data.CocoCaptions) and len(ds) == 3
     img, caption = ds[0]
-    assert img.mode == "RGB" and img.size == (40, 30) and caption == "grey"
+    assert img.dtype == torch.uint8 and img.shape == (3, 30, 40) and caption == "grey"  # torchvision.io decoded
     paths, captions, caption_image = ds.retrieval()
     assert [os.path.basename(p) for p in paths] == ["000000000003.jpg", "000000000009.jpg"]
     assert captions == ["grey", "a red thing.", "another caption"] and caption_image == [0, 1, 1]
@@ -299,11 +299,11 @@ def test_csv_and_tsv(tmp_path):
     with pytest.warns(UserWarning, match="dropped 1 of 3 rows with empty captions"):
         ds = data.make_dataset(str(tmp_path / "train.csv"))
     assert len(ds) == 2 and ds.captions == ["a cat, sitting", "a dog"]
-    assert ds.paths[0] == os.path.join(str(tmp_path), "imgs/a.jpg") and ds[1][0].mode == "RGB"
+    assert ds.paths[0] == os.path.join(str(tmp_path), "imgs/a.jpg") and ds[1][0].shape[0] == 3
 
     (tmp_path / "list.tsv").write_text("image\tcaption\na.jpg\tred square\n")
     ds = data.CsvCaptions(str(tmp_path / "list.tsv"), root=str(tmp_path / "imgs"))
-    assert ds.captions == ["red square"] and ds[0][0].size == (40, 30)
+    assert ds.captions == ["red square"] and ds[0][0].shape == (3, 30, 40)
     ds = data.CsvCaptions(str(tmp_path / "list.tsv"), img_key="image", caption_key="caption", sep="\t",
                           root=str(tmp_path / "imgs"))
     assert len(ds) == 1
@@ -347,3 +347,18 @@ def test_caption_dataset_skips_bad_images(tmp_path):
     ds.max_skips = 5
     with pytest.raises(RuntimeError, match="5 unreadable"):
         ds[0]
+
+
+def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
+    Image.new("RGB", (20, 10), (250, 10, 10)).save(tmp_path / "a.jpg")
+    Image.new("L", (20, 10), 128).save(tmp_path / "gray.png")
+    Image.new("RGB", (20, 10), (10, 250, 10)).save(tmp_path / "c.tiff")  # a format torchvision.io does not read
+    x = data.load_image(tmp_path / "a.jpg")
+    assert x.dtype == torch.uint8 and x.shape == (3, 10, 20) and x[0].float().mean() > 200
+    assert data.load_image(tmp_path / "gray.png").shape == (3, 10, 20)  # grayscale -> RGB
+    t = data.load_image(tmp_path / "c.tiff")
+    assert isinstance(t, Image.Image) and t.mode == "RGB" and t.size == (20, 10)
+    assert data.train_transform(32)(x).shape == data.train_transform(32)(t).shape == (3, 32, 32)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(OSError):
+        data.load_image(tmp_path / "bad.jpg")
