@@ -19,7 +19,7 @@ This file is also the method interface: every method module (siglip.py, slip.py,
 
     Method.defaults                    optimiser defaults of the method (lr, weight_decay, betas, eps, logit_scale_init)
     Method(model)                      wraps a model.CLIPModel, adds the method's heads, buffers and parameters
-    method.transform(tokenizer)        picklable (PIL image, caption) -> dict of tensors: the views the loss needs
+    method.transform(tokenizer)        picklable (image, caption) -> dict of tensors: the views the loss needs
     method(batch) -> (loss, logs)      the training loss on a collated batch of those dicts; logs = its components
     method.post_step()                 after every optimiser step (CLIP: clamp the temperature)
     method.embed_images / embed_texts / embed_classes / similarity      zero-shot classification and retrieval
@@ -86,7 +86,8 @@ def clip_loss(image_features, text_features, logit_scale):
 
 
 class Transform:
-    """(PIL image, caption) -> {"image": (3, R, R), "text": (L,)}. A plain class so DataLoader workers can pickle it."""
+    """(image, caption) -> {"image": (3, R, R), "text": (L,)}; the image is a PIL image or a uint8 (3, H, W) tensor.
+    A plain class so DataLoader workers can pickle it."""
 
     def __init__(self, image_size, tokenizer, context_length):
         # open_clip's CLIP recipe: RandomResizedCrop with scale 0.9-1.0, bicubic, OpenAI normalisation

@@ -140,7 +140,7 @@ def eda(caption):
 
 
 class Transform:
-    """(PIL image, caption) -> {"image_a", "image_b": (3, R, R), "text", "text_eda": (L,)}. Picklable for workers.
+    """(image, caption) -> {"image_a", "image_b": (3, R, R), "text", "text_eda": (L,)}. Picklable for workers.
     The MLM masking of "text" happens later, per batch on the device (DeCLIP.forward)."""
 
     def __init__(self, image_size, tokenizer, context_length):

@@ -48,7 +48,7 @@ from model import ModifiedResNet
 
 
 def ssl_augmentation(image_size, scale):
-    """SimCLR's (and MoCo v2's) augmentation: PIL image -> normalised (3, R, R) float tensor. Two deliberate
+    """SimCLR's (and MoCo v2's) augmentation: image (PIL or uint8 tensor) -> normalised (3, R, R) tensor. Two deliberate
     differences from SLIP's datasets: bicubic crops (SLIP: torchvision's bilinear default) and OpenAI's
     normalisation constants (SLIP: ImageNet's), so every view matches what the CLIP model sees at evaluation."""
     # SimCLR sets the blur kernel to ~10% of the image side (odd); SLIP blurs with PIL's radius-σ filter at 224 px.
@@ -67,7 +67,7 @@ def ssl_augmentation(image_size, scale):
 
 
 class Transform:
-    """(PIL image, caption) -> {"image", "image_a", "image_b": (3, R, R), "text": (L,)}. Picklable for workers.
+    """(image, caption) -> {"image", "image_a", "image_b": (3, R, R), "text": (L,)}. Picklable for workers.
     All randomness comes from torch's RNG, which train.py seeds per sample."""
 
     def __init__(self, image_size, tokenizer, context_length):

@@ -334,7 +334,7 @@ def test_caption_dataset_skips_bad_images(tmp_path):
         base[1]
 
     def transform(image, caption):
-        return {"image": torch.from_numpy(np.array(image)).float().mean(), "text": data.tokenize(caption)[0]}
+        return {"image": torch.as_tensor(image).float().mean(), "text": data.tokenize(caption)[0]}  # decoded tensor
     ds = data.CaptionDataset(base, transform)
     assert ds[0]["skipped"] == 0
     item = ds[1]  # 1 and 2 are bad: 3 is returned
