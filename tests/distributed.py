@@ -10,6 +10,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def assert_close_at_scale(actual, expected, rel=1e-5):
+    """Compare float32 results of different summation orders (W ranks vs one process): rounding errors scale with the
+    magnitude of the summed terms, not of each sum, so a gradient entry that is ~0 next to entries of order 1 can
+    differ by 100% in relative terms. Tolerance: rel × the largest |entry| of the tensor, plus rtol 1e-3. A wrong
+    gradient (a missing rank's term, per-rank BatchNorm statistics) is off by a fraction of that scale, far above."""
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=rel * expected.abs().max().item())
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
