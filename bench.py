@@ -5,11 +5,12 @@ Benchmarks: the training step of any method and model, side by side with open_cl
     python bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip    # ours vs open_clip, alternating
     python bench.py --make-jpegs 200 /tmp/jpegs                                # a folder of COCO-sized JPEGs
     python bench.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 2        # decode + augment, images/s
+    torchrun --nproc_per_node=8 bench.py --loss-memory --batch-size 8192       # loss memory per rank vs N×N
 
 A step is what train.py does: forward and loss (bf16 autocast on CUDA), backward, AdamW step, post_step. The batch is
 synthetic but has exactly the method's views: the method's own transform applied to SyntheticCaptions samples, so
 SLIP gets its three image views and DeCLIP its two images and two captions. Each configuration prints one line
-starting with "bench" or "data", ending with the command that produced it.
+starting with "bench", "data" or "loss-memory", ending with the command that produced it.
 
 FLOPs: forward_flops() counts the multiply-adds of every matmul and convolution of the two encoders (patch embedding,
 attention projections, attention scores and weighted sums over all L² pairs, MLPs, final projections; a ResNet's
@@ -20,6 +21,8 @@ product). Method heads and losses are not counted, so MFU is slightly conservati
 """
 
 import argparse
+import ctypes
+import gc
 import importlib
 import math
 import os
@@ -28,14 +31,17 @@ import shlex
 import statistics
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 
 import data
+from clip import all_gather, clip_loss
 from model import CONFIGS, create_model
+from siglip import siglip_loss
 
 METHODS = ("clip", "siglip", "slip", "declip", "filip")
 # dense bf16 peak TFLOP/s (no sparsity), matched against torch.cuda.get_device_name(): first match wins
@@ -66,6 +72,10 @@ def get_args(argv=None):
                                                          "(torchvision.io.decode_jpeg)")
     p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
     p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
+    p.add_argument("--loss-memory", action="store_true", help="peak memory per rank of the CLIP and SigLIP losses "
+                   "(forward + backward) at global batch --batch-size, against the all-gather N×N versions; "
+                   "run under torchrun for several ranks")
+    p.add_argument("--embed-dim", type=int, default=512, help="--loss-memory: feature dimension D")
     return p.parse_args(argv)
 
 
@@ -409,6 +419,130 @@ def bench_data(args):
         print(f"# torchvision.io / PIL images/s: {speedups}")
 
 
+# -----------------------------------------------------------------------------
+# loss memory per rank: our distributed CLIP and SigLIP losses against the all-gather N×N versions
+
+def clip_loss_all_gather(image_features, text_features, logit_scale):
+    """The naive distributed CLIP loss: every rank gathers all N rows of both sides and computes the whole N×N logits
+    (open_clip's ClipLoss with local_loss=False). Its value equals clip.clip_loss's mean over ranks."""
+    image = all_gather(F.normalize(image_features.float(), dim=-1))  # (N, D)
+    text = all_gather(F.normalize(text_features.float(), dim=-1))  # (N, D)
+    logits = (logit_scale * image) @ text.T  # (N, N)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def siglip_loss_all_gather(image_features, text_features, logit_scale, logit_bias):
+    """The naive distributed SigLIP loss: N×N logits on every rank, instead of siglip.siglip_loss's B×B blocks."""
+    image = all_gather(F.normalize(image_features.float(), dim=-1))  # (N, D)
+    text = all_gather(F.normalize(text_features.float(), dim=-1))  # (N, D)
+    logits = (logit_scale * image) @ text.T + logit_bias  # (N, N)
+    return (F.softplus(logits).sum() - logits.diagonal().sum()) / logits.shape[0]  # as siglip._sigmoid_block
+
+
+def process_memory(field):
+    """MiB of this process from /proc/self/status (Linux): VmRSS now, VmHWM the peak since the last reset."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def peak_memory(fn, device):
+    """MiB allocated at the peak of fn() beyond what was allocated before it. CUDA: the caching allocator's own
+    counters. CPU (Linux, glibc): the process's peak resident memory, reset through /proc/self/clear_refs, with
+    every allocation of 64 KiB or more mapped and unmapped on its own (mallopt M_MMAP_THRESHOLD), so that freed
+    memory goes back to the system at once and the resident peak is the peak of live tensors."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (and no dynamic raising of it)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    start = process_memory("VmRSS")
+    fn()
+    return process_memory("VmHWM") - start
+
+
+def open_clip_losses(rank, world):
+    """open_clip's distributed ClipLoss (local loss, gather with gradient, as ours) and SigLipLoss (bidirectional
+    neighbour exchange, as ours), with our calling convention; None without open_clip."""
+    try:
+        from open_clip.loss import ClipLoss, SigLipLoss
+    except ImportError:
+        return None
+    clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    siglip = SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")
+    return (lambda i, t, s: clip(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s),
+            lambda i, t, s, b: siglip(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s, b))
+
+
+def bench_loss_memory(args):
+    """Forward + backward of each loss on random (B, D) features per rank: ours, open_clip's (when installed) and the
+    all-gather N×N version; prints one line per method with the worst rank's peak and the global loss of each."""
+    distributed = "RANK" in os.environ  # under torchrun
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    elif not os.path.exists("/proc/self/clear_refs"):
+        sys.exit("error: --loss-memory on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} must be divisible by the {world} ranks")
+    N, B, D = args.batch_size, args.batch_size // world, args.embed_dim
+    g = torch.Generator().manual_seed(args.seed + rank)
+    image, text = (torch.randn(B, D, generator=g).to(device).requires_grad_() for _ in range(2))
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    theirs = open_clip_losses(rank, world) or (None, None)
+    MiB = 4 / 2 ** 20  # one float32 logit
+    cases = {"clip": ({"ours": clip_loss, "open_clip": theirs[0], "all-gather N×N": clip_loss_all_gather}, (scale,),
+                      f"ours keeps B×N logits ({B * N * MiB:.0f} MiB)"),
+             "siglip": ({"ours": siglip_loss, "open_clip": theirs[1], "all-gather N×N": siglip_loss_all_gather},
+                        (scale, bias), f"ours one B×B block at a time ({B * B * MiB:.0f} MiB)")}
+    for name, (variants, extra, note) in cases.items():
+        results = {}
+        for variant, loss_fn in variants.items():
+            if loss_fn is None:
+                continue
+            losses = []
+
+            def step():
+                loss = loss_fn(image, text, *extra)
+                loss.backward()
+                losses.append(loss.detach())
+
+            step()  # warm-up: first-call allocations (communication buffers, kernels) are not the loss's
+            image.grad = text.grad = scale.grad = bias.grad = None
+            mib = torch.tensor(peak_memory(step, device), device=device)
+            image.grad = text.grad = scale.grad = bias.grad = None
+            loss = losses[-1].clone()
+            if distributed:
+                dist.all_reduce(mib, op=dist.ReduceOp.MAX)  # the worst rank
+                dist.all_reduce(loss)
+                loss /= world  # a rank's loss covers its rows (ours, open_clip) or all rows (N×N): the mean is global
+            results[variant] = (mib.item(), loss.item())
+        if rank == 0:
+            naive = results["all-gather N×N"][0]
+            parts = [f"{v} {mib:.0f} MiB" + (f" ({naive / max(mib, 1e-9):.1f}× less)" if mib != naive else "")
+                     for v, (mib, _) in results.items()]
+            launcher = f"torchrun --nproc_per_node={world} bench.py " if distributed else "python bench.py "
+            device_name = f"{torch.cuda.get_device_name(device)} nccl" if cuda else "cpu gloo" if distributed else "cpu"
+            print(f"loss-memory {name} | {device_name}, {world} rank{'s' * (world > 1)} | N {N} = {world} × {B}, "
+                  f"D {D} | peak per rank, forward + backward: {', '.join(parts)}; {note}, "
+                  f"N×N logits {N * N * MiB:.0f} MiB | global loss "
+                  f"{', '.join(f'{v} {loss:.6f}' for v, (_, loss) in results.items())} | "
+                  f"{launcher}{shlex.join(args.argv)}", flush=True)
+    if distributed:
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     args = get_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
@@ -417,6 +551,8 @@ def main(argv=None):
         make_jpegs(int(n), folder, tuple(int(x) for x in args.jpeg_size.lower().split("x")))
     elif args.data_dir:
         bench_data(args)
+    elif args.loss_memory:
+        bench_loss_memory(args)
     else:
         return bench_step(args)
 

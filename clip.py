@@ -29,7 +29,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -45,14 +44,35 @@ def rank_and_world():
     return 0, 1
 
 
+# torch 2.14 renamed the single-tensor collectives (the old names warn); older releases have only the old names
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class AllGather(torch.autograd.Function):
+    """(B, ...) on each rank -> (W·B, ...) in rank order. The backward is a reduce-scatter: this rank's slice of the
+    gradient summed over all W ranks, since every rank's loss used this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        _reduce_scatter_single(out, grad.contiguous())  # op=SUM
+        return out
+
+
+@torch.compiler.disable  # the collective runs eagerly; torch.compile splits its graph here
 def all_gather(x):
-    """(B, ...) on each rank -> (W·B, ...) in rank order. Differentiable: the backward sums the gradient that every
-    rank's loss puts on this rank's slice (a reduce-scatter), so the local features receive the gradient of all W
-    losses. The identity when not distributed."""
+    """(B, ...) on each rank -> (W·B, ...) in rank order, differentiable: the local features receive the gradient
+    of all W ranks' losses. The identity when not distributed. (torch.distributed.nn.functional.all_gather, which
+    does the same, is deprecated and refuses to run under torch.compile.)"""
     _, world = rank_and_world()
-    if world == 1:
-        return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return x if world == 1 else AllGather.apply(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,8 +96,9 @@ def clip_loss(image_features, text_features, logit_scale):
         rank, _ = rank_and_world()
         B = image_features.shape[0]
         labels = torch.arange(B, device=image_features.device) + rank * B  # (B,) own index in the global batch
-        logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, N)
-        logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, N)
+        # s scales the (B, D) features, not the (B, N) product: one (B, N) tensor fewer kept for the backward
+        logits_per_image = (logit_scale * image_features) @ all_text_features.T  # (B, N)
+        logits_per_text = (logit_scale * text_features) @ all_image_features.T  # (B, N)
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 

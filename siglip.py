@@ -16,8 +16,8 @@ Distributed (paper §3.3, "chunked" implementation): with W ranks each holding B
 on their rank and the text features travel. A rank first scores its own B×B block (z = 2I − 1), then receives the
 other ranks' text chunks one after another and scores each against its images with z = −1 (they hold only
 negatives). The chunks move between neighbours with point-to-point sends inside autograd Functions whose backward
-sends the gradient back the way the features came, so each rank only ever holds B×B logits instead of the N×N (or
-B×N) matrix. As in open_clip's `SigLipLoss(dist_impl="bidir")`, a round sends to the left and right neighbours at
+sends the gradient back the way the features came, and each block is recomputed in the backward rather than kept,
+so each rank only ever holds B×B logits instead of the N×N (or B×N) matrix. As in open_clip's `SigLipLoss(dist_impl="bidir")`, a round sends to the left and right neighbours at
 once, (W−1)//2 such rounds plus one one-way round when W−1 is odd cover every other rank exactly once.
 
 Each rank's loss is the sum of its W blocks divided by its local B: summed over ranks that is W · L_SigLIP (the paper
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from clip import CLIP, rank_and_world
 
@@ -88,15 +89,17 @@ class ShiftRight(torch.autograd.Function):
 
 
 def _sigmoid_block(image_features, text_features, logit_scale, logit_bias, positives_on_diagonal):
-    """−Σ log σ(z · logits) over one B×B block; z = 2I − 1 for a rank's own block, −1 for another rank's texts."""
+    """−Σ log σ(z · logits) over one B×B block; z = 2I − 1 for a rank's own block, −1 for another rank's texts.
+    With −log σ(−x) = softplus(x) and −log σ(x) = softplus(x) − x this is Σ_ij softplus(logits_ij), minus
+    Σ_i logits_ii where the positives are: z is never built, and the backward keeps one B×B tensor, not three."""
     # float32 logits: autocast would run this matmul in bf16 even on float32 inputs, and s·cos + b, of order ±10,
     # would carry errors of ~0.05
     with torch.autocast(image_features.device.type, enabled=False):
-        logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
-    z = -torch.ones_like(logits)  # (B, B)
+        logits = (logit_scale * image_features) @ text_features.T + logit_bias  # (B, B)
+    loss = F.softplus(logits).sum()
     if positives_on_diagonal:
-        z += 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
-    return -F.logsigmoid(z * logits).sum()
+        loss = loss - logits.diagonal().sum()
+    return loss
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias):
@@ -111,22 +114,32 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias):
     image_features = F.normalize(image_features.float(), dim=-1)  # (B, D)
     text_features = F.normalize(text_features.float(), dim=-1)  # (B, D)
     B = image_features.shape[0]
-    loss = _sigmoid_block(image_features, text_features, logit_scale, logit_bias, positives_on_diagonal=True)
+    own = _sigmoid_block(image_features, text_features, logit_scale, logit_bias, positives_on_diagonal=True)
+    return (own + _other_ranks(image_features, text_features, logit_scale, logit_bias)) / B
+
+
+@torch.compiler.disable  # the point-to-point sends run eagerly; torch.compile splits its graph here
+def _other_ranks(image_features, text_features, logit_scale, logit_bias):
+    """The sum of the negatives-only blocks of our (B, D) images against the other W − 1 ranks' (B, D) texts, which
+    arrive round by round (0 when W = 1). Each block is checkpointed: its B×B logits are freed after the forward and
+    recomputed in the backward, so the rank holds one block at a time instead of W − 1 (the chunks, (B, D) each,
+    stay). open_clip keeps every block for the backward: (W − 1)·B² floats, the B×N it set out to avoid."""
+    def block(texts):  # (B, D) texts of another rank -> scalar
+        return checkpoint(_sigmoid_block, image_features, texts, logit_scale, logit_bias, False, use_reentrant=False)
 
     rank, world = rank_and_world()
     left, right = (rank - 1) % world, (rank + 1) % world
+    loss = image_features.new_zeros(())
     # after round k we hold the texts of ranks rank−k (from the left) and rank+k (from the right)
     to_left = to_right = text_features
     for _ in range((world - 1) // 2):
         from_left, from_right = NeighbourExchange.apply(left, right, to_left, to_right)
-        for texts in (from_left, from_right):  # (B, D) each: other ranks' pairs, negatives only
-            loss = loss + _sigmoid_block(image_features, texts, logit_scale, logit_bias, positives_on_diagonal=False)
+        loss = loss + block(from_left) + block(from_right)
         to_left, to_right = from_right, from_left  # pass each chunk on in the direction it was travelling
     if (world - 1) % 2:
         # one chunk is left, the texts of rank rank + W//2 = rank − W//2: one more step to the right reaches everyone
-        texts = ShiftRight.apply(left, right, to_right)  # (B, D)
-        loss = loss + _sigmoid_block(image_features, texts, logit_scale, logit_bias, positives_on_diagonal=False)
-    return loss / B
+        loss = loss + block(ShiftRight.apply(left, right, to_right))
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------

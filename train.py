@@ -17,6 +17,7 @@ batches, it does not enlarge the set of negatives. Use more ranks, not more accu
 import argparse
 import ast
 import importlib
+import inspect
 import json
 import math
 import os
@@ -131,6 +132,16 @@ def lr_at(step, peak, warmup, total):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def wrap_ddp(method, device):
+    """DistributedDataParallel around the method. Its buffers stay per rank: DeCLIP's queue holds the rank's own
+    captions and must not be overwritten with rank 0's at every forward (torch 2.14 calls that forward_sync_buffers
+    and warns about the older broadcast_buffers, the only name earlier releases know)."""
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(method, device_ids=[device] if device.startswith("cuda") else None,
+               find_unused_parameters=method.find_unused_parameters, **{no_sync: False})
+
+
 def save_checkpoint(path, method, optimizer, step, meta):
     # "model" is the OpenAI layout (loadable by OpenAI's and open_clip's code); "method" holds the method's own state
     model_state = method.model.state_dict()
@@ -230,9 +241,7 @@ def main(argv=None):
 
     train_model = method
     if distributed:
-        # broadcast_buffers=False: per-rank buffers (DeCLIP's queue) must stay per rank
-        train_model = DDP(method, device_ids=[device] if device.startswith("cuda") else None,
-                          broadcast_buffers=False, find_unused_parameters=Method.find_unused_parameters)
+        train_model = wrap_ddp(method, device)
     if args.compile:
         train_model = torch.compile(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()

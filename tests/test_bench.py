@@ -1,7 +1,10 @@
 """bench.py: every method's training step runs end to end, the side-by-side and data modes work, and the FLOP
 counter matches a hand count, torch's own counter, and open_clip's published profile."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,3 +131,24 @@ def test_flops_match_open_clip_profile(name):
         C, D, L = 2048, 1024, 50
         all_queries = (L - 1) * (C * C + C * D) + 2 * (L * L - L) * C
         assert (image + 2 * all_queries) / 1e9 == pytest.approx(published[0], rel=0.002)
+
+
+def test_loss_memory_on_two_gloo_ranks():
+    """--loss-memory under torchrun: one line per loss, our distributed loss, open_clip's and the all-gather N×N
+    version each measured, and all three giving the same global loss (the memory figures are the benchmark's
+    output, not asserted here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(root, "bench.py"), "--loss-memory", "--batch-size", "64", "--embed-dim", "16"],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for name in ("clip", "siglip"):
+        line = re.search(rf"^loss-memory {name} \| cpu gloo, 2 ranks \| N 64 = 2 × 32, D 16 \| .*$", p.stdout, re.M)
+        assert line, p.stdout
+        mib = re.findall(r"(ours|open_clip|all-gather N×N) ([\d.]+) MiB", line.group(0))
+        assert [v for v, _ in mib] == ["ours", "open_clip", "all-gather N×N"], line.group(0)
+        losses = [float(x) for x in re.findall(r"(?:ours|open_clip|all-gather N×N) ([\d.]+)(?:,| \|)",
+                                               line.group(0).split("global loss")[1])]
+        assert len(losses) == 3 and max(losses) - min(losses) < 1e-5, line.group(0)
+        assert line.group(0).endswith("torchrun --nproc_per_node=2 bench.py --loss-memory --batch-size 64 "
+                                      "--embed-dim 16")

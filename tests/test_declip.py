@@ -323,3 +323,37 @@ def test_declip_distributed_equals_one_process():
         torch.testing.assert_close(torch.stack([r[1][key] for r in results]).mean(), full[1][key], rtol=1e-5, atol=1e-6)
     for name in _CHECKED:
         assert_close_at_scale((results[0][2][name] + results[1][2][name]) / 2, full[2][name])
+
+
+def _rank_queue_under_ddp(rank, world, state, batch):
+    import train
+    method = _method(mlm_probability=0.0)
+    method.load_state_dict(state)
+    ddp = train.wrap_ddp(method, "cpu")
+    B = batch["text"].shape[0] // world
+    local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            ddp(local)[0].backward()
+    return method.queue.clone(), int(method.queue_filled)
+
+
+def test_queue_stays_per_rank_under_train_ddp():
+    """train.py's DDP wrapper leaves each rank's queue alone: after two steps it holds that rank's own captions,
+    exactly what one process fed the same local batches holds (a buffer sync from rank 0 would put rank 0's there)."""
+    torch.manual_seed(0)
+    state = _method(mlm_probability=0.0).state_dict()
+    batch = _batch(B=8)
+    results = run_distributed(_rank_queue_under_ddp, 2, state, batch)
+    for rank, (queue, filled) in enumerate(results):
+        alone = _method(mlm_probability=0.0)
+        alone.load_state_dict(state)
+        local = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                alone(local)
+        assert filled == int(alone.queue_filled) == 2 * 2 * 4  # two steps × (caption + EDA caption) × 4
+        torch.testing.assert_close(queue, alone.queue)
+    assert not torch.allclose(results[0][0][:16], results[1][0][:16])
