@@ -281,17 +281,19 @@ def main(argv=None):
         done = step + 1
         if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0:
             values = torch.stack(pending)  # (steps, 1 + components)
+            bad = torch.tensor(float(skipped), device=values.device)  # unreadable images passed over so far
             if distributed:
                 dist.all_reduce(values)
                 values /= world
-            values = values.tolist()
+                dist.all_reduce(bad)  # on all ranks
+            values, bad = values.tolist(), int(bad.item())
             dt = time.perf_counter() - t_last
             t_last = time.perf_counter()
             samples_per_s = len(pending) * args.batch_size / dt
             for i, row in enumerate(values):
                 s = done - len(values) + i + 1
                 entry = dict(step=s, loss=row[0], **dict(zip(logs, row[1:])), lr=lr_at(s - 1, lr, warmup, args.steps),
-                             samples_per_s=samples_per_s, skipped=skipped)
+                             samples_per_s=samples_per_s, skipped=bad)
                 if log_file:
                     log_file.write(json.dumps(entry) + "\n")
             pending = []
@@ -305,7 +307,7 @@ def main(argv=None):
                 parts = " ".join(f"{k} {v:.4g}" for k, v in zip(logs, values[-1][1:]))
                 print0(f"step {done}/{args.steps} | loss {values[-1][0]:.4f} | {parts} | lr {step_lr:.3g} | "
                        f"{samples_per_s:.1f} samples/s | {1000 * dt / len(values):.0f} ms/step"
-                       + (f" | skipped {skipped} bad images" if skipped else ""))
+                       + (f" | skipped {bad} bad images" if bad else ""))
         if master and (done % args.save_every == 0 or done == args.steps):
             save_checkpoint(ckpt_path, method, optimizer, done, meta)
             t_last = time.perf_counter()  # samples/s measures training, not saving

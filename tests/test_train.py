@@ -134,11 +134,18 @@ def test_corrupt_images_are_skipped_and_counted_empty_captions_dropped(tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
     rows = [f"{i}.jpg\ta red thing number {i}" for i in range(6)] + ["broken.jpg\ta broken image", "3.jpg\t  "]
     (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
-    p = run("train.py", "--data", tmp_path / "pairs.tsv", "--steps", "3", *TINY, "--batch-size", "4",
+    p = run("train.py", "--data", tmp_path / "pairs.tsv", "--steps", "6", *TINY, "--batch-size", "4",
             "--out-dir", tmp_path / "o", cwd=tmp_path)
     assert "dropped 1 of 8 rows with empty captions" in p.stderr
-    assert read_log(tmp_path / "o")[-1]["skipped"] >= 1
-    assert "skipped" in p.stdout
+    skipped = read_log(tmp_path / "o")[-1]["skipped"]
+    assert skipped >= 1
+    assert f"skipped {skipped} bad images" in p.stdout
+    # 2 ranks visit the same items (the global batches do not depend on the world size): the logged count is the
+    # sum over ranks, the same as one process's (here rank 1 meets the broken image too)
+    run("train.py", "--data", tmp_path / "pairs.tsv", "--steps", "6", *TINY, "--batch-size", "4",
+        "--out-dir", tmp_path / "o2", cwd=tmp_path, launcher=("-m", "torch.distributed.run", "--standalone",
+                                                               "--nproc_per_node=2"))
+    assert read_log(tmp_path / "o2")[-1]["skipped"] == skipped
     # retrieval on the same file: the broken image is unreadable, which evaluation reports rather than hides
     e = run("eval_zeroshot.py", "--checkpoint", tmp_path / "o" / "ckpt.pt", "--dataset", tmp_path / "pairs.tsv",
             "--workers", "0", cwd=tmp_path, check=False)
