@@ -2,11 +2,14 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import clip
@@ -124,3 +127,43 @@ def test_openai_layout_state_dict_and_missing_downloads(checkpoint, tmp_path):
     assert "colour: top-1" in p.stdout
     p = evaluate("--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "none", cwd=tmp_path)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "--download" in p.stderr.strip().splitlines()[-1]
+
+
+def write_torchvision_set(name, root, n=6):
+    """n random test images in the file format torchvision reads for CIFAR-10, CIFAR-100 or STL-10; -> classnames."""
+    g = np.random.default_rng(0)
+    if name == "stl10":
+        classnames = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+        folder = root / "stl10_binary"
+        folder.mkdir(parents=True)
+        g.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tofile(folder / "test_X.bin")
+        (np.arange(n, dtype=np.uint8) % 10 + 1).tofile(folder / "test_y.bin")  # 1-based on disk
+        (folder / "class_names.txt").write_text("\n".join(classnames) + "\n")
+        return classnames
+    classes = 10 if name == "cifar10" else 100
+    # CIFAR-100's names have underscores ("aquarium_fish")
+    classnames = [f"class_{i}" if classes == 100 else f"class{i}" for i in range(classes)]
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    labels = "labels" if name == "cifar10" else "fine_labels"
+    batch = {"data": g.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), labels: [i % classes for i in range(n)]}
+    meta = {"label_names" if name == "cifar10" else "fine_label_names": classnames}
+    for file, content in zip(("test_batch", "batches.meta") if name == "cifar10" else ("test", "meta"), (batch, meta)):
+        with open(folder / file, "wb") as f:
+            pickle.dump(content, f)
+    return classnames
+
+
+@pytest.mark.parametrize("name,templates", [("cifar10", 18), ("cifar100", 18), ("stl10", 2)])
+def test_torchvision_classification_sets(name, templates, checkpoint, tmp_path, monkeypatch, capsys):
+    """CIFAR-10/100 and STL-10 through torchvision, from stand-in files in the published formats (nothing can be
+    downloaded here; torchvision's md5 checks are switched off for them): class names with spaces, OpenAI's templates,
+    every test image evaluated."""
+    classnames = write_torchvision_set(name, tmp_path)
+    for module in (torchvision.datasets.cifar, torchvision.datasets.stl10):
+        monkeypatch.setattr(module, "check_integrity", lambda *args, **kwargs: True)
+    _, names, _ = eval_zeroshot.classification_set(name, str(tmp_path), False, None, 64)
+    assert names == [c.replace("_", " ") for c in classnames]
+    eval_zeroshot.main(["--checkpoint", str(checkpoint), "--dataset", name, "--data-dir", str(tmp_path),
+                        "--workers", "0"])
+    assert f"({len(classnames)} classes, 6 images, {templates} templates)" in capsys.readouterr().out
