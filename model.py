@@ -147,11 +147,12 @@ class Bottleneck(nn.Module):
                                             nn.BatchNorm2d(planes * self.expansion))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # ReLUs (and the residual add) in place, as torchvision's ResNets: no BatchNorm backward reads its output
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(self.avgpool(out)))
         shortcut = x if self.downsample is None else self.downsample(self.avgpool(x))
-        return F.relu(out + shortcut)
+        return F.relu(out.add_(shortcut), inplace=True)
 
 
 class AttentionPool2d(nn.Module):
@@ -205,9 +206,9 @@ class ModifiedResNet(nn.Module):
 
     def features(self, x):  # (B, 3, R, R) -> pooled (B, D), tokens (B, (R/32)², 32·width)
         x = x.to(self.conv1.weight.dtype)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
         x = self.avgpool(x)                                                  # (B, width, R/4, R/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))            # (B, 32·width, R/32, R/32)
         return self.attnpool(x), x.flatten(2).transpose(1, 2)
