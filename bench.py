@@ -501,11 +501,11 @@ def bench_loss_memory(args):
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     theirs = open_clip_losses(rank, world) or (None, None)
-    MiB = 4 / 2 ** 20  # one float32 logit
+    logit_mib = 4 / 2 ** 20  # MiB of one float32 logit
     cases = {"clip": ({"ours": clip_loss, "open_clip": theirs[0], "all-gather N×N": clip_loss_all_gather}, (scale,),
-                      f"ours keeps B×N logits ({B * N * MiB:.0f} MiB)"),
+                      f"ours keeps B×N logits ({B * N * logit_mib:.0f} MiB)"),
              "siglip": ({"ours": siglip_loss, "open_clip": theirs[1], "all-gather N×N": siglip_loss_all_gather},
-                        (scale, bias), f"ours one B×B block at a time ({B * B * MiB:.0f} MiB)")}
+                        (scale, bias), f"ours one B×B block at a time ({B * B * logit_mib:.0f} MiB)")}
     for name, (variants, extra, note) in cases.items():
         results = {}
         for variant, loss_fn in variants.items():
@@ -536,7 +536,7 @@ def bench_loss_memory(args):
             device_name = f"{torch.cuda.get_device_name(device)} nccl" if cuda else "cpu gloo" if distributed else "cpu"
             print(f"loss-memory {name} | {device_name}, {world} rank{'s' * (world > 1)} | N {N} = {world} × {B}, "
                   f"D {D} | peak per rank, forward + backward: {', '.join(parts)}; {note}, "
-                  f"N×N logits {N * N * MiB:.0f} MiB | global loss "
+                  f"N×N logits {N * N * logit_mib:.0f} MiB | global loss "
                   f"{', '.join(f'{v} {loss:.6f}' for v, (_, loss) in results.items())} | "
                   f"{launcher}{shlex.join(args.argv)}", flush=True)
     if distributed:

@@ -17,8 +17,9 @@ on their rank and the text features travel. A rank first scores its own B×B blo
 other ranks' text chunks one after another and scores each against its images with z = −1 (they hold only
 negatives). The chunks move between neighbours with point-to-point sends inside autograd Functions whose backward
 sends the gradient back the way the features came, and each block is recomputed in the backward rather than kept,
-so each rank only ever holds B×B logits instead of the N×N (or B×N) matrix. As in open_clip's `SigLipLoss(dist_impl="bidir")`, a round sends to the left and right neighbours at
-once, (W−1)//2 such rounds plus one one-way round when W−1 is odd cover every other rank exactly once.
+so each rank only ever holds B×B logits instead of the N×N (or B×N) matrix. As in open_clip's
+`SigLipLoss(dist_impl="bidir")`, a round sends to the left and right neighbours at once, (W−1)//2 such rounds plus
+one one-way round when W−1 is odd cover every other rank exactly once.
 
 Each rank's loss is the sum of its W blocks divided by its local B: summed over ranks that is W · L_SigLIP (the paper
 divides by the global |B| = W·B), and DDP's gradient averaging divides the W back out, so the parameter gradients

@@ -136,10 +136,10 @@ def wrap_ddp(method, device):
     """DistributedDataParallel around the method. Its buffers stay per rank: DeCLIP's queue holds the rank's own
     captions and must not be overwritten with rank 0's at every forward (torch 2.14 calls that forward_sync_buffers
     and warns about the older broadcast_buffers, the only name earlier releases know)."""
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+    buffer_flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
         "broadcast_buffers"
     return DDP(method, device_ids=[device] if device.startswith("cuda") else None,
-               find_unused_parameters=method.find_unused_parameters, **{no_sync: False})
+               find_unused_parameters=method.find_unused_parameters, **{buffer_flag: False})
 
 
 def save_checkpoint(path, method, optimizer, step, meta):
