@@ -346,14 +346,15 @@ def test_queue_stays_per_rank_under_train_ddp():
     state = _method(mlm_probability=0.0).state_dict()
     batch = _batch(B=8)
     results = run_distributed(_rank_queue_under_ddp, 2, state, batch)
+    B = 4  # per rank
     for rank, (queue, filled) in enumerate(results):
         alone = _method(mlm_probability=0.0)
         alone.load_state_dict(state)
-        local = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
+        local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(2):
                 alone(local)
-        assert filled == int(alone.queue_filled) == 2 * 2 * 4  # two steps × (caption + EDA caption) × 4
+        assert filled == int(alone.queue_filled) == 2 * 2 * B  # two steps × (caption + EDA caption) × B
         torch.testing.assert_close(queue, alone.queue)
-    assert not torch.allclose(results[0][0][:16], results[1][0][:16])
+    assert not torch.allclose(results[0][0][:4 * B], results[1][0][:4 * B])
