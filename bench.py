@@ -63,10 +63,13 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: table for GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss (clip only)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile 3 of our steps and print where the "
+                                                          "time goes (share of the step per kernel and per kind)")
     p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip: the timed steps are split into this many "
                                                           "alternating rounds (ours, theirs, theirs, ours, ...)")
     p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="--data-dir: DataLoader workers 1..N")
+    p.add_argument("--workers", default=str(os.cpu_count()), help="--data-dir: DataLoader workers: N for 1..N, or a "
+                                                                 "list such as 1,4,8")
     p.add_argument("--passes", type=int, default=2, help="--data-dir: timed passes over the folder per setting")
     p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil and/or tvio (data.load_image) "
                                                          "(torchvision.io.decode_jpeg)")
@@ -222,6 +225,43 @@ def throughput(flops, samples_per_s, peak):
     return f"{flops / 3 / 1e9:.2f} GFLOP/sample fwd, {achieved:.3g} TFLOP/s{mfu}"
 
 
+# kinds of kernel, by name (cuBLAS/CUTLASS GEMMs, flash attention, cuDNN, fused AdamW, norms; under torch.compile
+# inductor's fused kernels are named triton_*): the first kind whose word appears in the lower-cased name
+KERNEL_KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "addmm", "aten::mm", "aten::bmm")),
+                ("attention", ("flash", "fmha", "attention")), ("convolution", ("conv", "cudnn")),
+                ("optimizer", ("adam",)), ("norm", ("layer_norm", "layernorm", "batch_norm")),
+                ("compiled (triton)", ("triton",))]
+
+
+def profile_steps(step, batch, steps, device, autocast):
+    """Where a step's time goes: torch.profiler over `steps` steps; each kernel's (CUDA) or op's (CPU) own time as a
+    share of the wall time, grouped by KERNEL_KINDS, plus the share with no kernel running (launch and host gaps)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        timed_steps(*step, batch, steps, device, autocast)
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [(e.key, getattr(e, attr, 0)) for e in prof.key_averages()
+               if (e.device_type == DeviceType.CUDA) == cuda and getattr(e, attr, 0) > 0]
+    kernels.sort(key=lambda k: -k[1])
+    kinds = {}
+    for name, us in kernels:
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name.lower() for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0) + us
+    busy = sum(us for _, us in kernels)
+    share = lambda us: f"{100 * us / wall_us:.1f}%"
+    print(f"profile | {steps} steps, {wall_us / 1e3 / steps:.1f} ms/step under the profiler | "
+          + " | ".join(f"{k} {share(us)}" for k, us in sorted(kinds.items(), key=lambda x: -x[1]))
+          + (f" | no kernel running {share(max(0.0, wall_us - busy))}" if cuda else ""))
+    for name, us in kernels[:12]:
+        print(f"profile |   {share(us):>6} {name[:110]}")
+
+
 def bench_step(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -264,6 +304,8 @@ def bench_step(args):
               f"{samples_per_s:.1f} samples/s | step {statistics.median(ms):.1f} ms median, "
               f"{statistics.mean(ms):.1f} ± {statistics.pstdev(ms):.1f} mean, {len(ms)} steps | "
               f"{memory(device, rss_before)} | {throughput(flops, samples_per_s, peak)} | {command(args)}")
+        if args.profile:
+            profile_steps(ours_step, batch, 3, device, autocast)
         return samples_per_s
 
     # --- side by side with open_clip: same architecture, same weights, same batch, same optimiser ----------------
@@ -314,6 +356,12 @@ def bench_step(args):
           f"samples/s ({ms['open_clip']:.1f} ms) | ours/open_clip {rate['ours'] / rate['open_clip']:.3f} "
           f"(rounds {min(ratios):.3f}-{max(ratios):.3f}) | {args.rounds} rounds × {per_round} steps each | "
           f"{memory(device, rss_before)} (both) | {command(args)}")
+    for name, flops_rate in (("ours", rate["ours"]), ("open_clip", rate["open_clip"])):
+        print(f"# {name}: {throughput(flops, flops_rate, peak)}")
+    if args.profile:
+        for name, step in (("ours", ours_step), ("open_clip", theirs_step)):
+            print(f"# profile of {name}")
+            profile_steps(step, batch, 3, device, autocast)
     return rate["ours"] / rate["open_clip"]
 
 
@@ -395,10 +443,12 @@ def bench_data(args):
     print("# per image, 1 thread: " + "; ".join(f"{names[d]} decode {a:.2f} ms + transform {b:.2f} ms"
                                                  for d, (a, b) in cost.items()))
 
+    counts = [int(w) for w in args.workers.split(",")]
+    counts = list(range(1, counts[0] + 1)) if len(counts) == 1 else counts
     rates = {}
     for decoder in decoders:
         parts = []
-        for workers in range(1, args.workers + 1):
+        for workers in counts:
             loader = torch.utils.data.DataLoader(JpegFolder(paths, transform, decoder), batch_size=16,
                                                  num_workers=workers, persistent_workers=True, prefetch_factor=4)
             for _ in loader:  # one untimed pass: worker start-up, page cache
@@ -415,7 +465,7 @@ def bench_data(args):
               f"{' | '.join(parts)} | {command(args)}")
     if set(decoders) >= {"pil", "tvio"}:
         speedups = ", ".join(f"{w} worker{'s' * (w > 1)} {rates['tvio', w] / rates['pil', w]:.2f}×"
-                             for w in range(1, args.workers + 1))
+                             for w in counts)
         print(f"# torchvision.io / PIL images/s: {speedups}")
 
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one GPU check: the CUDA tests, then the GPU benchmarks, every figure appended to one file. About 8 minutes on
+# one H100. Needs the dev requirements (open_clip for the side-by-side runs).
+#
+#   bash tests/gpu.sh [RESULTS_FILE] [SECTION ...]   # default gpu-results.txt and all of: tests bench data memory compile
+#
+# Each command runs under a time limit; a failure or time-out is written down and the script goes on, then exits
+# non-zero at the end. Without a GPU it stops at once.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+results=${1:-gpu-results.txt}
+shift $(($# > 0 ? 1 : 0))
+sections=${*:-tests bench data memory compile}
+failed=0
+
+if ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "error: no CUDA device visible to $PYTHON (torch.cuda.is_available() is False): tests/gpu.sh needs a GPU" >&2
+    exit 2
+fi
+
+say() { echo "$*" | tee -a "$results"; }
+run() {  # run LIMIT_SECONDS COMMAND...: the command and its output go to the results file
+    local limit=$1
+    shift
+    say "\$ $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$results"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        failed=1
+        say "# FAILED with exit code $rc$([ "$rc" -eq 124 ] && echo " (time limit ${limit} s)"): $*"
+    fi
+    say "# $((SECONDS - t0)) s"
+}
+has() { [[ " $sections " == *" $1 "* ]]; }
+
+say "# tests/gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC') | sections: $sections"
+say "# $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
+say "# $($PYTHON -c 'import torch, torchvision, os; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores")')"
+
+if has tests; then
+    run 300 $PYTHON -m pytest -q -m cuda -p no:cacheprovider -rA tests/test_cuda.py
+fi
+if has bench; then
+    # ours vs open_clip in one process, same weights and batch, alternating rounds; then where the time goes
+    run 90 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20
+    run 120 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --profile
+fi
+if has data; then
+    # decoding + the train transform per DataLoader worker at 224 px: the cores one GPU needs at its samples/s
+    jpegs=$(mktemp -d)
+    run 60 $PYTHON bench.py --make-jpegs 1000 "$jpegs"
+    cores=$(nproc)
+    run 90 $PYTHON bench.py --data-dir "$jpegs" --model ViT-B-32 --decoders tvio --passes 2 \
+        --workers "1,2,4,8,$((cores > 9 ? cores - 1 : cores))"
+    rm -rf "$jpegs"
+fi
+if has memory; then
+    run 90 torchrun --standalone --nproc_per_node=1 bench.py --loss-memory --batch-size 16384
+fi
+if has compile; then  # last: compiling both models takes most of this section's time
+    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile --profile
+    run 200 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20 --compile
+fi
+say "# done: $([ $failed -eq 0 ] && echo 'everything passed' || echo 'SOME COMMANDS FAILED (see # FAILED above)')"
+exit $failed

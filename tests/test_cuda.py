@@ -1,0 +1,218 @@
+"""The GPU path: bf16 autocast, fused AdamW, NCCL, torch.compile, and train.py / eval_zeroshot.py on CUDA.
+
+Every test here is marked `cuda`: on a machine without a GPU they are deselected (conftest.py), not skipped and not
+counted. On a GPU machine `python -m pytest -m cuda tests` runs them alone; `bash tests/gpu.sh` runs them and then
+the GPU benchmarks."""
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import clip
+import declip
+import eval_zeroshot
+import siglip
+import train
+from model import create_model
+
+pytestmark = pytest.mark.cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["clip", "siglip", "slip", "declip", "filip"]
+# small heads and queues, as tests/test_train.py
+METHOD_KWARGS = {"clip": {}, "siglip": {}, "slip": dict(mlp_dim=64, min_bn_batch=4),
+                 "declip": dict(queue_size=64, proj_dim=32, pred_dim=16, min_bn_batch=4), "filip": {}}
+METHOD_ARGS = {m: ",".join(f"{k}={v}" for k, v in kw.items()) for m, kw in METHOD_KWARGS.items()}
+TINY = ["--model", "tiny-vit", "--batch-size", "16", "--workers", "0", "--log-every", "1", "--device", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def tf32_as_train_py():
+    # train.py and bench.py allow TF32 for float32 matmuls on CUDA (the losses' float32 logits): test that setting
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# --- one bf16 step on CUDA against the float32 step on the CPU ---------------------------------------------------------
+
+
+def gradients(method, batch, device, autocast):
+    """One forward and backward on `batch` moved to `device`: the loss, its logged components and every gradient as
+    one float64 CPU vector (None where a parameter got none)."""
+    method.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same in-loss randomness for every run (DeCLIP's masks: see cpu_masks below)
+    with autocast:
+        loss, logs = method({k: v.to(device) for k, v in batch.items()})
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.detach().double().cpu().flatten() for p in method.parameters()]
+    return loss.item(), {k: v.item() for k, v in logs.items()}, grads
+
+
+def relative_error(grads, reference):
+    assert [g is None for g in grads] == [r is None for r in reference], "a different set of parameters got gradients"
+    g, r = torch.cat([x for x in grads if x is not None]), torch.cat([x for x in reference if x is not None])
+    assert torch.isfinite(g).all()
+    return ((g - r).norm() / r.norm()).item()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_step_on_cuda_matches_the_float32_step(name, monkeypatch):
+    # DeCLIP draws its MLM masks on the batch's device, and CUDA's generator differs from the CPU's: draw them on the
+    # CPU for every run, so the three runs mask the same tokens
+    real_mask_tokens = declip.mask_tokens
+    monkeypatch.setattr(declip, "mask_tokens",
+                        lambda text, p=0.15: tuple(t.to(text.device) for t in real_mask_tokens(text.cpu(), p)))
+    torch.manual_seed(0)
+    method = importlib.import_module(name).Method(create_model("tiny-vit"), **METHOD_KWARGS[name]).train()
+    batch = bench.synthetic_batch(method, 32, torch.device("cpu"), seed=0)
+    # a fresh copy for each run: a forward changes state (DeCLIP's queue, BatchNorm's running statistics)
+    cpu_method, gpu_method, cpu_bf16_method = method, copy.deepcopy(method).cuda(), copy.deepcopy(method)
+    bf16 = dict(dtype=torch.bfloat16)
+
+    loss, logs, reference = gradients(cpu_method, batch, "cpu", torch.autocast("cpu", enabled=False))
+    cuda_loss, cuda_logs, cuda_grads = gradients(gpu_method, batch, "cuda", torch.autocast("cuda", **bf16))
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%): tolerances are a few of those on the loss, and
+    # for the gradients, which pass through every layer, the error that bf16 arithmetic itself gives on this step,
+    # measured with CPU bf16 autocast (the same matmuls in bf16), with a margin for the CUDA kernels' other order
+    cpu_loss, _, cpu_bf16_grads = gradients(cpu_bf16_method, batch, "cpu", torch.autocast("cpu", **bf16))
+    bf16_error = relative_error(cpu_bf16_grads, reference)
+    error = relative_error(cuda_grads, reference)
+    print(f"{name}: loss fp32 {loss:.5f}, cuda bf16 {cuda_loss:.5f}, cpu bf16 {cpu_loss:.5f}; gradient error cuda "
+          f"{error:.2e}, cpu bf16 {bf16_error:.2e}")
+    assert cuda_loss == pytest.approx(loss, rel=1e-2)
+    for k in logs:
+        assert cuda_logs[k] == pytest.approx(logs[k], rel=2e-2, abs=2e-2), k
+    assert error < max(4 * bf16_error, 0.02)
+
+
+def test_fused_adamw_equals_the_unfused_step():
+    torch.manual_seed(0)
+    params = [torch.randn(shape, device="cuda") for shape in [(256, 128), (128,), (3, 64, 8, 8), ()]]
+    fused, plain = ([p.clone().requires_grad_() for p in params] for _ in range(2))
+    groups = lambda ps: [dict(params=ps[:1] + ps[2:3], weight_decay=0.2), dict(params=ps[1:2] + ps[3:], weight_decay=0)]
+    opt_fused = torch.optim.AdamW(groups(fused), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    opt_plain = torch.optim.AdamW(groups(plain), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+    for _ in range(5):
+        for a, b in zip(fused, plain):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_fused.step()
+        opt_plain.step()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- train.py and eval_zeroshot.py on CUDA ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deterministic():
+    # exact resume needs every kernel deterministic; some CUDA backward kernels (index_put with accumulation, ...)
+    # use atomics unless asked not to. CUBLAS_WORKSPACE_CONFIG is set in conftest.py, before cuBLAS starts.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_20_steps_on_cuda_and_resume_exactly(name, tmp_path, monkeypatch, deterministic):
+    args = ["--method", name, "--method-args", METHOD_ARGS[name], "--steps", "20", "--save-every", "10", *TINY,
+            "--eval-size", "0"]
+    train.main([*args, "--out-dir", str(tmp_path / "full")])
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, method, optimizer, step, meta):
+        real_save(path, method, optimizer, step, meta)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out-dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main([*args, "--out-dir", str(tmp_path / "resumed"), "--resume"])
+
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")
+    assert [e["step"] for e in full] == list(range(1, 21))
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in full)
+    assert {e["step"]: e["loss"] for e in resumed} == {e["step"]: e["loss"] for e in full}
+    a = torch.load(tmp_path / "full" / "ckpt.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", map_location="cpu", weights_only=True)
+    for part in ("model", "method"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+
+
+@pytest.mark.parametrize("name", ["clip", "filip"])
+def test_compile_gives_the_eager_losses(name, tmp_path):
+    args = ["--method", name, "--steps", "5", *TINY, "--eval-size", "0"]
+    train.main([*args, "--out-dir", str(tmp_path / "eager")])
+    train.main([*args, "--out-dir", str(tmp_path / "compiled"), "--compile"])
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    # the compiler fuses elementwise work and rounds bf16 intermediates at other places: close, not bitwise
+    assert [e["loss"] for e in compiled] == pytest.approx([e["loss"] for e in eager], rel=1e-2)
+
+
+def test_eval_zeroshot_on_cuda_agrees_with_the_cpu(tmp_path, capsys):
+    train.main(["--steps", "30", *TINY, "--eval-size", "0", "--out-dir", str(tmp_path)])
+    capsys.readouterr()
+    results = {}
+    for device in ("cuda", "cpu"):
+        eval_zeroshot.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--workers", "0", "--device", device])
+        lines = [line for line in capsys.readouterr().out.splitlines() if "top-1" in line]
+        results[device] = {line.split(":")[0]: float(line.split("top-1 ")[1].split("%")[0]) for line in lines}
+    assert set(results["cuda"]) == {"shape", "colour", "size", "count"}
+    for task, top1 in results["cpu"].items():  # float32 on both; TF32 matmuls on CUDA may flip a near-tie or two
+        assert results["cuda"][task] == pytest.approx(top1, abs=1.0), task
+
+
+@pytest.mark.parametrize("name", ["clip", "filip"])
+def test_torchrun_with_nccl_trains(name, tmp_path):
+    # DDP on NCCL with one rank: process group, device_ids, find_unused_parameters (FILIP), the all-reduced logs
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        os.path.join(ROOT, "train.py"), "--method", name, "--steps", "3", *TINY, "--eval-size", "0",
+                        "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 rank(s) on cuda:0" in p.stdout
+    assert [e["step"] for e in read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_losses_and_all_gather_on_a_nccl_group_of_one():
+    import socket
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(0)
+    image, text = (torch.randn(64, 32, device="cuda") for _ in range(2))
+    scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    alone = clip.clip_loss(image, text, scale), siglip.siglip_loss(image, text, scale, bias)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        x = torch.randn(8, 4, device="cuda", requires_grad=True)
+        gathered = clip.AllGather.apply(x)  # the collectives themselves, which a group of one otherwise skips
+        (gathered * 3).sum().backward()
+        torch.testing.assert_close(gathered, x)
+        torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+        in_group = clip.clip_loss(image, text, scale), siglip.siglip_loss(image, text, scale, bias)
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(in_group, alone):
+        torch.testing.assert_close(a, b)
