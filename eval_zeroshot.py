@@ -53,8 +53,8 @@ def fail(message):
 
 
 def is_torchscript(path):
-    """OpenAI's released .pt files are TorchScript archives: zip files whose members include constants.pkl and code/,
-    which torch.save never writes."""
+    """OpenAI's released .pt files are TorchScript archives: zip files with a constants.pkl member (and code/), which
+    torch.save never writes."""
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())

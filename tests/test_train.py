@@ -62,7 +62,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     import train
 
     args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "log.jsonl").write_text('{"step": 9, "loss": 0.0}\n')  # an earlier run's: a fresh run starts anew
     train.main([*args, "--out-dir", str(tmp_path / "full")])
+    assert [e["step"] for e in read_log(tmp_path / "full")] == [1, 2, 3, 4]
 
     # the same run killed while writing its step-4 checkpoint: ckpt.pt holds step 2, ckpt.pt.tmp the killed save,
     # and the log has steps 1-4
