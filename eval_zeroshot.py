@@ -17,7 +17,10 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 import argparse
 import importlib
 import os
+import re
 import sys
+import warnings
+import zipfile
 
 import torch
 import torchvision
@@ -49,16 +52,48 @@ def fail(message):
 # Loading: our checkpoints, OpenAI's released files (TorchScript archives), open_clip checkpoints, plain state dicts
 
 
-def load(path, device="cpu"):
-    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP."""
-    if not os.path.exists(path):
+def is_torchscript(path):
+    """OpenAI's released .pt files are TorchScript archives: zip files with a constants.pkl member (and code/), which
+    torch.save never writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:  # not a zip (an older torch.save format, or not a checkpoint): torch.load says which
+        return False
+
+
+def read_checkpoint(path, trust=False):
+    """The one place a checkpoint file is read (eval_zeroshot.py and train.py --resume). -> what the file holds.
+    A .pt file is a pickle, and unpickling can call any function the file names (os.system, say). So torch.load runs
+    with weights_only=True, which rebuilds tensors and plain Python values (dicts, lists, numbers, strings) and refuses
+    anything else: our checkpoints and open_clip's hold nothing else. OpenAI's files are TorchScript archives, read by
+    torch.jit.load (their code is TorchScript, interpreted by torch, not Python), of which we keep the weights.
+    trust=True (--trust-checkpoint) reads any pickle, for a file whose source the user trusts. A file that cannot be
+    read stops the program with one line."""
+    if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
-    try:  # OpenAI's released .pt files are TorchScript archives, which torch.load hands to torch.jit.load
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # unpickling errors come in many types
-        fail(f"{path} is not a checkpoint torch can read ({type(e).__name__}: {e})")
-    if isinstance(checkpoint, torch.jit.ScriptModule):
-        checkpoint = checkpoint.state_dict()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")  # yet the only reader of these files
+        warnings.filterwarnings("ignore", "Detected pickle protocol")  # a bare pickle, which the line below explains
+        if is_torchscript(path):
+            try:
+                return torch.jit.load(path, map_location="cpu").state_dict()
+            except RuntimeError as e:
+                fail(f"{path} is a damaged TorchScript archive ({str(e).strip().splitlines()[0]})")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+        except Exception as e:  # a damaged file can make the reader raise anything; none of the file's code has run
+            unsafe = re.search(r"GLOBAL (\S+)", str(e))  # torch's words for a function or class it refused to call
+            if unsafe:
+                fail(f"{path} was not loaded: it contains objects other than tensors and plain values ({unsafe[1]}), "
+                     f"which could run code. If you trust its source, pass --trust-checkpoint to load it anyway.")
+            fail(f"{path} is not a checkpoint torch can read: truncated, damaged, or not written by torch.save "
+                 f"({type(e).__name__})")
+
+
+def load(path, device="cpu", trust=False):
+    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP."""
+    checkpoint = read_checkpoint(path, trust)
     if isinstance(checkpoint, dict) and "config" in checkpoint and "method" in checkpoint:  # written by train.py
         config = checkpoint["config"]
         model = CLIPModel(**checkpoint["model_config"])
@@ -238,9 +273,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that holds Python objects besides tensors (this can run its code)")
     args = p.parse_args(argv)
 
-    method, tokenizer = load(args.checkpoint, args.device)
+    method, tokenizer = load(args.checkpoint, args.device, args.trust_checkpoint)
     R = method.model.image_resolution
     if args.dataset == "synthetic":
         for task, r in synthetic(method, tokenizer, args.device).items():

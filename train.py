@@ -55,6 +55,8 @@ def get_args(argv=None):
                                                           "less one, at most 8)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from --out-dir/ckpt.pt or a path")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="--resume from a checkpoint that holds Python objects besides tensors (this can run its code)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10, help="console print interval (the JSON log gets every step)")
     p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval on the synthetic tasks every k steps")
@@ -62,7 +64,10 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        fail(f"--steps must be at least 1 (got {args.steps})")
+    return args
 
 
 def fail(message):
@@ -143,12 +148,38 @@ def wrap_ddp(method, device):
 
 
 def save_checkpoint(path, method, optimizer, step, meta):
-    # "model" is the OpenAI layout (loadable by OpenAI's and open_clip's code); "method" holds the method's own state
+    # "model" is the OpenAI layout (loadable by OpenAI's and open_clip's code); "method" holds the method's own state.
+    # Tensors and plain Python values only, so that it loads with torch.load(weights_only=True).
     model_state = method.model.state_dict()
     method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
     checkpoint = dict(model=model_state, method=method_state, optimizer=optimizer.state_dict(), step=step, **meta)
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+    try:  # through a Python file, whose errors keep their errno (torch's own writer reports a full disk as
+        # "enforce fail ... unexpected pos")
+        with open(path, "wb") as f:
+            torch.save(checkpoint, f)
+    except OSError as e:
+        if os.path.lexists(path):
+            os.remove(path)
+        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}; removed the partial file")
+
+
+def finite(method, optimizer, device):
+    """Whether every parameter, buffer and optimiser state tensor is finite: a 0-d tensor on `device`, for one sync
+    (AdamW keeps its step counts on the CPU unless fused)."""
+    tensors = list(method.state_dict().values())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t.is_floating_point()]).all()
+
+
+def keep_log(path, step):
+    """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again, a fresh
+    run (step 0) starts a new log."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:  # a run killed while writing leaves a last line without its newline
+        lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def main(argv=None):
@@ -213,11 +244,12 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start_step = 0
+    on_disk = None  # the step ckpt.pt holds, once this run has one there
     if args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            fail(f"--resume: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        checkpoint = eval_zeroshot.read_checkpoint(path, args.trust_checkpoint)
+        if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
+            fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
         if checkpoint["config"]["method"] != args.method or checkpoint["config"]["model"] != args.model:
             c = checkpoint["config"]
             fail(f"{path} was trained with --method {c['method']} --model {c['model']}; pass those to resume it")
@@ -227,6 +259,10 @@ def main(argv=None):
         except (RuntimeError, ValueError) as e:
             fail(f"{path} does not fit this run's --method-args or --tokenizer: {e}")
         start_step = checkpoint["step"]
+        if start_step >= args.steps:
+            fail(f"{path} already trained {start_step} steps; pass a larger --steps to train on")
+        if os.path.abspath(path) == os.path.abspath(ckpt_path):
+            on_disk = start_step
         print0(f"resumed from {path} at step {start_step}")
 
     loader = torch.utils.data.DataLoader(
@@ -252,7 +288,29 @@ def main(argv=None):
            f"lr {lr:g} wd {weight_decay:g} warmup {warmup} | {args.steps} steps")
 
     # --- training loop ---------------------------------------------------------------------------------------------
-    log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    # A checkpoint on disk is always one training can continue from. Finite weights are not enough for that: one huge
+    # step (--lr 1e6) leaves finite weights of ~1e6 from which every loss is NaN. So a checkpoint is written to
+    # ckpt.pt.tmp, and becomes ckpt.pt once the next step's loss, computed from exactly those weights, is finite (the
+    # last one of the run, with no next step, once its weights and losses are). A .tmp found at start is either a
+    # killed save or one never vouched for: not a checkpoint.
+    tmp_path = ckpt_path + ".tmp"
+    written = None  # the step held by ckpt.pt.tmp
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if master:
+        if os.path.lexists(tmp_path):
+            os.remove(tmp_path)
+        keep_log(log_path, start_step)  # one line per step
+    log_file = open(log_path, "a") if master else None
+
+    def stop(reason):
+        if master:
+            log_file.close()
+            if written is not None:
+                os.remove(tmp_path)
+        kept = f"{ckpt_path} holds step {on_disk}" if on_disk is not None else "no checkpoint was written"
+        fail(f"{reason}; stopped, {kept}. Lower --lr or add --grad-clip 1.0, then "
+             + ("--resume." if on_disk is not None else "start again."))
+
     pending = []  # per-step logs kept on device and synced once per --log-every (no per-step host sync)
     skipped = 0
     t_last = time.perf_counter()
@@ -279,7 +337,7 @@ def main(argv=None):
         pending.append(step_logs)
 
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0:
+        if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0 or written == step:
             values = torch.stack(pending)  # (steps, 1 + components)
             bad = torch.tensor(float(skipped), device=values.device)  # unreadable images passed over so far
             if distributed:
@@ -297,19 +355,32 @@ def main(argv=None):
                 if log_file:
                     log_file.write(json.dumps(entry) + "\n")
             pending = []
-            if not all(math.isfinite(v) for v in values[-1]):
-                if log_file:
-                    log_file.close()
-                fail(f"the loss is not finite at step {done}; stopped without saving, so {ckpt_path} still holds "
-                     f"the last good state. Lower --lr or add --grad-clip 1.0, then --resume.")
+            for i, row in enumerate(values):
+                if not all(math.isfinite(v) for v in row):
+                    stop(f"the loss is not finite at step {done - len(values) + i + 1}")
+            if written is not None:  # its weights gave the finite losses of the steps since: training continues from it
+                if master:
+                    os.replace(tmp_path, ckpt_path)  # atomic: ckpt.pt is always a whole checkpoint
+                on_disk, written = written, None
             if log_file:
                 log_file.flush()
                 parts = " ".join(f"{k} {v:.4g}" for k, v in zip(logs, values[-1][1:]))
                 print0(f"step {done}/{args.steps} | loss {values[-1][0]:.4f} | {parts} | lr {step_lr:.3g} | "
                        f"{samples_per_s:.1f} samples/s | {1000 * dt / len(values):.0f} ms/step"
                        + (f" | skipped {bad} bad images" if bad else ""))
-        if master and (done % args.save_every == 0 or done == args.steps):
-            save_checkpoint(ckpt_path, method, optimizer, done, meta)
+        if done % args.save_every == 0 or done == args.steps:
+            ok = finite(method, optimizer, device).float()
+            if distributed:  # every rank stops, or none
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok.item():
+                stop(f"the weights are not finite after step {done}")
+            if master:
+                save_checkpoint(tmp_path, method, optimizer, done, meta)
+            written = done
+            if done == args.steps:  # no next step to vouch for it: its weights and losses are finite
+                if master:
+                    os.replace(tmp_path, ckpt_path)
+                on_disk, written = done, None
             t_last = time.perf_counter()  # samples/s measures training, not saving
         if master and args.eval_every and done % args.eval_every == 0 and done != args.steps and args.data == "synthetic":
             report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)

@@ -40,4 +40,4 @@ def run_distributed(fn, world, *args):
     returns the list of its return values, in rank order."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_worker, args=(world, _free_port(), fn, args, out_dir), nprocs=world, start_method="spawn")
-        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world)]
+        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world)]

@@ -15,7 +15,7 @@ from PIL import Image
 import clip
 import data
 import eval_zeroshot
-from model import create_model
+from model import CONFIGS, create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,13 +120,52 @@ def test_retrieval_on_csv_and_coco(checkpoint, tmp_path):
 
 
 def test_openai_layout_state_dict_and_missing_downloads(checkpoint, tmp_path):
-    state_dict = torch.load(checkpoint, weights_only=False)["model"]  # the OpenAI layout, as a released file holds
+    state_dict = torch.load(checkpoint, weights_only=True)["model"]  # the OpenAI layout, as a released file holds
     torch.save(state_dict, tmp_path / "openai.pt")
     p = evaluate("--checkpoint", tmp_path / "openai.pt", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "colour: top-1" in p.stdout
     p = evaluate("--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "none", cwd=tmp_path)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "--download" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")  # tracing, once, to make one
+def test_open_clip_and_torchscript_files_load(checkpoint, tmp_path):
+    """Files of the other kinds eval_zeroshot.py reads, each holding our checkpoint's weights: open_clip's state_dict()
+    and its training checkpoint (DDP's "module." prefix, optimiser state), and a TorchScript archive, the format of
+    OpenAI's released files, read by torch.jit.load (not torch.load, which would need weights_only=False)."""
+    import open_clip
+
+    ours = torch.load(checkpoint, weights_only=True)["model"]
+    cfg = CONFIGS["tiny-vit"]  # the checkpoint's architecture
+    vision = open_clip.model.CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"], head_width=64,
+                                           patch_size=cfg["vision_patch_size"], image_size=cfg["image_resolution"])
+    text = open_clip.model.CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
+                                       width=cfg["transformer_width"], heads=cfg["transformer_heads"],
+                                       layers=cfg["transformer_layers"])
+    theirs = open_clip.model.CLIP(cfg["embed_dim"], vision, text, quick_gelu=True)
+    theirs.load_state_dict(ours, strict=True)
+    torch.save(theirs.state_dict(), tmp_path / "open_clip_state_dict.pt")
+    optimizer = torch.optim.AdamW(theirs.parameters())
+    theirs(torch.zeros(1, 3, 64, 64), torch.zeros(1, 24, dtype=torch.long))[0].sum().backward()
+    optimizer.step()  # open_clip's training checkpoint, as its train loop writes it (epoch, name, state_dict, optimizer)
+    trained = theirs.state_dict()
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": {"module." + k: v for k, v in trained.items()},
+                "optimizer": optimizer.state_dict()}, tmp_path / "open_clip_epoch_1.pt")
+
+    model = create_model("tiny-vit").eval()
+    model.load_state_dict(ours)
+    traced = torch.jit.trace(model, (torch.zeros(2, 3, 64, 64), torch.zeros(2, 24, dtype=torch.long)), check_trace=False)
+    traced.save(str(tmp_path / "torchscript.pt"))
+    assert eval_zeroshot.is_torchscript(str(tmp_path / "torchscript.pt")) and not eval_zeroshot.is_torchscript(checkpoint)
+
+    for name in ("open_clip_state_dict.pt", "open_clip_epoch_1.pt", "torchscript.pt"):
+        method, _ = eval_zeroshot.load(str(tmp_path / name))
+        reference = trained if name == "open_clip_epoch_1.pt" else ours
+        loaded = method.model.state_dict()
+        assert loaded.keys() == ours.keys(), name
+        for k in ours:
+            torch.testing.assert_close(loaded[k], reference[k], rtol=0, atol=0, msg=f"{name}: {k}")
 
 
 def write_torchvision_set(name, root, n=6):

@@ -1,8 +1,14 @@
 """train.py and eval_zeroshot.py end to end on tiny configs: every method trains, resume is exact, 2 gloo ranks
 equal 1 process on the same global batch, and bad input gives one clear line."""
 
+import fractions
 import json
+import math
 import os
+import pickle
+import random
+import re
+import shlex
 import subprocess
 import sys
 
@@ -29,7 +35,7 @@ def read_log(out_dir):
 
 
 def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
 # method-args keep the heads and queues of SLIP/DeCLIP/FILIP small for a CPU test
@@ -56,26 +62,41 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     import train
 
     args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "log.jsonl").write_text('{"step": 9, "loss": 0.0}\n')  # an earlier run's: a fresh run starts anew
     train.main([*args, "--out-dir", str(tmp_path / "full")])
+    assert [e["step"] for e in read_log(tmp_path / "full")] == [1, 2, 3, 4]
 
-    # the same run killed right after its step-2 checkpoint, then resumed
+    # the same run killed while writing its step-4 checkpoint: ckpt.pt holds step 2, ckpt.pt.tmp the killed save,
+    # and the log has steps 1-4
     real_save = train.save_checkpoint
 
     def save_then_die(path, method, optimizer, step, meta):
         real_save(path, method, optimizer, step, meta)
-        if step == 2:
+        if step == 4:
             raise KeyboardInterrupt
 
+    out = tmp_path / "resumed"
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    train.main([*args, "--out-dir", str(tmp_path / "resumed"), "--resume"])
+        train.main([*args, "--out-dir", str(out)])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert (out / "ckpt.pt.tmp").exists() and [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
 
-    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    def save_where_nothing_is(path, method, optimizer, step, meta):  # the stale .tmp was deleted at start
+        assert not os.path.lexists(path)
+        real_save(path, method, optimizer, step, meta)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_where_nothing_is)
+    train.main([*args, "--out-dir", str(out), "--resume"])
+
+    full, resumed = weights(tmp_path / "full"), weights(out)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
-    assert [e["loss"] for e in read_log(tmp_path / "resumed")] == [e["loss"] for e in read_log(tmp_path / "full")]
+    assert not (out / "ckpt.pt.tmp").exists()
+    # one line per step: the resumed run dropped the log's steps 3-4 before running them again
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
+    assert [e["loss"] for e in read_log(out)] == [e["loss"] for e in read_log(tmp_path / "full")]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
@@ -165,16 +186,166 @@ def test_checkpoint_of_the_wrong_architecture(tmp_path):
     one_line_error(run("eval_zeroshot.py", "--checkpoint", tmp_path / "junk.pt", cwd=tmp_path, check=False), "junk.pt")
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+# --- checkpoints: what is read, what is written ----------------------------------------------------------------------
+
+
+def main_error(*argv):
+    """train.main in this process, which must stop with one line (fail): -> that line."""
+    import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(a) for a in argv])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step run (read only: tests copy what they change)."""
+    import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train.main(["--steps", "2", *TINY, "--eval-size", "0", "--out-dir", str(out)])
+    return out
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a .pt file from an untrusted source can do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(trained, tmp_path):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
+    torch.save({**checkpoint, "model": Payload(marker)}, evil)  # our checkpoint, its model entry swapped
+    for p in (run("eval_zeroshot.py", "--checkpoint", evil, "--workers", "0", cwd=tmp_path, check=False),
+              run("train.py", "--steps", "4", *TINY, "--out-dir", tmp_path / "o", "--resume", evil, cwd=tmp_path,
+                  check=False)):
+        one_line_error(p, "evil.pt", "was not loaded", "objects other than tensors and plain values (posix.system)",
+                       "If you trust its source, pass --trust-checkpoint")
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not marker.exists()
+
+    # the older torch.save format and a bare pickle are refused too (in this process: nothing may run here either)
+    import eval_zeroshot
+
+    torch.save({"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"model": Payload(marker)}))
+    for name in ("legacy.pt", "bare.pt"):
+        with pytest.raises(SystemExit) as stopped:
+            eval_zeroshot.read_checkpoint(str(tmp_path / name))
+        assert name in str(stopped.value.code)
+    assert not marker.exists()
+
+    # the refusal is what kept the marker away: trusted, the same file runs its command
+    run("eval_zeroshot.py", "--checkpoint", evil, "--trust-checkpoint", "--workers", "0", cwd=tmp_path, check=False)
+    assert marker.exists()
+
+
+def test_trust_checkpoint_resumes_from_a_file_with_other_objects(trained, tmp_path):
+    import train
+
+    checkpoint = torch.load(trained / "ckpt.pt", weights_only=True)
+    checkpoint["config"]["note"] = fractions.Fraction(1, 3)  # harmless, but a class weights_only does not rebuild
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    args = ["--steps", "3", *TINY, "--eval-size", "0", "--out-dir", tmp_path, "--resume"]
+    assert "(fractions.Fraction)" in main_error(*args)
+    train.main([*map(str, args), "--trust-checkpoint"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(trained, tmp_path):
+    raw = (trained / "ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    torch.save(weights(trained), tmp_path / "state_dict.pt")  # weights without the run that made them
+    for name, problem in [("truncated.pt", "is not a checkpoint torch can read"), ("empty.pt", "is not a checkpoint"),
+                          ("random.pt", "is not a checkpoint"), ("state_dict.pt", "is not a checkpoint of train.py"),
+                          ("missing.pt", "no checkpoint at")]:
+        message = main_error("--steps", "4", *TINY, "--out-dir", tmp_path / "o", "--resume", tmp_path / name)
+        assert str(tmp_path / name) in message and problem in message, message
+
+
+def test_nothing_to_train_is_an_error_not_a_save(trained, tmp_path, capsys):
+    for steps in ("0", "-3"):
+        assert "--steps must be at least 1" in main_error("--steps", steps, *TINY, "--out-dir", tmp_path / "o")
+    message = main_error("--steps", "2", *TINY, "--out-dir", tmp_path / "new", "--resume", trained / "ckpt.pt")
+    assert "already trained 2 steps; pass a larger --steps" in message
+    assert "saved" not in capsys.readouterr().out
+    assert not (tmp_path / "o").exists() and not (tmp_path / "new" / "ckpt.pt").exists()
+
+
+def test_a_diverging_run_keeps_a_checkpoint_training_can_continue_from(tmp_path):
+    import train
+
     out = tmp_path / "o"
-    run("train.py", "--steps", "2", *TINY, "--eval-size", "0", "--out-dir", out, cwd=tmp_path)
+    args = [*TINY, "--eval-size", "0", "--out-dir", str(out)]
+    train.main(["--steps", "4", *args])
     good = weights(out)
-    p = run("train.py", "--steps", "8", *TINY, "--save-every", "1", "--lr", "1e38", "--out-dir", out, "--resume",
-            cwd=tmp_path, check=False)
-    one_line_error(p, "not finite", "ckpt.pt")
-    kept = torch.load(out / "ckpt.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
-    assert kept["step"] >= 2
-    if kept["step"] == 2:
+    # at lr 1e6, step 5's loss is still finite (step 4's weights) but its update leaves finite weights of ~1e6, from
+    # which the next loss is NaN: the step-5 state must not become ckpt.pt (here: NaN at step 6, ckpt.pt at step 4)
+    message = main_error("--steps", "12", "--lr", "1e6", "--save-every", "1", "--resume", *args)
+    found = re.search(r"the loss is not finite at step (\d+); stopped, \S+ckpt.pt holds step (\d+)\.", message)
+    assert found, message
+    nan_step, kept_step = map(int, found.groups())
+    assert kept_step >= 4 and nan_step == kept_step + 2  # the state after kept_step + 1 was written, then dropped
+    kept = torch.load(out / "ckpt.pt", weights_only=True)
+    assert kept["step"] == kept_step and not (out / "ckpt.pt.tmp").exists()
+    if kept_step == 4:
         for k in good:
             torch.testing.assert_close(kept["model"][k], good[k], rtol=0, atol=0)
+    # resumed at the method's own lr, it trains on
+    train.main(["--steps", str(kept_step + 3), "--resume", *args])
+    log = read_log(out)
+    assert [e["step"] for e in log] == list(range(1, kept_step + 4))
+    assert all(math.isfinite(e["loss"]) for e in log)
+
+    # a fresh run that diverges before any checkpoint says so, and leaves none
+    fresh = tmp_path / "fresh"
+    message = main_error("--steps", "12", "--lr", "1e6", *TINY, "--eval-size", "0", "--out-dir", fresh)
+    assert "not finite" in message and "no checkpoint was written" in message
+    assert not (fresh / "ckpt.pt").exists() and not (fresh / "ckpt.pt.tmp").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    real_step = torch.optim.AdamW.step
+    steps = []
+
+    def step_to_inf(self, *args, **kwargs):  # an update that leaves an infinite weight at step 2 (the loss was finite)
+        real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+    out = tmp_path / "o"
+    message = main_error("--steps", "4", "--save-every", "1", *TINY, "--eval-size", "0", "--out-dir", out)
+    assert f"the weights are not finite after step 2; stopped, {out / 'ckpt.pt'} holds step 1." in message
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1 and not (out / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_while_saving(tmp_path, monkeypatch):
+    import train
+
+    real_save = train.save_checkpoint
+
+    def save_to_a_full_disk(path, method, optimizer, step, meta):
+        if step == 2:
+            os.symlink("/dev/full", path)  # every write to /dev/full fails with ENOSPC, as on a full disk
+        real_save(path, method, optimizer, step, meta)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_to_a_full_disk)
+    out = tmp_path / "o"
+    message = main_error("--steps", "3", "--save-every", "1", *TINY, "--eval-size", "0", "--out-dir", out)
+    assert f"could not write {out / 'ckpt.pt.tmp'}: no space left on device" in message
+    assert not os.path.lexists(out / "ckpt.pt.tmp")  # the partial file is gone
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1  # the last checkpoint is untouched
