@@ -198,16 +198,13 @@ def main(argv=None):
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
     train_set = Seeded(data.CaptionDataset(dataset, method.transform(tokenizer)), args.seed)
 
-    # --- optimiser: AdamW, no weight decay on gains, biases, embeddings and the temperature (anything < 2-D) ------
-    hp = dict(Method.defaults)
+    # --- optimiser: AdamW with the method's settings for this encoder, weight decay where the method's rule says ----
+    hp = Method.optimizer_defaults(model_config)
     lr = args.lr if args.lr is not None else hp["lr"]
     weight_decay = args.weight_decay if args.weight_decay is not None else hp["weight_decay"]
     warmup = args.warmup if args.warmup is not None else min(10_000, args.steps // 10)
-    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=hp["betas"], eps=hp["eps"], fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(Method.param_groups(method, weight_decay), lr=lr, betas=hp["betas"], eps=hp["eps"],
+                                  fused=device.startswith("cuda"))
 
     # --- resume ----------------------------------------------------------------------------------------------------
     os.makedirs(args.out_dir, exist_ok=True)

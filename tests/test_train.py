@@ -178,3 +178,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     if kept["step"] == 2:
         for k in good:
             torch.testing.assert_close(kept["model"][k], good[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model,betas,eps", [("tiny-rn", (0.9, 0.999), 1e-8), ("tiny-vit", (0.9, 0.98), 1e-6)])
+def test_optimizer_settings_follow_the_method_and_encoder(tmp_path, model, betas, eps):
+    """CLIP's Adam settings depend on the encoder (a ResNet's differ), and the embeddings are weight-decayed."""
+    import train
+    from clip import CLIP
+    from model import create_model
+    train.main(["--steps", "1", *TINY, "--model", model, "--eval-size", "0", "--out-dir", str(tmp_path)])
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.2, betas, eps), (0.0, betas, eps)]
+    method = CLIP(create_model(model))
+    decayed = [n for n, p in method.named_parameters() if CLIP.decays(n, p)]
+    assert "model.token_embedding.weight" in decayed and "model.positional_embedding" in decayed
+    assert len(groups[0]["params"]) == len(decayed)
