@@ -200,8 +200,19 @@ def mlm_loss(head, tokens, labels):
     tokens (B, L, width) after ln_final, labels (B, L) with −100 where nothing is to be predicted. Mean over the
     chosen tokens; 0 (with a zero gradient for the head) when a batch has none."""
     chosen = labels != -100  # (B, L)
-    logits = head(tokens[chosen])  # (M, V): the vocabulary projection only where needed (B·L·V would be huge)
-    return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+    # float32 logits: under autocast the head would run in bf16 (logits off by up to ~0.04), even on float32 inputs
+    with torch.autocast(tokens.device.type, enabled=False):
+        logits = head(tokens[chosen].float())  # (M, V): the vocabulary projection only where needed, not B·L·V
+    return F.cross_entropy(logits, labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+
+
+def clamped_exp(t, max_value=100.0):
+    """s = min(exp(t), max_value), with the gradient of exp(t) kept: ds/dt = exp(t) also above the clamp (a
+    straight-through clamp). The released code clamps s through .data, which has exactly this value and gradient.
+    A plain exp(t).clamp(max=100) would give ds/dt = 0 above ln 100: t, which post_step keeps in [3, 6], would stop
+    moving once it crossed 4.605 and never come back."""
+    s = t.exp()
+    return s.clamp(max=max_value).detach() + (s - s.detach())  # value: the clamp's; gradient: exp's
 
 
 def nn_loss(image_features, nn_text_features, logit_scale):
@@ -246,7 +257,8 @@ class DeCLIP(CLIP):
                                        nn.Linear(pred_dim, proj_dim))
         # [MASK]: the released code adds a token to the vocabulary; we keep the model's vocabulary in OpenAI's layout
         # (its checkpoints must load and save unchanged) and give this module its own learnable [MASK] vector, put
-        # in place of the token embedding at masked positions (init as token_embedding: std 0.02)
+        # in place of the token embedding at masked positions (init as token_embedding: std 0.02; being 1-D it gets no
+        # weight decay, where the released [MASK] row of the token embedding does)
         self.mask_embedding = nn.Parameter(0.02 * torch.randn(width))
         self.mlm_head = nn.Linear(width, model.vocab_size)  # [MASK] is never a target, so the vocabulary suffices
         # the nearest-neighbour queue: a ring buffer of unit text embeddings, filled from slot 0; persistent buffers,
@@ -304,8 +316,9 @@ class DeCLIP(CLIP):
         image_a = self.model.encode_image(batch["image_a"])  # (B, D)
         image_b = self.model.encode_image(batch["image_b"])  # (B, D)
 
-        # released: s = exp(t) clamped to ≤ 100 in the forward (and t itself to [3, 6] around each step: post_step)
-        logit_scale = self.model.logit_scale.exp().clamp(max=100)
+        # released: s = exp(t) clamped to ≤ 100 in the forward, t keeping its gradient (and t itself clamped to
+        # [3, 6] after each step: post_step)
+        logit_scale = clamped_exp(self.model.logit_scale, 100.0)
 
         # multi-view CLIP: 2 image views × 2 text views
         loss_clip = (clip_loss(image_a, text_features, logit_scale) + clip_loss(image_b, text_features, logit_scale)
