@@ -275,7 +275,7 @@ def bench_step(args):
     text = open_clip.model.CLIPTextCfg(context_length=c["context_length"], vocab_size=c["vocab_size"],
                                        width=c["transformer_width"], heads=c["transformer_heads"],
                                        layers=c["transformer_layers"])
-    theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=True).to(device).train()
+    theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=c["quick_gelu"]).to(device).train()
     try:  # same state-dict layout: a strict load proves the two architectures have the same parameters
         theirs_model.load_state_dict(model.state_dict(), strict=True)
         with torch.no_grad(), autocast:

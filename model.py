@@ -228,6 +228,8 @@ class CLIPModel(nn.Module):
         self.embed_dim, self.image_resolution = embed_dim, image_resolution
         self.context_length, self.vocab_size = context_length, vocab_size
         self.vision_width, self.transformer_width = vision_width, transformer_width
+        # the activation of both transformers' MLPs: OpenAI's weights use QuickGELU, most of open_clip's (LAION-2B,
+        # DataComp, every name without -quickgelu) nn.GELU. A state dict cannot tell them apart; quick_gelu says it.
         act = QuickGELU if quick_gelu else nn.GELU
         if isinstance(vision_layers, (tuple, list)):  # a list of 4 stage depths means a ResNet
             self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
@@ -288,11 +290,12 @@ def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_pat
     width, heads, layers = text  # text transformer width, heads, layers
     return dict(embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
                 vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=context_length,
-                vocab_size=49408, transformer_width=width, transformer_heads=heads, transformer_layers=layers)
+                vocab_size=49408, transformer_width=width, transformer_heads=heads, transformer_layers=layers,
+                quick_gelu=True)
 
 
-# name -> CLIPModel kwargs. All use QuickGELU (CLIPModel's default), so build_model, which cannot see the
-# activation in a state dict, rebuilds every one of them exactly; heads are always width // 64 for the same reason.
+# name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included,
+# in every checkpoint); build_model infers the rest from a state dict's shapes, so heads are always width // 64.
 CONFIGS = {
     # OpenAI's released models
     "RN50": _config(1024, 224, [3, 4, 6, 3], 64),
@@ -319,7 +322,8 @@ def create_model(name, **overrides):
 
 
 def infer_config(state_dict):
-    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does)."""
+    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does), all but
+    quick_gelu: the activation has no parameters, so the shapes cannot tell it."""
     sd = state_dict
     required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
                 "visual.conv1.weight"]
@@ -362,7 +366,9 @@ def infer_config(state_dict):
 
 def build_model(state_dict, quick_gelu=True):
     """A CLIPModel whose architecture is read off the state dict's shapes, with the weights loaded strictly;
-    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32."""
+    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32.
+    quick_gelu: True for OpenAI's weights (and open_clip's -quickgelu ones), False for open_clip's nn.GELU models
+    (LAION-2B, DataComp, ...): nothing in the state dict says which, and the wrong one silently degrades the model."""
     # OpenAI's (JIT) checkpoints carry three scalars that are not parameters
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     config = infer_config(sd)
