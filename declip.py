@@ -30,6 +30,10 @@ averaging those equal one process on the whole batch. The released code divides 
 because its communication library SUMS gradients; DDP averages them, so we omit that division. Each rank keeps its
 own queue (train.py's DDP has broadcast_buffers=False); the MLM term is a per-rank mean over masked tokens.
 
+The released benchmark (its YFCC-15M tables, for every method: CLIP, SLIP, FILIP, DeCLIP) freezes the ViT's
+patch-embedding conv at its random init. `train.py --freeze-patch-embed` does the same; it is off by default, as
+CLIP's, SLIP's and open_clip's training train it.
+
 Logs: clip (mean of the 4 CLIP losses), simsiam, mlm, nn, logit_scale (s as used), queue (fraction of the queue filled).
 """
 

@@ -27,6 +27,9 @@ of s^I (it can never be a caption's best word) nor the mean of s^T. Released cod
 averages s^T over all 77 positions and lets padding tokens compete in the max of s^I; mindformers masks by id > 0,
 divides s^T by the number of non-pad tokens, but zeroes the pad tokens' features, so they still enter the max of s^I
 with similarity 0 (mindformers also uses label smoothing 0.1 and a separate temperature per direction; we do not).
+
+The DeCLIP benchmark, whose FILIP recipe we follow (see FILIP.defaults), freezes the ViT's patch-embedding conv at its
+random init for every method: `train.py --freeze-patch-embed` does the same (off by default).
 """
 
 import math

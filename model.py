@@ -100,12 +100,17 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, act):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)  # patch embedding
+        # the patch embedding (the DeCLIP benchmark freezes it at its random init: train.py --freeze-patch-embed)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         grid = image_resolution // patch_size
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
+        # the text transformer's init (OpenAI's, see Transformer; out_proj/c_proj std 0.0074 for ViT-B), as DeCLIP's
+        # release does for its ViT. OpenAI defines no ViT init and open_clip leaves its ViT blocks at PyTorch's
+        # defaults (nn.Linear's kaiming-uniform, std (3·fan_in)^-½: 0.021 for ViT-B's out_proj, 0.010 for its c_proj).
+        # We keep one init for both towers.
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -304,7 +309,9 @@ CONFIGS = {
     "ViT-B-32": _config(512, 224, 12, 768, 32),
     "ViT-B-16": _config(512, 224, 12, 768, 16),
     "ViT-L-14": _config(768, 224, 24, 1024, 14, text=(768, 12, 12)),
-    # SLIP's ViT-Small (the encoder of its ViT-S runs) with CLIP's 512-wide text transformer
+    # SLIP's ViT-Small sizes (width 384, 12 layers, 6 heads, patch 16) with CLIP's 512-wide text transformer, built as
+    # an OpenAI-layout ViT (QuickGELU, ln_pre, patch conv without bias, LayerNorm eps 1e-5). SLIP's ViT-S is a timm
+    # ViT (GELU, no ln_pre, a patch-conv bias, LayerNorm eps 1e-6): the same sizes, not the same network.
     "ViT-S-16": _config(512, 224, 12, 384, 16),
     # small models for CPU runs and tests (64 px images, 8×8 patches)
     # (the synthetic captions are at most 19 tokens long, hence a context of 24)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import eval_zeroshot
-from model import CONFIGS, CLIPModel
+from model import CONFIGS, CLIPModel, VisionTransformer
 
 METHODS = ("clip", "siglip", "slip", "declip", "filip")
 
@@ -50,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the method's)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of --steps, at most 10k)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--freeze-patch-embed", action="store_true",
+                   help="keep a ViT's patch-embedding conv at its random init (the DeCLIP benchmark does, for every method)")
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores per rank "
                                                           "less one, at most 8)")
@@ -190,6 +192,10 @@ def main(argv=None):
     model = CLIPModel(**model_config)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
+    if args.freeze_patch_embed:
+        if not isinstance(model.visual, VisionTransformer):
+            fail(f"--freeze-patch-embed: {args.model} is a ResNet, which has no patch embedding")
+        model.visual.conv1.weight.requires_grad_(False)  # so no optimiser group holds it (Method.param_groups)
     method_kwargs = parse_kwargs(args.method_args)
     try:
         method = Method(model, **method_kwargs).to(device)

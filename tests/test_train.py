@@ -193,3 +193,19 @@ def test_optimizer_settings_follow_the_method_and_encoder(tmp_path, model, betas
     decayed = [n for n, p in method.named_parameters() if CLIP.decays(n, p)]
     assert "model.token_embedding.weight" in decayed and "model.positional_embedding" in decayed
     assert len(groups[0]["params"]) == len(decayed)
+
+
+def test_freeze_patch_embed_keeps_the_random_init(tmp_path):
+    """The DeCLIP benchmark's setting: the ViT's patch embedding never trains (and the optimiser never holds it)."""
+    import train
+    from model import CONFIGS, CLIPModel
+    train.main(["--steps", "2", *TINY, "--eval-size", "0", "--freeze-patch-embed", "--out-dir", str(tmp_path)])
+    torch.manual_seed(0)  # train.py's seed, right before it builds the model
+    init = CLIPModel(**dict(CONFIGS["tiny-vit"], vocab_size=49408)).state_dict()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert torch.equal(ckpt["model"]["visual.conv1.weight"], init["visual.conv1.weight"])
+    assert not torch.equal(ckpt["model"]["visual.proj"], init["visual.proj"])  # the rest trains
+    n_trained = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert n_trained == len(list(CLIPModel(**CONFIGS["tiny-vit"]).parameters())) - 1
+    with pytest.raises(SystemExit, match="tiny-rn is a ResNet"):
+        train.main(["--steps", "1", *TINY, "--model", "tiny-rn", "--freeze-patch-embed", "--out-dir", str(tmp_path)])
