@@ -238,8 +238,12 @@ def nn_loss(image_features, nn_text_features, logit_scale):
 
 class DeCLIP(CLIP):
     # released YFCC-15M configs (experiments/declip_experiments/yfcc15m/*/config.yaml): AdamW wd 0.1, betas
-    # (0.9, 0.98), eps 1e-8; Cosine scheduler with warmup_lr 1e-3 (the peak reached after 2,500 warmup steps from
-    # base_lr 1e-4), batch 4096 = 128 × 32 GPUs
+    # (0.9, 0.98), eps 1e-8, the same for the R50 and the ViT-B/32 (so no "resnet" entry); Cosine scheduler with
+    # warmup_lr 1e-3 (the peak reached after 2,500 warmup steps from base_lr 1e-4), batch 4096 = 128 × 32 GPUs.
+    # Weight decay: CLIP.decays (open_clip's rule). The released param_group_all (prototype/utils/misc.py) exempts by
+    # layer type instead (biases of linear and conv layers, BatchNorm and LayerNorm parameters, logit_scale), so it
+    # also decays three 1-D tensors that we do not: the ViT's class embedding, the [MASK] row of its token embedding
+    # and nn.MultiheadAttention's in_proj_bias (not a Linear's bias).
     defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
 
     def __init__(self, model, queue_size=65536, proj_dim=1024, pred_dim=512, mlm_probability=0.15,

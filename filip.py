@@ -196,6 +196,8 @@ class FILIP(CLIP):
         self.gather_dtype = torch.float16 if half_gather else None
 
     def image_tokens(self, images):  # (B, 3, R, R) -> (B, P, d), unnormalised; no class token
+        # ViT patch tokens after ln_post; the DeCLIP repo's ViT returns them before ln_post (only its class token
+        # goes through it)
         return self.image_head(self.model.image_features(images)[1])
 
     def text_tokens(self, text):  # (B, L) -> (B, L, d) unnormalised, (B, L) mask of the caption's tokens
