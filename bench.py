@@ -43,7 +43,7 @@ from clip import all_gather, clip_loss
 from model import CONFIGS, create_model
 from siglip import siglip_loss
 
-METHODS = ("clip", "siglip", "slip", "declip", "filip")
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 # dense bf16 peak TFLOP/s (no sparsity), matched against torch.cuda.get_device_name(): first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
 CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",

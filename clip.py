@@ -14,8 +14,8 @@ own rows, so summing over ranks gives W·L_CLIP, and DDP's gradient *averaging* 
 parameter gradients equal those of one process holding the whole global batch (open_clip's ClipLoss with
 local_loss=True, gather_with_grad=True). Memory per rank is B×N logits, not N×N.
 
-This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py) subclasses
-`CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
+This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py, defilip.py)
+subclasses `CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
 
     Method.defaults                    optimiser defaults of the method (lr, weight_decay, betas, eps, logit_scale_init)
     Method.optimizer_defaults(config)  those defaults for one model config (CLIP: a ResNet's differ from a ViT's)

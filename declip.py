@@ -314,15 +314,28 @@ class DeCLIP(CLIP):
 
     # --- the loss -----------------------------------------------------------------------------------------------------
 
-    def forward(self, batch):
+    def encode(self, batch):
+        """The step's four encoder passes -> dict: the (B, D) embeddings "text", "text_eda", "image_a", "image_b",
+        the masked caption's tokens (B, L, width) and MLM labels (B, L), and image_a's tokens (B, P, Wt), which the
+        loss does not use but a token-wise loss on top can (defilip.py)."""
         # text: the masked caption (MLM, and a CLIP text view as in the released code) and the EDA caption
         ids, to_mask, mlm_labels = mask_tokens(batch["text"], self.mlm_probability)
         pooled, tokens = self.masked_text_features(ids, to_mask)  # (B, width), (B, L, width)
-        text_features = pooled @ self.model.text_projection  # (B, D)
-        text_eda_features = self.model.encode_text(batch["text_eda"])  # (B, D)
+        text_eda = self.model.encode_text(batch["text_eda"])  # (B, D)
         # images: two MoCo v2 views
-        image_a = self.model.encode_image(batch["image_a"])  # (B, D)
+        pooled_a, tokens_a = self.model.image_features(batch["image_a"])  # (B, Wp), (B, P, Wt)
         image_b = self.model.encode_image(batch["image_b"])  # (B, D)
+        return dict(text=pooled @ self.model.text_projection, text_eda=text_eda, text_tokens=tokens,
+                    mlm_labels=mlm_labels, image_a=self.model.image_projection(pooled_a), image_b=image_b,
+                    image_a_tokens=tokens_a)
+
+    def forward(self, batch):
+        return self.loss(self.encode(batch))
+
+    def loss(self, views):
+        """The DeCLIP loss of one step's encode() output -> (loss, logs)."""
+        text_features, text_eda_features = views["text"], views["text_eda"]  # (B, D) each
+        image_a, image_b = views["image_a"], views["image_b"]  # (B, D) each
 
         # released: s = exp(t) clamped to ≤ 100 in the forward, t keeping its gradient (and t itself clamped to
         # [3, 6] after each step: post_step)
@@ -339,7 +352,7 @@ class DeCLIP(CLIP):
         loss_simsiam = simsiam_loss(p_a, p_b, z_a, z_b)
 
         # text self-supervision: recover the chosen tokens from the final token features of the masked caption
-        loss_mlm = mlm_loss(self.mlm_head, tokens, mlm_labels)
+        loss_mlm = mlm_loss(self.mlm_head, views["text_tokens"], views["mlm_labels"])
 
         # nearest neighbours of both captions, looked up BEFORE this batch is enqueued (else a caption would find
         # itself); the images' positives are their captions' neighbours, image→text only

@@ -167,7 +167,7 @@ def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, keep_fraction=
 # The method (augmentation: CLIP's, one view per image and one caption)
 
 
-def _image_token_width(model):
+def image_token_width(model):
     # ViT tokens are ln_post outputs (the ViT's width); ResNet tokens are the final feature map (32 · width channels)
     visual = model.visual
     return visual.ln_post.normalized_shape[0] if hasattr(visual, "ln_post") else visual.attnpool.k_proj.in_features
@@ -185,7 +185,7 @@ class FILIP(CLIP):
     def __init__(self, model, embed_dim=256, keep_fraction=1.0, half_gather=False, chunk_size=None):
         super().__init__(model)
         # the paper's token heads: one linear map per modality into a shared 256-d token space
-        self.image_head = nn.Linear(_image_token_width(model), embed_dim)
+        self.image_head = nn.Linear(image_token_width(model), embed_dim)
         self.text_head = nn.Linear(model.transformer_width, embed_dim)
         # keep_fraction = 1 (off) by default, unlike the paper's 25%: the selection approximates the loss to save
         # all_gather traffic and interaction compute at batches of 10k+ over many GPUs; at our scales gathering all

@@ -33,7 +33,7 @@ import data
 import eval_zeroshot
 from model import CONFIGS, CLIPModel, VisionTransformer
 
-METHODS = ("clip", "siglip", "slip", "declip", "filip")
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 
 
 def get_args(argv=None):

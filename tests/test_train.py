@@ -34,7 +34,7 @@ def weights(out_dir):
 
 # method-args keep the heads and queues of SLIP/DeCLIP/FILIP small for a CPU test
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4", "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4",
-               "filip": ""}
+               "filip": "", "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
