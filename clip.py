@@ -127,9 +127,9 @@ class Transform:
 
 
 class CLIP(nn.Module):
-    # The CLIP paper's Adam settings (its Table 19), as open_clip_train's get_default_params applies them: β2 0.98 and
-    # eps 1e-6 for ViTs, β2 0.999 and eps 1e-8 for ResNets ("resnet": what a ResNet changes, see optimizer_defaults);
-    # lr 5e-4 and weight decay 0.2 are open_clip's defaults for both
+    # The CLIP paper's Adam settings, as open_clip_train/params.py's get_default_params applies them ("Params from
+    # paper"): β2 0.98 and eps 1e-6 for a ViT, β2 0.999 and eps 1e-8 otherwise, i.e. for our ResNets ("resnet": what
+    # a ResNet changes, see optimizer_defaults); lr 5e-4 and weight decay 0.2 are open_clip's defaults for both
     defaults = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07,
                     resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
@@ -149,9 +149,9 @@ class CLIP(nn.Module):
     @staticmethod
     def decays(name, param):
         """Weight decay on this parameter? The CLIP paper decays "all weights that are not gains or biases"; this is
-        open_clip_train/main.py's rule for it (SLIP's main.py and DeCLIP's configs exclude the same): no decay for
-        anything below 2-D (gains, biases, the class embedding, the temperature) nor for names with bn, ln, bias or
-        logit_scale in them. The token and positional embeddings ARE decayed."""
+        open_clip_train/main.py's rule for it (SLIP's main.py has the same, DeCLIP's release nearly: see declip.py):
+        no decay for anything below 2-D (gains, biases, the class embedding, the temperature) nor for names with bn,
+        ln, bias or logit_scale in them. The token and positional embeddings ARE decayed."""
         return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
 
     @classmethod
