@@ -43,7 +43,7 @@ from clip import all_gather, clip_loss
 from model import CONFIGS, create_model
 from siglip import siglip_loss
 
-METHODS = ("clip", "siglip", "slip", "declip", "filip")
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 # dense bf16 peak TFLOP/s (no sparsity), matched against torch.cuda.get_device_name(): first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
 CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",
@@ -153,13 +153,10 @@ def peak_tflops(args, device):
 # -----------------------------------------------------------------------------
 # the training step
 
-def make_optimizer(module, hp, device):
-    # as train.py: AdamW, no weight decay on gains, biases, embeddings and the temperature
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [dict(params=decay, weight_decay=hp["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], fused=device.type == "cuda")
+def make_optimizer(Method, module, hp, device):
+    # as train.py: AdamW, weight decay where the method's rule says (Method.param_groups)
+    return torch.optim.AdamW(Method.param_groups(module, hp["weight_decay"]), lr=hp["lr"], betas=hp["betas"],
+                             eps=hp["eps"], fused=device.type == "cuda")
 
 
 def synthetic_batch(method, batch_size, device, seed):
@@ -280,7 +277,7 @@ def bench_step(args):
     with torch.no_grad():
         model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
     method = Method(model, **train.parse_kwargs(args.method_args)).to(device).train()
-    hp = dict(Method.defaults)
+    hp = Method.optimizer_defaults(CONFIGS[args.model])
     batch = synthetic_batch(method, args.batch_size, device, args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     flops = step_flops(CONFIGS[args.model], batch)
@@ -290,7 +287,7 @@ def bench_step(args):
 
     check_load(device)
     ours = torch.compile(method) if args.compile else method
-    ours_step = (lambda b: ours(b)[0], make_optimizer(method, hp, device), method.post_step)
+    ours_step = (lambda b: ours(b)[0], make_optimizer(Method, method, hp, device), method.post_step)
     if not args.vs_open_clip:
         timed_steps(*ours_step, batch, args.warmup, device, autocast)
         if device.type == "cuda":
@@ -320,7 +317,7 @@ def bench_step(args):
     text = open_clip.model.CLIPTextCfg(context_length=c["context_length"], vocab_size=c["vocab_size"],
                                        width=c["transformer_width"], heads=c["transformer_heads"],
                                        layers=c["transformer_layers"])
-    theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=True).to(device).train()
+    theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=c["quick_gelu"]).to(device).train()
     try:  # same state-dict layout: a strict load proves the two architectures have the same parameters
         theirs_model.load_state_dict(model.state_dict(), strict=True)
         with torch.no_grad(), autocast:
@@ -336,7 +333,8 @@ def bench_step(args):
         with torch.no_grad():
             theirs_model.logit_scale.clamp_(0, math.log(100))
 
-    theirs_step = (lambda b: clip_loss(*theirs(b["image"], b["text"])), make_optimizer(theirs_model, hp, device),
+    theirs_step = (lambda b: clip_loss(*theirs(b["image"], b["text"])),
+                   make_optimizer(Method, theirs_model, hp, device),
                    theirs_post_step)
     timed_steps(*ours_step, batch, args.warmup, device, autocast)
     timed_steps(*theirs_step, batch, args.warmup, device, autocast)

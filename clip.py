@@ -14,10 +14,12 @@ own rows, so summing over ranks gives W·L_CLIP, and DDP's gradient *averaging* 
 parameter gradients equal those of one process holding the whole global batch (open_clip's ClipLoss with
 local_loss=True, gather_with_grad=True). Memory per rank is B×N logits, not N×N.
 
-This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py) subclasses
-`CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
+This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py, defilip.py)
+subclasses `CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
 
     Method.defaults                    optimiser defaults of the method (lr, weight_decay, betas, eps, logit_scale_init)
+    Method.optimizer_defaults(config)  those defaults for one model config (CLIP: a ResNet's differ from a ViT's)
+    Method.param_groups(module, wd)    AdamW groups: weight decay where Method.decays(name, parameter)
     Method(model)                      wraps a model.CLIPModel, adds the method's heads, buffers and parameters
     method.transform(tokenizer)        picklable (image, caption) -> dict of tensors: the views the loss needs
     method(batch) -> (loss, logs)      the training loss on a collated batch of those dicts; logs = its components
@@ -125,10 +127,41 @@ class Transform:
 
 
 class CLIP(nn.Module):
-    # open_clip's ViT defaults (params.py); ResNets there use eps 1e-8, beta2 0.999
-    defaults = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07)
+    # The CLIP paper's Adam settings, as open_clip_train/params.py's get_default_params applies them ("Params from
+    # paper"): β2 0.98 and eps 1e-6 for a ViT, β2 0.999 and eps 1e-8 otherwise, i.e. for our ResNets ("resnet": what
+    # a ResNet changes, see optimizer_defaults); lr 5e-4 and weight decay 0.2 are open_clip's defaults for both
+    defaults = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07,
+                    resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
     find_unused_parameters = False
+
+    @classmethod
+    def optimizer_defaults(cls, model_config):
+        """The method's defaults for a model.CONFIGS-style config: a ResNet (vision_layers a list of stage depths)
+        takes the entries of defaults["resnet"] where the method's reference sets them apart; a method whose
+        defaults have no "resnet" entry uses one setting for every encoder."""
+        hp = dict(cls.defaults)
+        resnet = hp.pop("resnet", {})
+        if isinstance(model_config["vision_layers"], (list, tuple)):
+            hp.update(resnet)
+        return hp
+
+    @staticmethod
+    def decays(name, param):
+        """Weight decay on this parameter? The CLIP paper decays "all weights that are not gains or biases"; this is
+        open_clip_train/main.py's rule for it (SLIP's main.py has the same, DeCLIP's release nearly: see declip.py):
+        no decay for anything below 2-D (gains, biases, the class embedding, the temperature) nor for names with bn,
+        ln, bias or logit_scale in them. The token and positional embeddings ARE decayed."""
+        return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+
+    @classmethod
+    def param_groups(cls, module, weight_decay):
+        """AdamW's two parameter groups of a module's trainable parameters (train.py and bench.py pass the method
+        itself; bench.py also open_clip's model): weight_decay where cls.decays(name, parameter), 0 elsewhere.
+        Frozen parameters (requires_grad False) are left out, so the optimiser never touches them."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return [dict(params=[p for n, p in named if cls.decays(n, p)], weight_decay=weight_decay),
+                dict(params=[p for n, p in named if not cls.decays(n, p)], weight_decay=0.0)]
 
     def __init__(self, model):
         super().__init__()

@@ -30,6 +30,10 @@ averaging those equal one process on the whole batch. The released code divides 
 because its communication library SUMS gradients; DDP averages them, so we omit that division. Each rank keeps its
 own queue (train.py's DDP has broadcast_buffers=False); the MLM term is a per-rank mean over masked tokens.
 
+The released benchmark (its YFCC-15M tables, for every method: CLIP, SLIP, FILIP, DeCLIP) freezes the ViT's
+patch-embedding conv at its random init. `train.py --freeze-patch-embed` does the same; it is off by default, as
+CLIP's, SLIP's and open_clip's training train it.
+
 Logs: clip (mean of the 4 CLIP losses), simsiam, mlm, nn, logit_scale (s as used), queue (fraction of the queue filled).
 """
 
@@ -200,8 +204,19 @@ def mlm_loss(head, tokens, labels):
     tokens (B, L, width) after ln_final, labels (B, L) with −100 where nothing is to be predicted. Mean over the
     chosen tokens; 0 (with a zero gradient for the head) when a batch has none."""
     chosen = labels != -100  # (B, L)
-    logits = head(tokens[chosen])  # (M, V): the vocabulary projection only where needed (B·L·V would be huge)
-    return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+    # float32 logits: under autocast the head would run in bf16 (logits off by up to ~0.04), even on float32 inputs
+    with torch.autocast(tokens.device.type, enabled=False):
+        logits = head(tokens[chosen].float())  # (M, V): the vocabulary projection only where needed, not B·L·V
+    return F.cross_entropy(logits, labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+
+
+def clamped_exp(t, max_value=100.0):
+    """s = min(exp(t), max_value), with the gradient of exp(t) kept: ds/dt = exp(t) also above the clamp (a
+    straight-through clamp). The released code clamps s through .data, which has exactly this value and gradient.
+    A plain exp(t).clamp(max=100) would give ds/dt = 0 above ln 100: t, which post_step keeps in [3, 6], would stop
+    moving once it crossed 4.605 and never come back."""
+    s = t.exp()
+    return s.clamp(max=max_value).detach() + (s - s.detach())  # value: the clamp's; gradient: exp's
 
 
 def nn_loss(image_features, nn_text_features, logit_scale):
@@ -223,8 +238,12 @@ def nn_loss(image_features, nn_text_features, logit_scale):
 
 class DeCLIP(CLIP):
     # released YFCC-15M configs (experiments/declip_experiments/yfcc15m/*/config.yaml): AdamW wd 0.1, betas
-    # (0.9, 0.98), eps 1e-8; Cosine scheduler with warmup_lr 1e-3 (the peak reached after 2,500 warmup steps from
-    # base_lr 1e-4), batch 4096 = 128 × 32 GPUs
+    # (0.9, 0.98), eps 1e-8, the same for the R50 and the ViT-B/32 (so no "resnet" entry); Cosine scheduler with
+    # warmup_lr 1e-3 (the peak reached after 2,500 warmup steps from base_lr 1e-4), batch 4096 = 128 × 32 GPUs.
+    # Weight decay: CLIP.decays (open_clip's rule). The released param_group_all (prototype/utils/misc.py) exempts by
+    # layer type instead (biases of linear and conv layers, BatchNorm and LayerNorm parameters, logit_scale), so it
+    # also decays three 1-D tensors that we do not: the ViT's class embedding, the [MASK] row of its token embedding
+    # and nn.MultiheadAttention's in_proj_bias (not a Linear's bias).
     defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
 
     def __init__(self, model, queue_size=65536, proj_dim=1024, pred_dim=512, mlm_probability=0.15,
@@ -246,7 +265,8 @@ class DeCLIP(CLIP):
                                        nn.Linear(pred_dim, proj_dim))
         # [MASK]: the released code adds a token to the vocabulary; we keep the model's vocabulary in OpenAI's layout
         # (its checkpoints must load and save unchanged) and give this module its own learnable [MASK] vector, put
-        # in place of the token embedding at masked positions (init as token_embedding: std 0.02)
+        # in place of the token embedding at masked positions (init as token_embedding: std 0.02; being 1-D it gets no
+        # weight decay, where the released [MASK] row of the token embedding does)
         self.mask_embedding = nn.Parameter(0.02 * torch.randn(width))
         self.mlm_head = nn.Linear(width, model.vocab_size)  # [MASK] is never a target, so the vocabulary suffices
         # the nearest-neighbour queue: a ring buffer of unit text embeddings, filled from slot 0; persistent buffers,
@@ -294,18 +314,32 @@ class DeCLIP(CLIP):
 
     # --- the loss -----------------------------------------------------------------------------------------------------
 
-    def forward(self, batch):
+    def encode(self, batch):
+        """The step's four encoder passes -> dict: the (B, D) embeddings "text", "text_eda", "image_a", "image_b",
+        the masked caption's tokens (B, L, width) and MLM labels (B, L), and image_a's tokens (B, P, Wt), which the
+        loss does not use but a token-wise loss on top can (defilip.py)."""
         # text: the masked caption (MLM, and a CLIP text view as in the released code) and the EDA caption
         ids, to_mask, mlm_labels = mask_tokens(batch["text"], self.mlm_probability)
         pooled, tokens = self.masked_text_features(ids, to_mask)  # (B, width), (B, L, width)
-        text_features = pooled @ self.model.text_projection  # (B, D)
-        text_eda_features = self.model.encode_text(batch["text_eda"])  # (B, D)
+        text_eda = self.model.encode_text(batch["text_eda"])  # (B, D)
         # images: two MoCo v2 views
-        image_a = self.model.encode_image(batch["image_a"])  # (B, D)
+        pooled_a, tokens_a = self.model.image_features(batch["image_a"])  # (B, Wp), (B, P, Wt)
         image_b = self.model.encode_image(batch["image_b"])  # (B, D)
+        return dict(text=pooled @ self.model.text_projection, text_eda=text_eda, text_tokens=tokens,
+                    mlm_labels=mlm_labels, image_a=self.model.image_projection(pooled_a), image_b=image_b,
+                    image_a_tokens=tokens_a)
 
-        # released: s = exp(t) clamped to ≤ 100 in the forward (and t itself to [3, 6] around each step: post_step)
-        logit_scale = self.model.logit_scale.exp().clamp(max=100)
+    def forward(self, batch):
+        return self.loss(self.encode(batch))
+
+    def loss(self, views):
+        """The DeCLIP loss of one step's encode() output -> (loss, logs)."""
+        text_features, text_eda_features = views["text"], views["text_eda"]  # (B, D) each
+        image_a, image_b = views["image_a"], views["image_b"]  # (B, D) each
+
+        # released: s = exp(t) clamped to ≤ 100 in the forward, t keeping its gradient (and t itself clamped to
+        # [3, 6] after each step: post_step)
+        logit_scale = clamped_exp(self.model.logit_scale, 100.0)
 
         # multi-view CLIP: 2 image views × 2 text views
         loss_clip = (clip_loss(image_a, text_features, logit_scale) + clip_loss(image_b, text_features, logit_scale)
@@ -318,7 +352,7 @@ class DeCLIP(CLIP):
         loss_simsiam = simsiam_loss(p_a, p_b, z_a, z_b)
 
         # text self-supervision: recover the chosen tokens from the final token features of the masked caption
-        loss_mlm = mlm_loss(self.mlm_head, tokens, mlm_labels)
+        loss_mlm = mlm_loss(self.mlm_head, views["text_tokens"], views["mlm_labels"])
 
         # nearest neighbours of both captions, looked up BEFORE this batch is enqueued (else a caption would find
         # itself); the images' positives are their captions' neighbours, image→text only

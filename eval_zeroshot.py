@@ -91,12 +91,15 @@ def read_checkpoint(path, trust=False):
                  f"({type(e).__name__})")
 
 
-def load(path, device="cpu", trust=False):
-    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP."""
+def load(path, device="cpu", trust=False, quick_gelu=None):
+    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP.
+    quick_gelu: the activation, which a state dict cannot tell (model.build_model); None: our checkpoint's recorded
+    one, QuickGELU for any other state dict (OpenAI's weights). trust: see read_checkpoint."""
     checkpoint = read_checkpoint(path, trust)
     if isinstance(checkpoint, dict) and "config" in checkpoint and "method" in checkpoint:  # written by train.py
         config = checkpoint["config"]
-        model = CLIPModel(**checkpoint["model_config"])
+        act = {} if quick_gelu is None else {"quick_gelu": quick_gelu}  # an explicit choice overrides the recorded one
+        model = CLIPModel(**{**checkpoint["model_config"], **act})
         method = importlib.import_module(config["method"]).Method(model, **checkpoint["method_kwargs"])
         try:
             method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
@@ -109,7 +112,7 @@ def load(path, device="cpu", trust=False):
             fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip saves DDP's prefix
         try:
-            method = importlib.import_module("clip").Method(build_model(state_dict))
+            method = importlib.import_module("clip").Method(build_model(state_dict, quick_gelu is not False))
         except ValueError as e:
             fail(f"{path}: {e}")
         tokenizer = data.get_tokenizer("clip")
@@ -275,9 +278,14 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint that holds Python objects besides tensors (this can run its code)")
+    p.add_argument("--act", choices=("quickgelu", "gelu"), default=None,
+                   help="the transformers' activation, which a state dict cannot tell: quickgelu for OpenAI's weights "
+                        "and open_clip's *-quickgelu ones (the default for state dicts), gelu for most open_clip "
+                        "weights (LAION-2B, DataComp, names without -quickgelu). Our checkpoints record their own.")
     args = p.parse_args(argv)
 
-    method, tokenizer = load(args.checkpoint, args.device, args.trust_checkpoint)
+    method, tokenizer = load(args.checkpoint, args.device, args.trust_checkpoint,
+                              None if args.act is None else args.act == "quickgelu")
     R = method.model.image_resolution
     if args.dataset == "synthetic":
         for task, r in synthetic(method, tokenizer, args.device).items():

@@ -27,6 +27,9 @@ of s^I (it can never be a caption's best word) nor the mean of s^T. Released cod
 averages s^T over all 77 positions and lets padding tokens compete in the max of s^I; mindformers masks by id > 0,
 divides s^T by the number of non-pad tokens, but zeroes the pad tokens' features, so they still enter the max of s^I
 with similarity 0 (mindformers also uses label smoothing 0.1 and a separate temperature per direction; we do not).
+
+The DeCLIP benchmark, whose FILIP recipe we follow (see FILIP.defaults), freezes the ViT's patch-embedding conv at its
+random init for every method: `train.py --freeze-patch-embed` does the same (off by default).
 """
 
 import math
@@ -164,7 +167,7 @@ def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, keep_fraction=
 # The method (augmentation: CLIP's, one view per image and one caption)
 
 
-def _image_token_width(model):
+def image_token_width(model):
     # ViT tokens are ln_post outputs (the ViT's width); ResNet tokens are the final feature map (32 · width channels)
     visual = model.visual
     return visual.ln_post.normalized_shape[0] if hasattr(visual, "ln_post") else visual.attnpool.k_proj.in_features
@@ -182,7 +185,7 @@ class FILIP(CLIP):
     def __init__(self, model, embed_dim=256, keep_fraction=1.0, half_gather=False, chunk_size=None):
         super().__init__(model)
         # the paper's token heads: one linear map per modality into a shared 256-d token space
-        self.image_head = nn.Linear(_image_token_width(model), embed_dim)
+        self.image_head = nn.Linear(image_token_width(model), embed_dim)
         self.text_head = nn.Linear(model.transformer_width, embed_dim)
         # keep_fraction = 1 (off) by default, unlike the paper's 25%: the selection approximates the loss to save
         # all_gather traffic and interaction compute at batches of 10k+ over many GPUs; at our scales gathering all
@@ -193,6 +196,8 @@ class FILIP(CLIP):
         self.gather_dtype = torch.float16 if half_gather else None
 
     def image_tokens(self, images):  # (B, 3, R, R) -> (B, P, d), unnormalised; no class token
+        # ViT patch tokens after ln_post; the DeCLIP repo's ViT returns them before ln_post (only its class token
+        # goes through it)
         return self.image_head(self.model.image_features(images)[1])
 
     def text_tokens(self, text):  # (B, L) -> (B, L, d) unnormalised, (B, L) mask of the caption's tokens

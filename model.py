@@ -100,12 +100,17 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, act):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)  # patch embedding
+        # the patch embedding (the DeCLIP benchmark freezes it at its random init: train.py --freeze-patch-embed)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         grid = image_resolution // patch_size
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
+        # the text transformer's init (OpenAI's, see Transformer; out_proj/c_proj std 0.0074 for ViT-B), as DeCLIP's
+        # release does for its ViT. OpenAI defines no ViT init and open_clip leaves its ViT blocks at PyTorch's
+        # defaults (nn.Linear's kaiming-uniform, std (3·fan_in)^-½: 0.021 for ViT-B's out_proj, 0.010 for its c_proj).
+        # We keep one init for both towers.
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -228,6 +233,8 @@ class CLIPModel(nn.Module):
         self.embed_dim, self.image_resolution = embed_dim, image_resolution
         self.context_length, self.vocab_size = context_length, vocab_size
         self.vision_width, self.transformer_width = vision_width, transformer_width
+        # the activation of both transformers' MLPs: OpenAI's weights use QuickGELU, most of open_clip's (LAION-2B,
+        # DataComp, every name without -quickgelu) nn.GELU. A state dict cannot tell them apart; quick_gelu says it.
         act = QuickGELU if quick_gelu else nn.GELU
         if isinstance(vision_layers, (tuple, list)):  # a list of 4 stage depths means a ResNet
             self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
@@ -288,11 +295,12 @@ def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_pat
     width, heads, layers = text  # text transformer width, heads, layers
     return dict(embed_dim=embed_dim, image_resolution=image_resolution, vision_layers=vision_layers,
                 vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=context_length,
-                vocab_size=49408, transformer_width=width, transformer_heads=heads, transformer_layers=layers)
+                vocab_size=49408, transformer_width=width, transformer_heads=heads, transformer_layers=layers,
+                quick_gelu=True)
 
 
-# name -> CLIPModel kwargs. All use QuickGELU (CLIPModel's default), so build_model, which cannot see the
-# activation in a state dict, rebuilds every one of them exactly; heads are always width // 64 for the same reason.
+# name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included,
+# in every checkpoint); build_model infers the rest from a state dict's shapes, so heads are always width // 64.
 CONFIGS = {
     # OpenAI's released models
     "RN50": _config(1024, 224, [3, 4, 6, 3], 64),
@@ -301,7 +309,9 @@ CONFIGS = {
     "ViT-B-32": _config(512, 224, 12, 768, 32),
     "ViT-B-16": _config(512, 224, 12, 768, 16),
     "ViT-L-14": _config(768, 224, 24, 1024, 14, text=(768, 12, 12)),
-    # SLIP's ViT-Small (the encoder of its ViT-S runs) with CLIP's 512-wide text transformer
+    # SLIP's ViT-Small sizes (width 384, 12 layers, 6 heads, patch 16) with CLIP's 512-wide text transformer, built as
+    # an OpenAI-layout ViT (QuickGELU, ln_pre, patch conv without bias, LayerNorm eps 1e-5). SLIP's ViT-S is a timm
+    # ViT (GELU, no ln_pre, a patch-conv bias, LayerNorm eps 1e-6): the same sizes, not the same network.
     "ViT-S-16": _config(512, 224, 12, 384, 16),
     # small models for CPU runs and tests (64 px images, 8×8 patches)
     # (the synthetic captions are at most 19 tokens long, hence a context of 24)
@@ -319,7 +329,8 @@ def create_model(name, **overrides):
 
 
 def infer_config(state_dict):
-    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does)."""
+    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does), all but
+    quick_gelu: the activation has no parameters, so the shapes cannot tell it."""
     sd = state_dict
     required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
                 "visual.conv1.weight"]
@@ -362,7 +373,9 @@ def infer_config(state_dict):
 
 def build_model(state_dict, quick_gelu=True):
     """A CLIPModel whose architecture is read off the state dict's shapes, with the weights loaded strictly;
-    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32."""
+    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32.
+    quick_gelu: True for OpenAI's weights (and open_clip's -quickgelu ones), False for open_clip's nn.GELU models
+    (LAION-2B, DataComp, ...): nothing in the state dict says which, and the wrong one silently degrades the model."""
     # OpenAI's (JIT) checkpoints carry three scalars that are not parameters
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     config = infer_config(sd)

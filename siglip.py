@@ -153,12 +153,21 @@ class SigLIP(CLIP):
     # big_vision's weight decay is decoupled *and not multiplied by the learning rate* (optax add_decayed_weights
     # after scale(lr)), whereas torch's AdamW multiplies it by lr: 1e-4 there is 1e-4 / 1e-3 = 0.1 here.
     # eps 1e-8 is optax's scale_by_adam default. The larger models of the paper use Adafactor; we use AdamW for all.
+    # One setting for every encoder (big_vision trains ViTs only; no "resnet" entry).
     defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, logit_scale_init=10.0)
+
+    @staticmethod
+    def decays(name, param):
+        # big_vision decays only kernels (its optimiser's default wd_mults: ".*/kernel$"): the weights of dense and
+        # conv layers, and the projections (dense kernels there). Embedding tables (flax's "embedding",
+        # "pos_embedding", "cls"), gains, biases, t' and b are not decayed. In our model every parameter of 2-D or
+        # more that is not a kernel is named *embedding (token, positional, attention-pool positional).
+        return param.ndim >= 2 and "embedding" not in name
 
     def __init__(self, model):
         super().__init__(model)
         # the temperature t' is the model's logit_scale (train.py fills it with ln(logit_scale_init) = ln 10); the
-        # bias is SigLIP's own parameter, saved with the method's state (a scalar: no weight decay in train.py)
+        # bias is SigLIP's own parameter, saved with the method's state (a scalar: no weight decay, see decays)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def forward(self, batch):

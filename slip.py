@@ -16,7 +16,9 @@ i.e. NT-Xent: each view must find the other view of its own image among the 2N â
 
 Distributed: as CLIP (clip.py), each rank scores its B rows against the N = WÂ·B gathered keys (gathered with
 gradient, labels = own global index), so with DDP's averaging the gradients are those of one process on the
-whole batch.
+whole batch. SLIP's released CLIP term differs: it gathers the other ranks' features WITHOUT gradient
+(utils.all_gather_batch), so its DDP gradient is not the single-process one (LaCLIP issue #6); only its SimCLR term
+gathers with gradient. Ours gathers both with gradient: the exact gradient of the loss as written.
 
 Logs: clip (L_CLIP), ssl (L_SimCLR), ssl_acc (fraction of a-views whose most similar b-view is their own), logit_scale.
 
@@ -188,7 +190,8 @@ class SLIP(CLIP):
         return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
 
     def forward(self, batch):
-        # CLIP on the mildly cropped view, exactly as clip.py: logs {"clip", "logit_scale"}
+        # CLIP on the mildly cropped view, exactly as clip.py: logs {"clip", "logit_scale"}. Gathered with gradient,
+        # where SLIP's release gathers without (see the module docstring)
         loss_clip, logs = super().forward(batch)
         # SimCLR on the two strongly augmented views, each through the encoder and the head separately (as SLIP:
         # each BatchNorm sees one view's batch)

@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import eval_zeroshot
-from model import CONFIGS, CLIPModel
+from model import CONFIGS, CLIPModel, VisionTransformer
 
-METHODS = ("clip", "siglip", "slip", "declip", "filip")
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 
 
 def get_args(argv=None):
@@ -50,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the method's)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of --steps, at most 10k)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--freeze-patch-embed", action="store_true",
+                   help="keep a ViT's patch-embedding conv at its random init (the DeCLIP benchmark does, for every method)")
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores per rank "
                                                           "less one, at most 8)")
@@ -221,6 +223,10 @@ def main(argv=None):
     model = CLIPModel(**model_config)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
+    if args.freeze_patch_embed:
+        if not isinstance(model.visual, VisionTransformer):
+            fail(f"--freeze-patch-embed: {args.model} is a ResNet, which has no patch embedding")
+        model.visual.conv1.weight.requires_grad_(False)  # so no optimiser group holds it (Method.param_groups)
     method_kwargs = parse_kwargs(args.method_args)
     try:
         method = Method(model, **method_kwargs).to(device)
@@ -229,16 +235,13 @@ def main(argv=None):
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
     train_set = Seeded(data.CaptionDataset(dataset, method.transform(tokenizer)), args.seed)
 
-    # --- optimiser: AdamW, no weight decay on gains, biases, embeddings and the temperature (anything < 2-D) ------
-    hp = dict(Method.defaults)
+    # --- optimiser: AdamW with the method's settings for this encoder, weight decay where the method's rule says ----
+    hp = Method.optimizer_defaults(model_config)
     lr = args.lr if args.lr is not None else hp["lr"]
     weight_decay = args.weight_decay if args.weight_decay is not None else hp["weight_decay"]
     warmup = args.warmup if args.warmup is not None else min(10_000, args.steps // 10)
-    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=hp["betas"], eps=hp["eps"], fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(Method.param_groups(method, weight_decay), lr=lr, betas=hp["betas"], eps=hp["eps"],
+                                  fused=device.startswith("cuda"))
 
     # --- resume ----------------------------------------------------------------------------------------------------
     os.makedirs(args.out_dir, exist_ok=True)

@@ -16,7 +16,8 @@ from model import CONFIGS, CLIPModel
 
 # small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
-               "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": ""}
+               "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": "",
+               "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
 BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads[^|]*\| batch 8 \| ([\d.]+) samples/s \| "
                         r"step [\d.]+ ms median, [\d.]+ ± [\d.]+ mean, 2 steps \| "
                         r"peak RSS [\d.]+ GiB \(\+[\d.]+ from the model on\) \| "
@@ -41,7 +42,7 @@ def test_every_method_steps(method, capsys):
     assert float(match.group(2)) > 0
     # encoder passes per sample: SLIP 3 images + 1 caption, DeCLIP 2 + 2, the others 1 + 1
     image, text = bench.forward_flops(CONFIGS["tiny-vit"])
-    views = {"slip": (3, 1), "declip": (2, 2)}.get(method, (1, 1))
+    views = {"slip": (3, 1), "declip": (2, 2), "defilip": (2, 2)}.get(method, (1, 1))
     assert float(match.group(3)) == pytest.approx((views[0] * image + views[1] * text) / 1e9, abs=0.006)
 
 

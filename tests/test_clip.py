@@ -74,3 +74,67 @@ def test_distributed_equals_one_process(world):
     torch.testing.assert_close(torch.cat([r[1] for r in results]) / world, full_image.grad)
     torch.testing.assert_close(torch.cat([r[2] for r in results]) / world, full_text.grad)
     torch.testing.assert_close(torch.stack([r[3] for r in results]).mean(), full_s.grad)
+
+
+# --- optimiser settings: weight-decay groups and the per-encoder Adam settings ---------------------------------------
+
+
+def open_clip_excluded(name, p):
+    # open_clip_train/main.py (not installed here), verbatim: the parameters trained without weight decay
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def decayed_names(Method, module, weight_decay=0.2):
+    """Names of the module's parameters in each of Method.param_groups' groups, by weight decay."""
+    names = {id(p): n.removeprefix("model.") for n, p in module.named_parameters()}
+    groups = Method.param_groups(module, weight_decay)
+    assert [g["weight_decay"] for g in groups] == [weight_decay, 0.0]
+    return {names[id(p)] for p in groups[0]["params"]}, {names[id(p)] for p in groups[1]["params"]}
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_weight_decay_groups_are_open_clips(name):
+    import open_clip
+
+    from clip import CLIP
+    from model import create_model
+    with torch.device("meta"):  # names and shapes only
+        ours = CLIP(create_model(name))
+        theirs = open_clip.create_model(name, pretrained=None, device="meta")
+    decay, no_decay = decayed_names(CLIP, ours)
+    their_params = dict(theirs.named_parameters())
+    assert decay | no_decay == set(their_params)  # same names: both are in OpenAI's layout
+    assert decay == {n for n, p in their_params.items() if not open_clip_excluded(n, p)}
+    # the CLIP paper decays "all weights that are not gains or biases": the embeddings too
+    assert {"token_embedding.weight", "positional_embedding", "visual.conv1.weight"} <= decay
+    assert {"logit_scale", "ln_final.weight", "ln_final.bias"} <= no_decay
+    if name == "ViT-B-32":
+        assert {"visual.positional_embedding", "visual.proj"} <= decay and "visual.class_embedding" in no_decay
+    else:
+        assert "visual.attnpool.positional_embedding" in decay and "visual.bn1.weight" in no_decay
+
+
+def test_frozen_parameters_are_in_no_group():
+    from clip import CLIP
+    from model import create_model
+    method = CLIP(create_model("tiny-vit"))
+    method.model.visual.conv1.weight.requires_grad_(False)
+    decay, no_decay = decayed_names(CLIP, method)
+    assert "visual.conv1.weight" not in decay | no_decay and "visual.proj" in decay
+
+
+@pytest.mark.parametrize("name,betas,eps", [("ViT-B-32", (0.9, 0.98), 1e-6), ("tiny-vit", (0.9, 0.98), 1e-6),
+                                            ("RN50", (0.9, 0.999), 1e-8), ("tiny-rn", (0.9, 0.999), 1e-8)])
+def test_adam_settings_follow_the_encoder(name, betas, eps):
+    # the CLIP paper's table and open_clip_train's get_default_params: β2 0.999 and eps 1e-8 for ResNets
+    import importlib
+
+    from model import CONFIGS
+    hp = importlib.import_module("clip").Method.optimizer_defaults(CONFIGS[name])
+    assert (hp["betas"], hp["eps"], hp["lr"], hp["weight_decay"]) == (betas, eps, 5e-4, 0.2)
+    assert "resnet" not in hp
+    # the other methods' references give one setting for every encoder: their defaults, ResNet or not
+    for method in ("siglip", "slip", "declip", "filip"):
+        Method = importlib.import_module(method).Method
+        expected = {k: v for k, v in Method.defaults.items() if k != "resnet"}
+        assert Method.optimizer_defaults(CONFIGS[name]) == expected

@@ -115,6 +115,24 @@ def test_mlm_loss_matches_direct_computation():
     assert head.weight.grad is not None and head.weight.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("tokens_dtype", [torch.float32, torch.bfloat16])
+def test_mlm_logits_are_float32_under_autocast(tokens_dtype):
+    """The README's promise: every loss computes its logits in float32, also under bf16 autocast (as on a GPU)."""
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1000)
+    tokens = torch.randn(4, 9, 64).to(tokens_dtype)
+    labels = torch.randint(0, 1000, (4, 9)).masked_fill(torch.rand(4, 9) < 0.5, -100)
+    seen = []
+    head.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mlm_loss(head, tokens, labels)
+    chosen = labels != -100
+    expected = F.linear(tokens[chosen].float(), head.weight, head.bias)  # float32, no autocast
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(loss, mlm_loss(head, tokens.float(), labels), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The nearest-neighbour queue and loss
 
@@ -272,6 +290,35 @@ def test_forward_backward_tiny_model(name):
         for p in module.parameters():
             assert p.grad.abs().sum() > 0
     assert method.mask_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("t", [4.0, 5.0])
+def test_clamped_exp_is_the_released_data_clamp(t):
+    """The released forward: s = exp(t), then s.data clamped to ≤ 100: the value is clamped, the gradient stays
+    exp(t)'s."""
+    ours, released = torch.tensor(t, requires_grad=True), torch.tensor(t, requires_grad=True)
+    s_ours = declip.clamped_exp(ours, 100.0)
+    s_released = released.exp()
+    s_released.data = s_released.data.clamp(max=100)
+    (3 * s_ours).backward()
+    (3 * s_released).backward()
+    assert s_ours.item() == s_released.item() == min(torch.tensor(t).exp().item(), 100.0)
+    assert ours.grad.item() == released.grad.item() == pytest.approx(3 * torch.tensor(t).exp().item())
+
+
+def test_temperature_keeps_its_gradient_above_the_clamp():
+    """t = 5 > ln 100: s is clamped to 100, yet the loss still moves t (else it would freeze there for good)."""
+    torch.manual_seed(0)
+    method = _method()
+    with torch.no_grad():
+        method.model.logit_scale.fill_(5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method(_batch(B=8))  # fills the queue: the NN term uses s too
+        loss, logs = method(_batch(B=8, seed=1))
+    assert logs["logit_scale"].item() == 100.0
+    loss.backward()
+    assert method.model.logit_scale.grad.abs().item() > 1e-6
 
 
 def test_logit_scale_clamps():

@@ -206,3 +206,51 @@ def test_torchvision_classification_sets(name, templates, checkpoint, tmp_path, 
     eval_zeroshot.main(["--checkpoint", str(checkpoint), "--dataset", name, "--data-dir", str(tmp_path),
                         "--workers", "0"])
     assert f"({len(classnames)} classes, 6 images, {templates} templates)" in capsys.readouterr().out
+
+
+# --- the activation: QuickGELU (OpenAI) or GELU (most open_clip weights), which a state dict cannot tell ---------------
+
+
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_open_clip_gelu_weights_with_act_gelu(kind, tmp_path):
+    """An open_clip nn.GELU model (no -quickgelu) saved as a state dict: evaluated with the GELU choice, our model
+    gives open_clip's embeddings; with the QuickGELU default it does not."""
+    import open_clip
+    from test_model import SMALL, assert_same_outputs, perturbed
+    torch.manual_seed(0)
+    cfg = SMALL[kind]
+    theirs = open_clip.model.CLIP(cfg["embed_dim"], open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"]),
+                                  open_clip.model.CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=False)
+    assert isinstance(theirs.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    theirs.load_state_dict(perturbed(theirs.state_dict()))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "gelu.pt")
+
+    gelu, _ = eval_zeroshot.load(str(tmp_path / "gelu.pt"), quick_gelu=False)
+    assert_same_outputs(gelu.model, theirs)
+    quick, _ = eval_zeroshot.load(str(tmp_path / "gelu.pt"))  # the default: OpenAI's QuickGELU
+    with pytest.raises(AssertionError):  # the text tower, and a ViT's image tower, use the activation
+        assert_same_outputs(quick.model, theirs)
+
+
+def test_act_flag_and_recorded_activation(checkpoint, tmp_path, monkeypatch):
+    # our checkpoints record the activation in model_config, and eval rebuilds it without being told
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["model_config"]["quick_gelu"] is True
+    method, _ = eval_zeroshot.load(str(checkpoint))
+    assert type(method.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    saved["model_config"]["quick_gelu"] = False
+    torch.save(saved, tmp_path / "gelu_ckpt.pt")
+    method, _ = eval_zeroshot.load(str(tmp_path / "gelu_ckpt.pt"))
+    assert isinstance(method.model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    # --act reaches the loader: gelu -> False, quickgelu -> True, absent -> None (the checkpoint's own)
+    seen = []
+
+    def record(path, device="cpu", quick_gelu=None):
+        seen.append(quick_gelu)
+        raise SystemExit
+
+    monkeypatch.setattr(eval_zeroshot, "load", record)
+    for act in (["--act", "gelu"], ["--act", "quickgelu"], []):
+        with pytest.raises(SystemExit):
+            eval_zeroshot.main(["--checkpoint", str(checkpoint), *act])
+    assert seen == [False, True, None]

@@ -142,3 +142,20 @@ def test_method_forward_and_defaults():
     assert method.logit_bias.grad is not None and model.logit_scale.grad is not None
     assert all(p.grad is not None for p in method.parameters())  # DDP's find_unused_parameters=False is right
     assert "logit_bias" in method.state_dict()
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_weight_decay_on_kernels_only(name):
+    """big_vision decays only kernels: the dense and conv weights and the projections, not the embedding tables,
+    gains, biases, the temperature or the bias b."""
+    import model as model_module
+    with torch.device("meta"):
+        method = SigLIP(model_module.create_model(name))
+    names = {id(p): n.removeprefix("model.") for n, p in method.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in SigLIP.param_groups(method, 0.1))
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    kernels = {f"{n}.weight" for n, m in method.model.named_modules() if isinstance(m, layers)}
+    kernels |= {n for n in names.values() if n.endswith("in_proj_weight")} | {"text_projection"}
+    kernels |= {"visual.proj"} if name == "ViT-B-32" else set()
+    assert decay == kernels
+    assert {"token_embedding.weight", "positional_embedding", "logit_scale", "logit_bias"} <= no_decay

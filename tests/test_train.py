@@ -40,7 +40,7 @@ def weights(out_dir):
 
 # method-args keep the heads and queues of SLIP/DeCLIP/FILIP small for a CPU test
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4", "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4",
-               "filip": ""}
+               "filip": "", "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
@@ -349,3 +349,34 @@ def test_a_full_disk_while_saving(tmp_path, monkeypatch):
     assert f"could not write {out / 'ckpt.pt.tmp'}: no space left on device" in message
     assert not os.path.lexists(out / "ckpt.pt.tmp")  # the partial file is gone
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1  # the last checkpoint is untouched
+
+
+@pytest.mark.parametrize("model,betas,eps", [("tiny-rn", (0.9, 0.999), 1e-8), ("tiny-vit", (0.9, 0.98), 1e-6)])
+def test_optimizer_settings_follow_the_method_and_encoder(tmp_path, model, betas, eps):
+    """CLIP's Adam settings depend on the encoder (a ResNet's differ), and the embeddings are weight-decayed."""
+    import train
+    from clip import CLIP
+    from model import create_model
+    train.main(["--steps", "1", *TINY, "--model", model, "--eval-size", "0", "--out-dir", str(tmp_path)])
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.2, betas, eps), (0.0, betas, eps)]
+    method = CLIP(create_model(model))
+    decayed = [n for n, p in method.named_parameters() if CLIP.decays(n, p)]
+    assert "model.token_embedding.weight" in decayed and "model.positional_embedding" in decayed
+    assert len(groups[0]["params"]) == len(decayed)
+
+
+def test_freeze_patch_embed_keeps_the_random_init(tmp_path):
+    """The DeCLIP benchmark's setting: the ViT's patch embedding never trains (and the optimiser never holds it)."""
+    import train
+    from model import CONFIGS, CLIPModel
+    train.main(["--steps", "2", *TINY, "--eval-size", "0", "--freeze-patch-embed", "--out-dir", str(tmp_path)])
+    torch.manual_seed(0)  # train.py's seed, right before it builds the model
+    init = CLIPModel(**dict(CONFIGS["tiny-vit"], vocab_size=49408)).state_dict()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert torch.equal(ckpt["model"]["visual.conv1.weight"], init["visual.conv1.weight"])
+    assert not torch.equal(ckpt["model"]["visual.proj"], init["visual.proj"])  # the rest trains
+    n_trained = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert n_trained == len(list(CLIPModel(**CONFIGS["tiny-vit"]).parameters())) - 1
+    with pytest.raises(SystemExit, match="tiny-rn is a ResNet"):
+        train.main(["--steps", "1", *TINY, "--model", "tiny-rn", "--freeze-patch-embed", "--out-dir", str(tmp_path)])
