@@ -245,7 +245,7 @@ def test_act_flag_and_recorded_activation(checkpoint, tmp_path, monkeypatch):
     # --act reaches the loader: gelu -> False, quickgelu -> True, absent -> None (the checkpoint's own)
     seen = []
 
-    def record(path, device="cpu", quick_gelu=None):
+    def record(path, device="cpu", trust=False, quick_gelu=None):
         seen.append(quick_gelu)
         raise SystemExit
 
