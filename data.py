@@ -8,12 +8,9 @@ import csv
 import gzip
 import hashlib
 import html
-import importlib.util
 import json
 import os
 import random
-import tempfile
-import urllib.request
 import warnings
 from functools import lru_cache
 
@@ -34,10 +31,11 @@ except ImportError:
 # -----------------------------------------------------------------------------
 # tokenizer
 
-BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+# OpenAI's BPE merges, shipped next to this file (MIT licence: see NOTICE), so that the tokenizer works offline and
+# needs no package beyond requirements.txt. The hash catches a truncated copy or a Git LFS pointer, which would
+# otherwise load as a wrong vocabulary.
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_PACKAGES = ("open_clip", "clip")  # installed packages that ship a copy of the file
 # OpenAI's pre-tokeniser minus its two special-token alternatives: a caption that literally contains
 # "<|endoftext|>" is plain text here (as in open_clip), so no caption can inject an EOT and move the pooled token.
 CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
@@ -48,47 +46,17 @@ CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\
 EOW = "\x1f"
 
 
-def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip-pretrain")
-
-
-def download_bpe_vocab(dest, url=None, sha256=None):
-    """Download the vocabulary once, check its sha256, and write it atomically (no half files in the cache)."""
-    url, sha256 = url or BPE_URL, sha256 or BPE_SHA256
-    with urllib.request.urlopen(url, timeout=60) as r:
-        data = r.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{url}: sha256 {digest} does not match the expected {sha256}; not saved")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
-    return dest
-
-
-def find_bpe_vocab(vocab_path=None):
-    """Path of OpenAI's BPE file: explicit path, $CLIP_BPE_PATH, our cache, an installed open_clip/clip, download."""
-    if vocab_path is not None:
-        if not os.path.isfile(vocab_path):
-            raise FileNotFoundError(f"BPE vocabulary {vocab_path} does not exist")
-        return vocab_path
-    candidates = [os.environ.get("CLIP_BPE_PATH"), os.path.join(cache_dir(), BPE_FILE)]
-    for package in VOCAB_PACKAGES:  # find_spec locates a package without importing it (open_clip is slow)
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin:
-            candidates.append(os.path.join(os.path.dirname(spec.origin), BPE_FILE))
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    dest = os.path.join(cache_dir(), BPE_FILE)
-    try:
-        return download_bpe_vocab(dest)
-    except OSError as e:  # URLError is an OSError: offline, proxy, ...
-        raise RuntimeError(f"CLIP's BPE vocabulary was not found (looked at $CLIP_BPE_PATH, {dest}, and installed "
-                           f"packages {VOCAB_PACKAGES}) and downloading {BPE_URL} failed ({e}). Copy the file to "
-                           f"{dest}, set CLIP_BPE_PATH, or `pip install open_clip_torch`.") from None
+def read_bpe_merges(path=BPE_PATH):
+    """The merges file's text, after checking its sha256."""
+    restore = f"restore it with `git checkout -- {os.path.basename(path)}` (it ships with this repository)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP's BPE vocabulary {path} is missing: {restore}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BPE_SHA256:
+        raise ValueError(f"CLIP's BPE vocabulary {path} has sha256 {digest}, not {BPE_SHA256}: {restore}")
+    return gzip.decompress(raw).decode("utf-8")
 
 
 def bytes_to_unicode():
@@ -102,9 +70,9 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def clip_encoding(vocab_path=None):
+def clip_encoding():
     """OpenAI's 49,408-token CLIP BPE as a tiktoken Encoding whose rank of each token is its CLIP id."""
-    merges = gzip.open(find_bpe_vocab(vocab_path)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = read_bpe_merges().split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = list(bytes_to_unicode().items())
     char_to_byte = {c: b for b, c in byte_chars}
     # ids: the 256 bytes, the 256 bytes ending a word, then one token per merge in merge order
@@ -133,6 +101,28 @@ def clean_text(text, lower=True):
     return text.lower() if lower else text
 
 
+# What ftfy.fix_text leaves unchanged, up to whitespace: printable ASCII (tabs and line breaks are whitespace to both)
+# whose HTML entities two unescapes resolve (ftfy unescapes repeatedly, unless the text has a "<"). Without ftfy,
+# exactly such text gets OpenAI's ids; the rest (non-ASCII, control characters, triply escaped entities) may not.
+LINE_SPACE = str.maketrans("", "", "\t\n\r\x0c")
+warned_without_ftfy = False
+
+
+def ftfy_may_change(text):
+    if not text.isascii() or not text.translate(LINE_SPACE).isprintable():
+        return True
+    twice = html.unescape(html.unescape(text))
+    return html.unescape(twice) != twice
+
+
+def warn_without_ftfy(text):
+    global warned_without_ftfy  # once per process: a dataset of accented captions would repeat it per caption
+    if not warned_without_ftfy:
+        warned_without_ftfy = True
+        warnings.warn(f"ftfy is not installed, and text such as {text[:40]!r} may get other ids than OpenAI's "
+                      f"tokenizer gives (it fixes text with ftfy first): `pip install ftfy` to get exactly its ids")
+
+
 class Tokenizer:
     """texts -> (N, context_length) LongTensor: [SOT] ids [EOT] then 0-padding; EOT holds the row's largest id."""
 
@@ -146,6 +136,8 @@ class Tokenizer:
         ids = self.cache.get(text)
         if ids is None:
             if self.clip_bpe:
+                if ftfy is None and ftfy_may_change(text):
+                    warn_without_ftfy(text)
                 words = CLIP_PAT.findall(clean_text(text))
                 ids = self.encoding.encode_ordinary(EOW.join(words) + EOW) if words else []
             else:  # GPT-style byte BPEs keep case and spaces; special-token text stays plain text
@@ -173,10 +165,10 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=None)
-def get_tokenizer(name="clip", vocab_path=None):
+def get_tokenizer(name="clip"):
     """"clip" (OpenAI's BPE), a tiktoken encoding name ("cl100k_base", "gpt2", ...) or a tiktoken.Encoding."""
     if name == "clip":
-        return Tokenizer(clip_encoding(vocab_path), sot_id=49406, eot_id=49407, clip_bpe=True)
+        return Tokenizer(clip_encoding(), sot_id=49406, eot_id=49407, clip_bpe=True)
     encoding = name if isinstance(name, tiktoken.Encoding) else tiktoken.get_encoding(name)
     # the text tower pools at argmax(ids), so SOT and EOT get two new ids above the encoding's vocabulary
     return Tokenizer(encoding, sot_id=encoding.n_vocab, eot_id=encoding.n_vocab + 1)
