@@ -1,8 +1,7 @@
 """
 Data for contrastive image-text pretraining: the CLIP tokenizer (OpenAI's BPE, run by tiktoken), image
-transforms, and three (PIL image, caption) datasets: procedurally drawn shapes (no download), COCO Captions
-2017, and any CSV/TSV of image paths and captions. CaptionDataset applies a method's per-sample transform and
-skips unreadable images.
+transforms, and three (image, caption) datasets: procedurally drawn shapes (no download), COCO Captions 2017, and
+any CSV/TSV of image paths and captions.
 """
 import csv
 import gzip
@@ -345,6 +344,13 @@ class SyntheticTask(Dataset):
 # image files: COCO Captions 2017 and CSV/TSV lists
 
 
+def default_workers(ranks_per_node=1):
+    """DataLoader workers per rank: the cores this process may run on (its CPU affinity, as torch's "too many
+    workers" warning counts them), less one for the training or evaluation loop, at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return min(8, max(1, cores // ranks_per_node - 1))
+
+
 def load_image(path):
     """An RGB image from a file, decoded now so that a corrupt file fails inside the dataset: a (3, H, W) uint8 tensor
     from torchvision.io (JPEG decoding 1.7x faster than PIL's here: `python bench.py --data-dir`), or, for a format
@@ -355,11 +361,24 @@ def load_image(path):
             return tvio.decode_image(tvio.read_file(path), mode=tvio.ImageReadMode.RGB)
     except RuntimeError:  # an unsupported format, or a broken file: PIL reads the one and names the other
         with Image.open(path) as img:
+            if img.mode.startswith("I;16"):  # 16-bit grey, as torchvision.io gives it (PIL's RGB would clip at 255)
+                return torch.from_numpy(np.array(img).astype(np.uint16)).expand(3, -1, -1)
             return img.convert("RGB")
 
 
+class UnreadableImage(Exception):
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class UnreadableImages(Exception):
+    """Too many unreadable images to go on training: the data is not where it was looked for."""
+
+
 class ImageCaptions(Dataset):
-    """One item per (image path, caption) pair; retrieval() groups the captions by image."""
+    """One item per (image path, caption) pair; retrieval() groups the captions by image. An image that cannot be read
+    raises UnreadableImage (train.py replaces it)."""
 
     def __init__(self, paths, captions):
         self.paths, self.captions = paths, captions
@@ -368,7 +387,11 @@ class ImageCaptions(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return load_image(self.paths[index]), self.captions[index]
+        try:
+            image = load_image(self.paths[index])
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            raise UnreadableImage(self.paths[index], str(e) or type(e).__name__) from e
+        return image, self.captions[index]
 
     def retrieval(self):
         """(image_paths, captions, caption_image): caption_image[j] indexes the image that caption j describes."""
@@ -397,14 +420,17 @@ class CocoCaptions(ImageCaptions):
 
 
 class CsvCaptions(ImageCaptions):
-    """A CSV/TSV with an image-path column and a caption column (open_clip's filepath/title, or image/caption)."""
+    """A CSV/TSV with an image-path column and a caption column (open_clip's filepath/title, or image/caption, or
+    those named by img_key and caption_key); sep defaults to a tab for .tsv files, a comma otherwise."""
 
     IMAGE_KEYS, CAPTION_KEYS = ("filepath", "image", "image_path", "file_name"), ("title", "caption", "text")
 
     def __init__(self, path, img_key=None, caption_key=None, sep=None, root=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"caption file {path} does not exist")
-        sep = sep or ("\t" if path.endswith(".tsv") else ",")
+        sep = "\t" if sep == "\\t" else sep or ("\t" if path.endswith(".tsv") else ",")  # \t typed in a shell: a tab
+        if len(sep) != 1:
+            raise ValueError(f"--csv-separator {sep!r}: a separator is one character")
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=sep)
             rows, columns = list(reader), reader.fieldnames or []
@@ -413,7 +439,8 @@ class CsvCaptions(ImageCaptions):
             found = [k for k in ([given] if given else options) if k in columns]
             if not found:
                 raise ValueError(f"{path}: no column {' or '.join(map(repr, [given] if given else options))}; "
-                                 f"columns found: {list(columns)} (separator {sep!r}; set img_key/caption_key/sep)")
+                                 f"columns found: {list(columns)} with separator {sep!r}; name the columns with "
+                                 f"--csv-img-key and --csv-caption-key, the separator with --csv-separator")
             keys.append(found[0])
         root = root or os.path.dirname(os.path.abspath(path))
         kept = [r for r in rows if (r[keys[1]] or "").strip()]
@@ -424,9 +451,9 @@ class CsvCaptions(ImageCaptions):
         super().__init__([os.path.join(root, r[keys[0]]) for r in kept], [r[keys[1]].strip() for r in kept])
 
 
-def make_dataset(data, data_dir=None, split="train", image_size=64):
+def make_dataset(data, data_dir=None, split="train", image_size=64, img_key=None, caption_key=None, sep=None):
     """"synthetic", "coco" (data_dir = COCO root) or a .csv/.tsv path (data_dir = root of relative paths; the
-    file is the split, so `split` is not used)."""
+    file is the split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions)."""
     if data == "synthetic":
         return SyntheticCaptions(split, image_size=image_size)
     if data == "coco":
@@ -434,35 +461,12 @@ def make_dataset(data, data_dir=None, split="train", image_size=64):
             raise ValueError("data 'coco' needs data_dir: the folder holding train2017/, val2017/, annotations/")
         return CocoCaptions(data_dir, split)
     if str(data).endswith((".csv", ".tsv")):
-        return CsvCaptions(data, root=data_dir)
+        return CsvCaptions(data, img_key, caption_key, sep, root=data_dir)
     raise ValueError(f"unknown data {data!r}: use 'synthetic', 'coco' (with data_dir) or a path to a .csv/.tsv file")
 
 
-def retrieval_set(data, data_dir=None, split="val"):
+def retrieval_set(data, data_dir=None, split="val", **csv_keys):
     """(image_paths, captions, caption_image) for image-text retrieval on "coco" or a .csv/.tsv file."""
     if data == "synthetic":
         raise ValueError("retrieval needs 'coco' or a .csv/.tsv file; evaluate synthetic data with SyntheticTask")
-    return make_dataset(data, data_dir, split).retrieval()
-
-
-class CaptionDataset(Dataset):
-    """Applies transform(image, caption) -> dict. An unreadable image is replaced by the next readable item, and
-    "skipped" counts how many were passed over, so batches keep their size (DDP's gathers need equal batches)."""
-
-    max_skips = 100
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        for skipped in range(self.max_skips):
-            try:
-                image, caption = self.dataset[(index + skipped) % len(self.dataset)]
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                error = e
-                continue
-            return {**self.transform(image, caption), "skipped": skipped}
-        raise RuntimeError(f"{self.max_skips} unreadable items in a row from index {index}; last error: {error!r}")
+    return make_dataset(data, data_dir, split, **csv_keys).retrieval()

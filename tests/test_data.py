@@ -307,31 +307,17 @@ def test_csv_and_tsv(tmp_path):
     assert isinstance(data.make_dataset("synthetic", split="val", image_size=32), data.SyntheticCaptions)
 
 
-def test_caption_dataset_skips_bad_images(tmp_path):
-    for name in ("0.jpg", "3.jpg"):
-        write_jpeg(tmp_path / name)
+def test_unreadable_images_raise_one_error_type_with_the_path(tmp_path):
+    write_jpeg(tmp_path / "0.jpg")
     (tmp_path / "1.jpg").write_bytes(b"not a jpeg")
-    good = tmp_path / "0.jpg"
-    (tmp_path / "2.jpg").write_bytes(good.read_bytes()[:100])  # truncated
-    paths = [str(tmp_path / f"{i}.jpg") for i in range(4)] + [str(tmp_path / "missing.jpg")]
-    base = data.ImageCaptions(paths, [f"caption {i}" for i in range(5)])
-    with pytest.raises(Exception):
-        base[1]
-
-    def transform(image, caption):
-        return {"image": torch.as_tensor(image).float().mean(), "text": data.tokenize(caption)[0]}  # decoded tensor
-    ds = data.CaptionDataset(base, transform)
-    assert ds[0]["skipped"] == 0
-    item = ds[1]  # 1 and 2 are bad: 3 is returned
-    assert item["skipped"] == 2 and torch.equal(item["text"], data.tokenize("caption 3")[0])
-    assert ds[4]["skipped"] == 1  # missing file, wraps around to 0
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
-    assert batch["skipped"].tolist() == [0, 2, 1, 0, 1] and batch["text"].shape == (5, 77)
-
-    ds = data.CaptionDataset(data.ImageCaptions([str(tmp_path / "1.jpg")] * 3, ["x"] * 3), transform)
-    ds.max_skips = 5
-    with pytest.raises(RuntimeError, match="5 unreadable"):
-        ds[0]
+    (tmp_path / "2.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:100])  # truncated
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(3)] + [str(tmp_path / "missing.jpg")]
+    ds = data.ImageCaptions(paths, [f"caption {i}" for i in range(4)])
+    assert ds[0][1] == "caption 0"
+    for i in (1, 2, 3):  # train.py replaces exactly these (tests/test_first_hour.py)
+        with pytest.raises(data.UnreadableImage) as e:
+            ds[i]
+        assert e.value.path == paths[i] and e.value.reason
 
 
 def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
@@ -347,3 +333,16 @@ def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(OSError):
         data.load_image(tmp_path / "bad.jpg")
+
+
+def test_16_bit_images_decode_to_their_values(tmp_path):
+    # torchvision.io reads a 16-bit PNG as uint16, and the PIL fallback (a TIFF here) must give the same tensor:
+    # PIL's convert("RGB") would clip every value above 255 to white
+    grey = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    Image.fromarray(grey).save(tmp_path / "g.tiff")
+    png, tiff = data.load_image(tmp_path / "g.png"), data.load_image(tmp_path / "g.tiff")
+    assert png.dtype == torch.uint16 and png.shape == (3, 30, 40) and torch.equal(png, tiff)
+    assert all((channel.numpy() == grey).all() for channel in png)
+    eight_bit = torch.from_numpy((grey / 257).round().astype(np.uint8)).expand(3, -1, -1)
+    torch.testing.assert_close(data.eval_transform(32)(png), data.eval_transform(32)(eight_bit), rtol=0, atol=0.02)
