@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torchvision
+from PIL import Image
 
 import data
 from model import CLIPModel, build_model
@@ -133,7 +134,8 @@ def synthetic(method, tokenizer, device, size=1000):
 
 
 class Labelled(torch.utils.data.Dataset):
-    """(PIL, label) dataset -> (tensor, label) with the evaluation transform."""
+    """(image, label) dataset -> (tensor, label) with the evaluation transform; images are PIL images (converted to
+    RGB here) or tensors from data.load_image."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -143,11 +145,11 @@ class Labelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.dataset[i]
-        return self.transform(image.convert("RGB")), label
+        return self.transform(image.convert("RGB") if isinstance(image, Image.Image) else image), label
 
 
 def classification_set(name, data_dir, download, classnames_file, image_size):
-    """-> (dataset of (PIL, label), classnames, templates)"""
+    """-> (dataset of (image, label), classnames, templates)"""
     root = os.path.expanduser(data_dir or "~/data")
     try:
         if name == "cifar10":
@@ -164,7 +166,13 @@ def classification_set(name, data_dir, download, classnames_file, image_size):
     if name == "folder":
         if not data_dir or not os.path.isdir(data_dir):
             fail(f"--dataset folder needs --data-dir pointing at a folder of class folders (got {data_dir})")
-        ds = torchvision.datasets.ImageFolder(data_dir)
+        try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
+            ds = torchvision.datasets.ImageFolder(data_dir, loader=data.load_image)
+        except FileNotFoundError as e:  # no class folder, or no image in any of them
+            fail(f"--data-dir {data_dir}: {e} (--dataset folder expects one folder of images per class)")
+        if len(ds.classes) < 2:
+            fail(f"--data-dir {data_dir} holds one class folder, {ds.classes[0]}: zero-shot classification needs at "
+                 f"least 2 classes (a single class scores 100%)")
         classnames = [c.replace("_", " ") for c in ds.classes]
         if classnames_file:
             with open(classnames_file) as f:
@@ -233,12 +241,18 @@ def main(argv=None):
     p.add_argument("--dataset", default="synthetic",
                    help="synthetic | cifar10 | cifar100 | stl10 | folder (classification); coco | a .csv/.tsv (retrieval)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
+    p.add_argument("--csv-caption-key", default=None, help="as in train.py")
+    p.add_argument("--csv-separator", default=None, help="as in train.py")
     p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=data.default_workers(),
+                   help="DataLoader workers (default: the cores available less one, at most 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        fail(f"--batch-size must be 1 or more and --workers 0 or more (got {args.batch_size} and {args.workers})")
 
     method, tokenizer = load(args.checkpoint, args.device)
     R = method.model.image_resolution
@@ -248,7 +262,9 @@ def main(argv=None):
                   f"(chance {100 * r['chance']:.1f}%, {r['n']} images)")
     elif args.dataset == "coco" or args.dataset.endswith((".csv", ".tsv")):
         try:
-            image_paths, captions, caption_image = data.retrieval_set(args.dataset, args.data_dir)
+            image_paths, captions, caption_image = data.retrieval_set(
+                args.dataset, args.data_dir, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                sep=args.csv_separator)
         except (ValueError, FileNotFoundError) as e:
             fail(e)
         try:
