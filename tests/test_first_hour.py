@@ -245,3 +245,22 @@ def test_skipped_counts_distinct_files(tmp_path):
     lines = [line for line in p.stdout.splitlines() if line.startswith("step 8/8")]
     assert lines[0].endswith("| skipped 10 unreadable images")  # 64 draws over 2 epochs: 20 reads failed
     assert p.stdout.count("warning: cannot read") == 1
+
+
+def test_folder_evaluation_decodes_as_training_with_default_workers(files, tmp_path):
+    import eval_zeroshot
+    grey = np.full((40, 40), 40_000, dtype=np.uint16)  # a 16-bit PNG: PIL's convert("RGB") turned it white
+    for name in ("cat", "dog"):
+        (tmp_path / "grey" / name).mkdir(parents=True)
+        Image.fromarray(grey).save(tmp_path / "grey" / name / "0.png")
+    ds, classnames, _ = eval_zeroshot.classification_set("folder", str(tmp_path / "grey"), False, None, 64)
+    image, label = ds[0]
+    assert torch.equal(image, data.load_image(tmp_path / "grey" / "cat" / "0.png")) and classnames == ["cat", "dog"]
+    x = eval_zeroshot.Labelled(ds, data.eval_transform(64))[0][0]
+    pixels = x * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 40_000 / 65_535), rtol=0, atol=1e-4)
+    # the default workers fit the cores this process may use: no "too many workers" warning from torch
+    p = run("eval_zeroshot.py", "--checkpoint", files / "model.pt", "--dataset", "folder", "--data-dir",
+            tmp_path / "grey", cwd=tmp_path)
+    assert p.returncode == 0 and "(2 classes, 2 images" in p.stdout, p.stderr
+    assert "worker" not in p.stderr, p.stderr
