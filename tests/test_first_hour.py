@@ -136,6 +136,15 @@ def test_bad_flags_stop_with_one_line(args, words):
     assert message.startswith("error: ") and "\n" not in message and all(w in message for w in words), message
 
 
+def test_one_pair_has_no_negatives():
+    # why --batch-size 1 is refused: CLIP's loss on one pair is exactly 0, with a zero gradient, whatever the features
+    import clip
+    image, text = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8, requires_grad=True)
+    loss = clip.clip_loss(image, text, torch.tensor(100.0))
+    loss.backward()
+    assert loss.item() == 0 and image.grad.abs().max() == 0 and text.grad.abs().max() == 0
+
+
 # bad data and evaluation input, through the real command lines: (script, arguments, words the error line must hold);
 # {d} is the fixture's folder
 BAD_INPUT = [
