@@ -100,9 +100,10 @@ def clean_text(text, lower=True):
     return text.lower() if lower else text
 
 
-# What ftfy.fix_text leaves unchanged, up to whitespace: printable ASCII (tabs and line breaks are whitespace to both)
-# whose HTML entities two unescapes resolve (ftfy unescapes repeatedly, unless the text has a "<"). Without ftfy,
-# exactly such text gets OpenAI's ids; the rest (non-ASCII, control characters, triply escaped entities) may not.
+# Text whose tokens ftfy.fix_text leaves unchanged: printable ASCII (tabs, line breaks and form feeds are whitespace
+# either way) whose HTML entities two unescapes resolve (ftfy unescapes until none is left, unless the text has a
+# "<"). Without ftfy, such text gets OpenAI's ids; other text (non-ASCII, control characters, entities escaped three
+# times) may not (tests/test_data.py checks both on the parity strings).
 LINE_SPACE = str.maketrans("", "", "\t\n\r\x0c")
 warned_without_ftfy = False
 
@@ -367,6 +368,8 @@ def load_image(path):
 
 
 class UnreadableImage(Exception):
+    """An image file that is missing, corrupt, or in a format neither torchvision.io nor PIL reads."""
+
     def __init__(self, path, reason):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason

@@ -167,7 +167,7 @@ def classification_set(name, data_dir, download, classnames_file, image_size):
         if not data_dir or not os.path.isdir(data_dir):
             fail(f"--dataset folder needs --data-dir pointing at a folder of class folders (got {data_dir})")
         try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
-            ds = torchvision.datasets.ImageFolder(data_dir, loader=data.load_image)
+            ds = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
         except FileNotFoundError as e:  # no class folder, or no image in any of them
             fail(f"--data-dir {data_dir}: {e} (--dataset folder expects one folder of images per class)")
         if len(ds.classes) < 2:
@@ -195,10 +195,16 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            return self.transform(data.load_image(self.paths[i]))
-        except OSError as e:  # skipping would change the benchmark, so say which file to fix
-            raise ValueError(f"cannot read {self.paths[i]} ({e}); fix or remove it to evaluate on this set") from None
+        return self.transform(read_image(self.paths[i]))
+
+
+def read_image(path):
+    """data.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
+    benchmark, so say which file to fix."""
+    try:
+        return data.load_image(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
 
 
 @torch.no_grad()
@@ -278,8 +284,11 @@ def main(argv=None):
     else:
         dataset, classnames, templates = classification_set(args.dataset, args.data_dir, args.download,
                                                             args.classnames, R)
-        r = classify(method, tokenizer, Labelled(dataset, data.eval_transform(R)), classnames, templates,
-                     args.device, args.batch_size, args.workers)
+        try:
+            r = classify(method, tokenizer, Labelled(dataset, data.eval_transform(R)), classnames, templates,
+                         args.device, args.batch_size, args.workers)
+        except ValueError as e:
+            fail(str(e).strip().splitlines()[-1] if args.workers else e)  # a worker's error arrives with its traceback
         print(f"{args.dataset}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
               f"({len(classnames)} classes, {r['n']} images, {len(templates)} templates)")
 

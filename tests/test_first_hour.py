@@ -99,8 +99,9 @@ def files(tmp_path_factory):
     write_csv(d / "mostly.csv", [(f"imgs/{i}.jpg" if i < 4 else f"nowhere/{i}.jpg", f"caption {i}") for i in range(40)])
     write_csv(d / "columns.csv", [("imgs/0.jpg", "a caption")], header="path,text2")
     for name in ("cat", "dog"):
-        (d / "folder" / name).mkdir(parents=True)
-        Image.new("RGB", (40, 40), (200, 90, 20)).save(d / "folder" / name / "0.png")
+        (d / "broken" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 90, 20)).save(d / "broken" / name / "0.png")
+    (d / "broken" / "dog" / "bad.png").write_bytes(b"\x89PNG not really")
     (d / "empty").mkdir()
     (d / "one" / "cat").mkdir(parents=True)
     Image.new("RGB", (40, 40)).save(d / "one" / "cat" / "0.png")
@@ -159,6 +160,8 @@ BAD_INPUT = [
     ("eval_zeroshot.py", "--checkpoint {d}/model.pt --dataset folder --data-dir {d}/empty", ["{d}/empty", "class"]),
     ("eval_zeroshot.py", "--checkpoint {d}/model.pt --dataset folder --data-dir {d}/one", ["one class folder", "2"]),
     ("eval_zeroshot.py", "--checkpoint {d}/model.pt --dataset {d}/columns.csv", ["--csv-caption-key"]),
+    ("eval_zeroshot.py", "--checkpoint {d}/model.pt --dataset folder --data-dir {d}/broken --workers 1",
+     ["cannot read", "broken/dog/bad.png"]),  # raised in a worker
     ("eval_zeroshot.py", "--checkpoint {d}/model.pt --workers -1", ["--workers", "0 or more"]),
 ]
 
