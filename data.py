@@ -1,19 +1,15 @@
 """
 Data for contrastive image-text pretraining: the CLIP tokenizer (OpenAI's BPE, run by tiktoken), image
-transforms, and three (PIL image, caption) datasets: procedurally drawn shapes (no download), COCO Captions
-2017, and any CSV/TSV of image paths and captions. CaptionDataset applies a method's per-sample transform and
-skips unreadable images.
+transforms, and three (image, caption) datasets: procedurally drawn shapes (no download), COCO Captions 2017, and
+any CSV/TSV of image paths and captions.
 """
 import csv
 import gzip
 import hashlib
 import html
-import importlib.util
 import json
 import os
 import random
-import tempfile
-import urllib.request
 import warnings
 from functools import lru_cache
 
@@ -34,10 +30,11 @@ except ImportError:
 # -----------------------------------------------------------------------------
 # tokenizer
 
-BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+# OpenAI's BPE merges, shipped next to this file (MIT licence: see NOTICE), so that the tokenizer works offline and
+# needs no package beyond requirements.txt. The hash catches a truncated copy or a Git LFS pointer, which would
+# otherwise load as a wrong vocabulary.
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_PACKAGES = ("open_clip", "clip")  # installed packages that ship a copy of the file
 # OpenAI's pre-tokeniser minus its two special-token alternatives: a caption that literally contains
 # "<|endoftext|>" is plain text here (as in open_clip), so no caption can inject an EOT and move the pooled token.
 CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
@@ -48,47 +45,17 @@ CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\
 EOW = "\x1f"
 
 
-def cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip-pretrain")
-
-
-def download_bpe_vocab(dest, url=None, sha256=None):
-    """Download the vocabulary once, check its sha256, and write it atomically (no half files in the cache)."""
-    url, sha256 = url or BPE_URL, sha256 or BPE_SHA256
-    with urllib.request.urlopen(url, timeout=60) as r:
-        data = r.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{url}: sha256 {digest} does not match the expected {sha256}; not saved")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
-    return dest
-
-
-def find_bpe_vocab(vocab_path=None):
-    """Path of OpenAI's BPE file: explicit path, $CLIP_BPE_PATH, our cache, an installed open_clip/clip, download."""
-    if vocab_path is not None:
-        if not os.path.isfile(vocab_path):
-            raise FileNotFoundError(f"BPE vocabulary {vocab_path} does not exist")
-        return vocab_path
-    candidates = [os.environ.get("CLIP_BPE_PATH"), os.path.join(cache_dir(), BPE_FILE)]
-    for package in VOCAB_PACKAGES:  # find_spec locates a package without importing it (open_clip is slow)
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin:
-            candidates.append(os.path.join(os.path.dirname(spec.origin), BPE_FILE))
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    dest = os.path.join(cache_dir(), BPE_FILE)
-    try:
-        return download_bpe_vocab(dest)
-    except OSError as e:  # URLError is an OSError: offline, proxy, ...
-        raise RuntimeError(f"CLIP's BPE vocabulary was not found (looked at $CLIP_BPE_PATH, {dest}, and installed "
-                           f"packages {VOCAB_PACKAGES}) and downloading {BPE_URL} failed ({e}). Copy the file to "
-                           f"{dest}, set CLIP_BPE_PATH, or `pip install open_clip_torch`.") from None
+def read_bpe_merges(path=BPE_PATH):
+    """The merges file's text, after checking its sha256."""
+    restore = f"restore it with `git checkout -- {os.path.basename(path)}` (it ships with this repository)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP's BPE vocabulary {path} is missing: {restore}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != BPE_SHA256:
+        raise ValueError(f"CLIP's BPE vocabulary {path} has sha256 {digest}, not {BPE_SHA256}: {restore}")
+    return gzip.decompress(raw).decode("utf-8")
 
 
 def bytes_to_unicode():
@@ -102,9 +69,9 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def clip_encoding(vocab_path=None):
+def clip_encoding():
     """OpenAI's 49,408-token CLIP BPE as a tiktoken Encoding whose rank of each token is its CLIP id."""
-    merges = gzip.open(find_bpe_vocab(vocab_path)).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = read_bpe_merges().split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = list(bytes_to_unicode().items())
     char_to_byte = {c: b for b, c in byte_chars}
     # ids: the 256 bytes, the 256 bytes ending a word, then one token per merge in merge order
@@ -133,6 +100,29 @@ def clean_text(text, lower=True):
     return text.lower() if lower else text
 
 
+# Text whose tokens ftfy.fix_text leaves unchanged: printable ASCII (tabs, line breaks and form feeds are whitespace
+# either way) whose HTML entities two unescapes resolve (ftfy unescapes until none is left, unless the text has a
+# "<"). Without ftfy, such text gets OpenAI's ids; other text (non-ASCII, control characters, entities escaped three
+# times) may not (tests/test_data.py checks both on the parity strings).
+LINE_SPACE = str.maketrans("", "", "\t\n\r\x0c")
+warned_without_ftfy = False
+
+
+def ftfy_may_change(text):
+    if not text.isascii() or not text.translate(LINE_SPACE).isprintable():
+        return True
+    twice = html.unescape(html.unescape(text))
+    return html.unescape(twice) != twice
+
+
+def warn_without_ftfy(text):
+    global warned_without_ftfy  # once per process: a dataset of accented captions would repeat it per caption
+    if not warned_without_ftfy:
+        warned_without_ftfy = True
+        warnings.warn(f"ftfy is not installed, and text such as {text[:40]!r} may get other ids than OpenAI's "
+                      f"tokenizer gives (it fixes text with ftfy first): `pip install ftfy` to get exactly its ids")
+
+
 class Tokenizer:
     """texts -> (N, context_length) LongTensor: [SOT] ids [EOT] then 0-padding; EOT holds the row's largest id."""
 
@@ -146,6 +136,8 @@ class Tokenizer:
         ids = self.cache.get(text)
         if ids is None:
             if self.clip_bpe:
+                if ftfy is None and ftfy_may_change(text):
+                    warn_without_ftfy(text)
                 words = CLIP_PAT.findall(clean_text(text))
                 ids = self.encoding.encode_ordinary(EOW.join(words) + EOW) if words else []
             else:  # GPT-style byte BPEs keep case and spaces; special-token text stays plain text
@@ -173,10 +165,10 @@ class Tokenizer:
 
 
 @lru_cache(maxsize=None)
-def get_tokenizer(name="clip", vocab_path=None):
+def get_tokenizer(name="clip"):
     """"clip" (OpenAI's BPE), a tiktoken encoding name ("cl100k_base", "gpt2", ...) or a tiktoken.Encoding."""
     if name == "clip":
-        return Tokenizer(clip_encoding(vocab_path), sot_id=49406, eot_id=49407, clip_bpe=True)
+        return Tokenizer(clip_encoding(), sot_id=49406, eot_id=49407, clip_bpe=True)
     encoding = name if isinstance(name, tiktoken.Encoding) else tiktoken.get_encoding(name)
     # the text tower pools at argmax(ids), so SOT and EOT get two new ids above the encoding's vocabulary
     return Tokenizer(encoding, sot_id=encoding.n_vocab, eot_id=encoding.n_vocab + 1)
@@ -353,6 +345,13 @@ class SyntheticTask(Dataset):
 # image files: COCO Captions 2017 and CSV/TSV lists
 
 
+def default_workers(ranks_per_node=1):
+    """DataLoader workers per rank: the cores this process may run on (its CPU affinity, as torch's "too many
+    workers" warning counts them), less one for the training or evaluation loop, at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return min(8, max(1, cores // ranks_per_node - 1))
+
+
 def load_image(path):
     """An RGB image from a file, decoded now so that a corrupt file fails inside the dataset: a (3, H, W) uint8 tensor
     from torchvision.io (JPEG decoding 1.7x faster than PIL's here: `python bench.py --data-dir`), or, for a format
@@ -363,11 +362,26 @@ def load_image(path):
             return tvio.decode_image(tvio.read_file(path), mode=tvio.ImageReadMode.RGB)
     except RuntimeError:  # an unsupported format, or a broken file: PIL reads the one and names the other
         with Image.open(path) as img:
+            if img.mode.startswith("I;16"):  # 16-bit grey, as torchvision.io gives it (PIL's RGB would clip at 255)
+                return torch.from_numpy(np.array(img).astype(np.uint16)).expand(3, -1, -1)
             return img.convert("RGB")
 
 
+class UnreadableImage(Exception):
+    """An image file that is missing, corrupt, or in a format neither torchvision.io nor PIL reads."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class UnreadableImages(Exception):
+    """Too many unreadable images to go on training: the data is not where it was looked for."""
+
+
 class ImageCaptions(Dataset):
-    """One item per (image path, caption) pair; retrieval() groups the captions by image."""
+    """One item per (image path, caption) pair; retrieval() groups the captions by image. An image that cannot be read
+    raises UnreadableImage (train.py replaces it)."""
 
     def __init__(self, paths, captions):
         self.paths, self.captions = paths, captions
@@ -376,7 +390,11 @@ class ImageCaptions(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return load_image(self.paths[index]), self.captions[index]
+        try:
+            image = load_image(self.paths[index])
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            raise UnreadableImage(self.paths[index], str(e) or type(e).__name__) from e
+        return image, self.captions[index]
 
     def retrieval(self):
         """(image_paths, captions, caption_image): caption_image[j] indexes the image that caption j describes."""
@@ -405,14 +423,17 @@ class CocoCaptions(ImageCaptions):
 
 
 class CsvCaptions(ImageCaptions):
-    """A CSV/TSV with an image-path column and a caption column (open_clip's filepath/title, or image/caption)."""
+    """A CSV/TSV with an image-path column and a caption column (open_clip's filepath/title, or image/caption, or
+    those named by img_key and caption_key); sep defaults to a tab for .tsv files, a comma otherwise."""
 
     IMAGE_KEYS, CAPTION_KEYS = ("filepath", "image", "image_path", "file_name"), ("title", "caption", "text")
 
     def __init__(self, path, img_key=None, caption_key=None, sep=None, root=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"caption file {path} does not exist")
-        sep = sep or ("\t" if path.endswith(".tsv") else ",")
+        sep = "\t" if sep == "\\t" else sep or ("\t" if path.endswith(".tsv") else ",")  # \t typed in a shell: a tab
+        if len(sep) != 1:
+            raise ValueError(f"--csv-separator {sep!r}: a separator is one character")
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=sep)
             rows, columns = list(reader), reader.fieldnames or []
@@ -421,7 +442,8 @@ class CsvCaptions(ImageCaptions):
             found = [k for k in ([given] if given else options) if k in columns]
             if not found:
                 raise ValueError(f"{path}: no column {' or '.join(map(repr, [given] if given else options))}; "
-                                 f"columns found: {list(columns)} (separator {sep!r}; set img_key/caption_key/sep)")
+                                 f"columns found: {list(columns)} with separator {sep!r}; name the columns with "
+                                 f"--csv-img-key and --csv-caption-key, the separator with --csv-separator")
             keys.append(found[0])
         root = root or os.path.dirname(os.path.abspath(path))
         kept = [r for r in rows if (r[keys[1]] or "").strip()]
@@ -432,9 +454,9 @@ class CsvCaptions(ImageCaptions):
         super().__init__([os.path.join(root, r[keys[0]]) for r in kept], [r[keys[1]].strip() for r in kept])
 
 
-def make_dataset(data, data_dir=None, split="train", image_size=64):
+def make_dataset(data, data_dir=None, split="train", image_size=64, img_key=None, caption_key=None, sep=None):
     """"synthetic", "coco" (data_dir = COCO root) or a .csv/.tsv path (data_dir = root of relative paths; the
-    file is the split, so `split` is not used)."""
+    file is the split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions)."""
     if data == "synthetic":
         return SyntheticCaptions(split, image_size=image_size)
     if data == "coco":
@@ -442,35 +464,12 @@ def make_dataset(data, data_dir=None, split="train", image_size=64):
             raise ValueError("data 'coco' needs data_dir: the folder holding train2017/, val2017/, annotations/")
         return CocoCaptions(data_dir, split)
     if str(data).endswith((".csv", ".tsv")):
-        return CsvCaptions(data, root=data_dir)
+        return CsvCaptions(data, img_key, caption_key, sep, root=data_dir)
     raise ValueError(f"unknown data {data!r}: use 'synthetic', 'coco' (with data_dir) or a path to a .csv/.tsv file")
 
 
-def retrieval_set(data, data_dir=None, split="val"):
+def retrieval_set(data, data_dir=None, split="val", **csv_keys):
     """(image_paths, captions, caption_image) for image-text retrieval on "coco" or a .csv/.tsv file."""
     if data == "synthetic":
         raise ValueError("retrieval needs 'coco' or a .csv/.tsv file; evaluate synthetic data with SyntheticTask")
-    return make_dataset(data, data_dir, split).retrieval()
-
-
-class CaptionDataset(Dataset):
-    """Applies transform(image, caption) -> dict. An unreadable image is replaced by the next readable item, and
-    "skipped" counts how many were passed over, so batches keep their size (DDP's gathers need equal batches)."""
-
-    max_skips = 100
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        for skipped in range(self.max_skips):
-            try:
-                image, caption = self.dataset[(index + skipped) % len(self.dataset)]
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                error = e
-                continue
-            return {**self.transform(image, caption), "skipped": skipped}
-        raise RuntimeError(f"{self.max_skips} unreadable items in a row from index {index}; last error: {error!r}")
+    return make_dataset(data, data_dir, split, **csv_keys).retrieval()

@@ -24,6 +24,7 @@ import zipfile
 
 import torch
 import torchvision
+from PIL import Image
 
 import data
 from model import CLIPModel, build_model
@@ -171,7 +172,8 @@ def synthetic(method, tokenizer, device, size=1000):
 
 
 class Labelled(torch.utils.data.Dataset):
-    """(PIL, label) dataset -> (tensor, label) with the evaluation transform."""
+    """(image, label) dataset -> (tensor, label) with the evaluation transform; images are PIL images (converted to
+    RGB here) or tensors from data.load_image."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -181,11 +183,11 @@ class Labelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.dataset[i]
-        return self.transform(image.convert("RGB")), label
+        return self.transform(image.convert("RGB") if isinstance(image, Image.Image) else image), label
 
 
 def classification_set(name, data_dir, download, classnames_file, image_size):
-    """-> (dataset of (PIL, label), classnames, templates)"""
+    """-> (dataset of (image, label), classnames, templates)"""
     root = os.path.expanduser(data_dir or "~/data")
     try:
         if name == "cifar10":
@@ -202,7 +204,13 @@ def classification_set(name, data_dir, download, classnames_file, image_size):
     if name == "folder":
         if not data_dir or not os.path.isdir(data_dir):
             fail(f"--dataset folder needs --data-dir pointing at a folder of class folders (got {data_dir})")
-        ds = torchvision.datasets.ImageFolder(data_dir)
+        try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
+            ds = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
+        except FileNotFoundError as e:  # no class folder, or no image in any of them
+            fail(f"--data-dir {data_dir}: {e} (--dataset folder expects one folder of images per class)")
+        if len(ds.classes) < 2:
+            fail(f"--data-dir {data_dir} holds one class folder, {ds.classes[0]}: zero-shot classification needs at "
+                 f"least 2 classes (a single class scores 100%)")
         classnames = [c.replace("_", " ") for c in ds.classes]
         if classnames_file:
             with open(classnames_file) as f:
@@ -225,10 +233,16 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            return self.transform(data.load_image(self.paths[i]))
-        except OSError as e:  # skipping would change the benchmark, so say which file to fix
-            raise ValueError(f"cannot read {self.paths[i]} ({e}); fix or remove it to evaluate on this set") from None
+        return self.transform(read_image(self.paths[i]))
+
+
+def read_image(path):
+    """data.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
+    benchmark, so say which file to fix."""
+    try:
+        return data.load_image(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
 
 
 @torch.no_grad()
@@ -271,10 +285,14 @@ def main(argv=None):
     p.add_argument("--dataset", default="synthetic",
                    help="synthetic | cifar10 | cifar100 | stl10 | folder (classification); coco | a .csv/.tsv (retrieval)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
+    p.add_argument("--csv-caption-key", default=None, help="as in train.py")
+    p.add_argument("--csv-separator", default=None, help="as in train.py")
     p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=data.default_workers(),
+                   help="DataLoader workers (default: the cores available less one, at most 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint that holds Python objects besides tensors (this can run its code)")
@@ -283,6 +301,8 @@ def main(argv=None):
                         "and open_clip's *-quickgelu ones (the default for state dicts), gelu for most open_clip "
                         "weights (LAION-2B, DataComp, names without -quickgelu). Our checkpoints record their own.")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        fail(f"--batch-size must be 1 or more and --workers 0 or more (got {args.batch_size} and {args.workers})")
 
     method, tokenizer = load(args.checkpoint, args.device, args.trust_checkpoint,
                               None if args.act is None else args.act == "quickgelu")
@@ -293,7 +313,9 @@ def main(argv=None):
                   f"(chance {100 * r['chance']:.1f}%, {r['n']} images)")
     elif args.dataset == "coco" or args.dataset.endswith((".csv", ".tsv")):
         try:
-            image_paths, captions, caption_image = data.retrieval_set(args.dataset, args.data_dir)
+            image_paths, captions, caption_image = data.retrieval_set(
+                args.dataset, args.data_dir, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                sep=args.csv_separator)
         except (ValueError, FileNotFoundError) as e:
             fail(e)
         try:
@@ -307,8 +329,11 @@ def main(argv=None):
     else:
         dataset, classnames, templates = classification_set(args.dataset, args.data_dir, args.download,
                                                             args.classnames, R)
-        r = classify(method, tokenizer, Labelled(dataset, data.eval_transform(R)), classnames, templates,
-                     args.device, args.batch_size, args.workers)
+        try:
+            r = classify(method, tokenizer, Labelled(dataset, data.eval_transform(R)), classnames, templates,
+                         args.device, args.batch_size, args.workers)
+        except ValueError as e:
+            fail(str(e).strip().splitlines()[-1] if args.workers else e)  # a worker's error arrives with its traceback
         print(f"{args.dataset}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
               f"({len(classnames)} classes, {r['n']} images, {len(templates)} templates)")
 

@@ -18,12 +18,14 @@ import argparse
 import ast
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,11 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny-rn", help="a config of model.py: " + ", ".join(CONFIGS))
     p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and captions")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, val2017/, annotations/) or image root for a csv")
+    p.add_argument("--csv-img-key", default=None, help="the csv's image-path column (default: filepath, image, "
+                                                       "image_path or file_name)")
+    p.add_argument("--csv-caption-key", default=None, help="the csv's caption column (default: title, caption or text)")
+    p.add_argument("--csv-separator", default=None, help="the csv's separator (default: a tab for .tsv, a comma "
+                                                        "otherwise; \\t is a tab)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimiser step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (see the docstring)")
     p.add_argument("--steps", type=int, default=500)
@@ -53,8 +60,8 @@ def get_args(argv=None):
     p.add_argument("--freeze-patch-embed", action="store_true",
                    help="keep a ViT's patch-embedding conv at its random init (the DeCLIP benchmark does, for every method)")
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores per rank "
-                                                          "less one, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores "
+                                                          "available per rank less one, at most 8)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from --out-dir/ckpt.pt or a path")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -69,6 +76,25 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(f"--steps must be at least 1 (got {args.steps})")
+
+    # checked here, so that a bad value stops with one line before anything is built
+    least = dict(batch_size=1, grad_accum=1, save_every=1, log_every=1, weight_decay=0, warmup=0, grad_clip=0,
+                 workers=0, eval_every=0, eval_size=0)
+    for flag, low in least.items():
+        value = getattr(args, flag)
+        if value is not None and not value >= low:  # "not >=" so that NaN fails too
+            fail(f"--{flag.replace('_', '-')} must be {low} or more (got {value})")
+    # AdamW moves each weight by about lr per step whatever the gradient's scale, so an lr above 1 overwrites the
+    # weights at every step (these methods use 5e-4 to 3e-3; 1e38 even overflows float32 inside AdamW)
+    if args.lr is not None and not 0 < args.lr <= 1:
+        fail(f"--lr must be above 0 and at most 1 (got {args.lr:g}); these methods train with 5e-4 to 3e-3")
+    # the loss of each micro-batch contrasts its pairs with each other: a single pair has no negatives (CLIP's loss
+    # is then exactly 0 and nothing is learned) and no batch statistics for SLIP's and DeCLIP's BatchNorm
+    if args.batch_size // args.grad_accum < 2:
+        given = f"--batch-size {args.batch_size}" if args.grad_accum == 1 else \
+            f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum}"
+        fail(f"{given}: contrastive losses need at least 2 image-text pairs per batch (each pair's negatives are the "
+             f"other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
     return args
 
 
@@ -90,6 +116,12 @@ def parse_kwargs(text):
     return kwargs
 
 
+@lru_cache(maxsize=1)
+def epoch_order(n, seed, epoch):
+    """The permutation of the n items that epoch `epoch` of the data stream follows."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 class Batches(torch.utils.data.Sampler):
     """Index lists of this rank's micro-batches. The data is one endless stream: epoch e is a permutation drawn from
     (seed, e); global micro-batch i is positions [i·G, (i+1)·G) of the stream, G = micro · world, and rank r takes
@@ -100,35 +132,59 @@ class Batches(torch.utils.data.Sampler):
         self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
 
     def __iter__(self):
-        epoch, perm = -1, None
         i = self.start
         while True:
             first = i * self.micro * self.world + self.rank * self.micro
-            items = []
-            for position in range(first, first + self.micro):
-                if position // self.n != epoch:
-                    epoch = position // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                items.append((perm[position % self.n].item(), position))
-            yield items
+            positions = range(first, first + self.micro)
+            yield [(epoch_order(self.n, self.seed, p // self.n)[p % self.n].item(), p) for p in positions]
             i += 1
 
 
 class Seeded(torch.utils.data.Dataset):
-    """Augmentations as a pure function of (run seed, stream position): identical whatever the world size, the
-    number of workers, or a resume in between."""
+    """Stream item (index, position) -> transform(image, caption) plus "bad", the (path, reason) of each unreadable
+    image passed over. Augmentations are a pure function of (run seed, stream position), and so is the replacement of
+    an unreadable image: identical whatever the world size, the number of workers, or a resume in between.
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+    An unreadable image is replaced by the item at the same place of the following batches of its epoch, then of the
+    preceding ones: stream positions p ± k·G, G the global micro-batch. An epoch holds each item at one position only,
+    and the G places of a batch draw on disjoint sets of positions, so a replacement never repeats an item of its batch
+    (a batch that straddles two epochs can, as can the last resort, later epochs, for datasets of a few batches)."""
+
+    max_tries = 64  # reads for one sample before giving up: at most 1 in 2^64 when half the images are readable
+
+    def __init__(self, dataset, transform, seed, group):
+        self.dataset, self.transform, self.seed, self.group = dataset, transform, seed, group  # group: G
 
     def __len__(self):
         return len(self.dataset)
 
+    def positions(self, position):
+        n, G = len(self.dataset), self.group
+        start = position - position % n  # of the epoch
+        after = range(position, start + n, G)  # starts with the position itself
+        return itertools.chain(after, range(position - G, start - 1, -G), itertools.count(after[-1] + G, G))
+
     def __getitem__(self, item):
         index, position = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + position)
-            return self.dataset[index]
+        n, bad = len(self.dataset), []
+        for p in itertools.islice(self.positions(position), self.max_tries):
+            i = index if p == position else epoch_order(n, self.seed, p // n)[p % n].item()
+            try:
+                image, caption = self.dataset[i]
+            except data.UnreadableImage as e:
+                bad.append((e.path, e.reason))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + position)
+                return {**self.transform(image, caption), "bad": bad}
+        raise data.UnreadableImages(f"{len(bad)} images in a row are unreadable, the first {bad[0][0]} "
+                                    f"({bad[0][1]}); are the paths right (relative to the csv's folder, or --data-dir)?")
+
+
+def collate(samples):
+    """default_collate, with the samples' lists of unreadable images joined into one"""
+    bad = [b for sample in samples for b in sample.pop("bad")]
+    return {**torch.utils.data.default_collate(samples), "bad": bad}
 
 
 def lr_at(step, peak, warmup, total):
@@ -190,6 +246,8 @@ def main(argv=None):
     # --- distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE -------------------------------------------
     distributed = "RANK" in os.environ
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available to this process; use --device cpu")
     if distributed:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -206,8 +264,8 @@ def main(argv=None):
     if args.batch_size % (world * args.grad_accum):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = {world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
-    if args.workers is None:  # one core per rank stays with the training loop
-        args.workers = min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    if args.workers is None:
+        args.workers = data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
     # --- method, model, data -------------------------------------------------------------------------------------
     Method = importlib.import_module(args.method).Method
@@ -216,7 +274,8 @@ def main(argv=None):
     try:
         tokenizer = data.get_tokenizer(args.tokenizer)
         model_config = dict(CONFIGS[args.model], vocab_size=tokenizer.vocab_size)  # other tokenizers resize the table
-        dataset = data.make_dataset(args.data, args.data_dir, split="train", image_size=model_config["image_resolution"])
+        dataset = data.make_dataset(args.data, args.data_dir, "train", model_config["image_resolution"],
+                                    img_key=args.csv_img_key, caption_key=args.csv_caption_key, sep=args.csv_separator)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(e)
     torch.manual_seed(args.seed)
@@ -233,7 +292,7 @@ def main(argv=None):
     except TypeError as e:
         fail(f"--method-args: {e}")
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
-    train_set = Seeded(data.CaptionDataset(dataset, method.transform(tokenizer)), args.seed)
+    train_set = Seeded(dataset, method.transform(tokenizer), args.seed, micro * world)
 
     # --- optimiser: AdamW with the method's settings for this encoder, weight decay where the method's rule says ----
     hp = Method.optimizer_defaults(model_config)
@@ -258,9 +317,12 @@ def main(argv=None):
             fail(f"{path} was trained with --method {c['method']} --model {c['model']}; pass those to resume it")
         try:
             method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
+            decays = [group["weight_decay"] for group in optimizer.param_groups]
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError) as e:
-            fail(f"{path} does not fit this run's --method-args or --tokenizer: {e}")
+            fail(f"{path} does not fit this run's --method-args, --tokenizer or --freeze-patch-embed: {e}")
+        for group, weight_decay in zip(optimizer.param_groups, decays):  # this run's flags, as for the lr schedule
+            group["weight_decay"] = weight_decay
         start_step = checkpoint["step"]
         if start_step >= args.steps:
             fail(f"{path} already trained {start_step} steps; pass a larger --steps to train on")
@@ -271,6 +333,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_sampler=Batches(len(train_set), micro, rank, world, args.seed, start_step * args.grad_accum),
+        collate_fn=collate,
         num_workers=args.workers,
         pin_memory=device.startswith("cuda"),
         persistent_workers=args.workers > 0,
@@ -315,7 +378,7 @@ def main(argv=None):
              + ("--resume." if on_disk is not None else "start again."))
 
     pending = []  # per-step logs kept on device and synced once per --log-every (no per-step host sync)
-    skipped = 0
+    bad_files, new_bad, reads, failed = {}, {}, 0, 0  # unreadable images: all ranks' {path: reason}, this rank's new
     t_last = time.perf_counter()
     for step in range(start_step, args.steps):
         step_lr = lr_at(step, lr, warmup, args.steps)
@@ -324,8 +387,15 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # in-loss randomness (masks) is resumable too
         step_logs = 0  # the loss and its components, averaged over the micro-batches
         for micro_step in range(args.grad_accum):
-            batch = next(batches)
-            skipped += int(batch.pop("skipped").sum())
+            try:
+                batch = next(batches)
+            except data.UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
+                if log_file:
+                    log_file.close()
+                fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableImages: "))
+            bad = batch.pop("bad")
+            new_bad.update(bad)
+            reads, failed = reads + micro + len(bad), failed + len(bad)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last = micro_step == args.grad_accum - 1
             with (train_model.no_sync() if distributed and not last else nullcontext()), autocast:
@@ -340,24 +410,43 @@ def main(argv=None):
         pending.append(step_logs)
 
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps or done % args.save_every == 0 or written == step:
+        if (done == start_step + 1 or done % args.log_every == 0 or done == args.steps or done % args.save_every == 0
+                or written == step):
             values = torch.stack(pending)  # (steps, 1 + components)
-            bad = torch.tensor(float(skipped), device=values.device)  # unreadable images passed over so far
+            mine = (new_bad, reads, failed)
+            news = [mine]
             if distributed:
                 dist.all_reduce(values)
                 values /= world
-                dist.all_reduce(bad)  # on all ranks
-            values, bad = values.tolist(), int(bad.item())
+                news = [None] * world
+                dist.all_gather_object(news, mine)  # on all ranks, so that all of them stop together
+            values = values.tolist()
+            had_bad = bool(bad_files)
+            for rank_bad, _, _ in news:  # a file met twice, or by two ranks, counts once
+                for path, reason in rank_bad.items():
+                    bad_files.setdefault(path, reason)
+            new_bad = {}
+            all_reads, all_failed = sum(r for _, r, _ in news), sum(f for _, _, f in news)
             dt = time.perf_counter() - t_last
             t_last = time.perf_counter()
             samples_per_s = len(pending) * args.batch_size / dt
             for i, row in enumerate(values):
                 s = done - len(values) + i + 1
                 entry = dict(step=s, loss=row[0], **dict(zip(logs, row[1:])), lr=lr_at(s - 1, lr, warmup, args.steps),
-                             samples_per_s=samples_per_s, skipped=bad)
+                             samples_per_s=samples_per_s, skipped=len(bad_files))
                 if log_file:
                     log_file.write(json.dumps(entry) + "\n")
             pending = []
+            if bad_files and not had_bad:
+                path, reason = next(iter(bad_files.items()))
+                print0(f"warning: cannot read {path} ({reason}); unreadable images are replaced by others from the "
+                       f"data and counted in the log as skipped")
+            if all_failed > all_reads / 2:
+                path, reason = next(iter(bad_files.items()))
+                if log_file:
+                    log_file.close()
+                fail(f"{all_failed} of {all_reads} image reads failed, the first {path} ({reason}); are the paths "
+                     f"right (relative to the csv's folder, or --data-dir)?")
             for i, row in enumerate(values):
                 if not all(math.isfinite(v) for v in row):
                     stop(f"the loss is not finite at step {done - len(values) + i + 1}")
@@ -367,10 +456,14 @@ def main(argv=None):
                 on_disk, written = written, None
             if log_file:
                 log_file.flush()
+                if done == start_step + 1:  # later ETAs leave this step out: it also started the DataLoader workers
+                    t_first, eta = time.perf_counter(), (args.steps - done) * dt
+                else:
+                    eta = (args.steps - done) * (time.perf_counter() - t_first) / (done - start_step - 1)
                 parts = " ".join(f"{k} {v:.4g}" for k, v in zip(logs, values[-1][1:]))
                 print0(f"step {done}/{args.steps} | loss {values[-1][0]:.4f} | {parts} | lr {step_lr:.3g} | "
-                       f"{samples_per_s:.1f} samples/s | {1000 * dt / len(values):.0f} ms/step"
-                       + (f" | skipped {bad} bad images" if bad else ""))
+                       f"{samples_per_s:.1f} samples/s | {1000 * dt / len(values):.0f} ms/step | eta {duration(eta)}"
+                       + (f" | skipped {len(bad_files)} unreadable images" if bad_files else ""))
         if done % args.save_every == 0 or done == args.steps:
             ok = finite(method, optimizer, device).float()
             if distributed:  # every rank stops, or none
@@ -398,6 +491,11 @@ def main(argv=None):
             print0(f"evaluate with: python eval_zeroshot.py --checkpoint {ckpt_path} --dataset ...")
     if distributed:
         dist.destroy_process_group()
+
+
+def duration(seconds):
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def report(results, print0):

@@ -1,11 +1,8 @@
-import gzip
-import hashlib
 import json
 import os
 import pickle
 import random
 import time
-import urllib.error
 
 import numpy as np
 import pytest
@@ -71,10 +68,37 @@ def test_parity_with_open_clip(reference):
 
 
 def test_without_ftfy(reference, monkeypatch):
-    # ftfy is optional: without it, text that ftfy would leave alone still gets OpenAI's ids
+    # ftfy is optional: without it, text that ftfy leaves alone still gets OpenAI's ids
+    import ftfy
     monkeypatch.setattr(data, "ftfy", None)
+    monkeypatch.setattr(data, "warned_without_ftfy", True)  # test_warns_once_without_ftfy checks the warning
     texts = ["A photo of a Dog.", "tabs\tand\nnewlines", "café naïve 日本語 😀", "&amp;lt; 3.5 it's"]
     assert torch.equal(data.get_tokenizer.__wrapped__()(texts), reference(texts))
+    # the README's rule: every parity string that gets other ids is one that ftfy changes, and that
+    # ftfy_may_change() flags; every ASCII character and entity depth is tried in two contexts
+    texts = parity_strings() + [f"a{chr(c)}b{s}" for c in range(128) for s in ("", " &amp;amp;lt; <")]
+    texts += ["a photo of a dog’s bed", "ﬁne ﬂour", "cafÃ©", "&amp;amp;amp; x", "a &#38;amp;lt; b", "AT&T"]
+    ours = data.get_tokenizer.__wrapped__()(texts)
+    theirs = reference(texts)
+    differ = [t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b)]
+    assert len(differ) > 100 and all(ftfy.fix_text(t) != t and data.ftfy_may_change(t) for t in differ)
+    assert "a photo of a dog’s bed" in differ and "ﬁne ﬂour" in differ and "cafÃ©" in differ
+    flagged = [t for t in texts if data.ftfy_may_change(t)]
+    assert not any(data.ftfy_may_change(t) for t in ["A photo of a Dog.", "tabs\tand\r\nnewlines", "AT&T &amp;lt;"])
+    print(f"{len(differ)} of {len(texts)} texts differ without ftfy, {len(flagged)} flagged")
+
+
+def test_warns_once_without_ftfy(monkeypatch, recwarn):
+    monkeypatch.setattr(data, "ftfy", None)
+    monkeypatch.setattr(data, "warned_without_ftfy", False)
+    tok = data.get_tokenizer.__wrapped__()
+    tok(["a photo of a dog.", "AT&T, 3 &amp; 4", "tabs\tand\nnewlines"] * 3)
+    assert not recwarn  # plain ASCII: nothing ftfy would change
+    tok(["a photo of a dog’s bed", "ﬁne ﬂour", "cafÃ©"])
+    tok(["naïve"])
+    warned = [w for w in recwarn if "ftfy" in str(w.message)]
+    assert len(warned) == 1 and "pip install ftfy" in str(warned[0].message)
+    assert "dog’s bed" in str(warned[0].message)
 
 
 def test_every_vocabulary_word(reference):
@@ -114,55 +138,16 @@ def test_tokenizer_speed_and_pickle():
     assert clone.cache == {} and torch.equal(clone(captions), first)
 
 
-def test_vocab_lookup_order(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
-    assert data.find_bpe_vocab() == OPEN_CLIP_BPE  # nothing else: the installed open_clip copy
-    cached = tmp_path / "cache" / "clip-pretrain" / data.BPE_FILE
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"x")
-    assert data.find_bpe_vocab() == str(cached)  # cache before packages
-    env = tmp_path / "env.txt.gz"
-    env.write_bytes(b"x")
-    monkeypatch.setenv("CLIP_BPE_PATH", str(env))
-    assert data.find_bpe_vocab() == str(env)  # environment before cache
-    assert data.find_bpe_vocab(OPEN_CLIP_BPE) == OPEN_CLIP_BPE  # explicit path first
-    with pytest.raises(FileNotFoundError, match="missing"):
-        data.find_bpe_vocab(str(tmp_path / "missing.gz"))
-
-
-def test_vocab_download(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
-    monkeypatch.setattr(data, "VOCAB_PACKAGES", ())
-    source = tmp_path / "served.txt.gz"  # a file:// URL: urllib reads it without any network
-    source.write_bytes(open(OPEN_CLIP_BPE, "rb").read())
-    monkeypatch.setattr(data, "BPE_URL", source.as_uri())
-    path = data.find_bpe_vocab()
-    assert path == str(tmp_path / "cache" / "clip-pretrain" / data.BPE_FILE)
-    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == data.BPE_SHA256
-    assert os.listdir(os.path.dirname(path)) == [data.BPE_FILE]  # no temporary file left behind
-    tok = data.get_tokenizer("clip", vocab_path=path)
-    assert tok("a photo of a Dog.")[0, :8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    assert data.find_bpe_vocab() == path  # found in the cache: no download
-    os.remove(path)
-    with pytest.raises(RuntimeError, match="CLIP_BPE_PATH"):
-        data.find_bpe_vocab()
-    monkeypatch.undo()
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
-    monkeypatch.delenv("CLIP_BPE_PATH", raising=False)
-    monkeypatch.setattr(data, "VOCAB_PACKAGES", ())
-    wrong = tmp_path / "wrong.txt.gz"
-    wrong.write_bytes(gzip.compress(b"#version: 0.2\n"))
-    monkeypatch.setattr(data, "BPE_URL", wrong.as_uri())
-    with pytest.raises(RuntimeError, match="sha256"):
-        data.find_bpe_vocab()
-    assert not os.path.exists(tmp_path / "cache2" / "clip-pretrain" / data.BPE_FILE)
+def test_vocabulary_ships_with_the_repository_and_is_checked(tmp_path):
+    # the same bytes as open_clip's copy (itself OpenAI's): nothing to find or download, offline from a fresh clone
+    assert open(data.BPE_PATH, "rb").read() == open(OPEN_CLIP_BPE, "rb").read()
+    assert os.path.dirname(data.BPE_PATH) == os.path.dirname(os.path.abspath(data.__file__))
+    with pytest.raises(FileNotFoundError, match="missing.*git checkout"):
+        data.read_bpe_merges(str(tmp_path / "bpe_simple_vocab_16e6.txt.gz"))
+    pointer = tmp_path / "lfs.txt.gz"  # what a Git LFS checkout without LFS leaves
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:924691ac\nsize 1356917\n")
+    with pytest.raises(ValueError, match="sha256.*git checkout"):
+        data.read_bpe_merges(str(pointer))
 
 
 def test_other_encoding():
@@ -322,31 +307,17 @@ def test_csv_and_tsv(tmp_path):
     assert isinstance(data.make_dataset("synthetic", split="val", image_size=32), data.SyntheticCaptions)
 
 
-def test_caption_dataset_skips_bad_images(tmp_path):
-    for name in ("0.jpg", "3.jpg"):
-        write_jpeg(tmp_path / name)
+def test_unreadable_images_raise_one_error_type_with_the_path(tmp_path):
+    write_jpeg(tmp_path / "0.jpg")
     (tmp_path / "1.jpg").write_bytes(b"not a jpeg")
-    good = tmp_path / "0.jpg"
-    (tmp_path / "2.jpg").write_bytes(good.read_bytes()[:100])  # truncated
-    paths = [str(tmp_path / f"{i}.jpg") for i in range(4)] + [str(tmp_path / "missing.jpg")]
-    base = data.ImageCaptions(paths, [f"caption {i}" for i in range(5)])
-    with pytest.raises(Exception):
-        base[1]
-
-    def transform(image, caption):
-        return {"image": torch.as_tensor(image).float().mean(), "text": data.tokenize(caption)[0]}  # decoded tensor
-    ds = data.CaptionDataset(base, transform)
-    assert ds[0]["skipped"] == 0
-    item = ds[1]  # 1 and 2 are bad: 3 is returned
-    assert item["skipped"] == 2 and torch.equal(item["text"], data.tokenize("caption 3")[0])
-    assert ds[4]["skipped"] == 1  # missing file, wraps around to 0
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
-    assert batch["skipped"].tolist() == [0, 2, 1, 0, 1] and batch["text"].shape == (5, 77)
-
-    ds = data.CaptionDataset(data.ImageCaptions([str(tmp_path / "1.jpg")] * 3, ["x"] * 3), transform)
-    ds.max_skips = 5
-    with pytest.raises(RuntimeError, match="5 unreadable"):
-        ds[0]
+    (tmp_path / "2.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:100])  # truncated
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(3)] + [str(tmp_path / "missing.jpg")]
+    ds = data.ImageCaptions(paths, [f"caption {i}" for i in range(4)])
+    assert ds[0][1] == "caption 0"
+    for i in (1, 2, 3):  # train.py replaces exactly these (tests/test_first_hour.py)
+        with pytest.raises(data.UnreadableImage) as e:
+            ds[i]
+        assert e.value.path == paths[i] and e.value.reason
 
 
 def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
@@ -362,3 +333,16 @@ def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(OSError):
         data.load_image(tmp_path / "bad.jpg")
+
+
+def test_16_bit_images_decode_to_their_values(tmp_path):
+    # torchvision.io reads a 16-bit PNG as uint16, and the PIL fallback (a TIFF here) must give the same tensor:
+    # PIL's convert("RGB") would clip every value above 255 to white
+    grey = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    Image.fromarray(grey).save(tmp_path / "g.tiff")
+    png, tiff = data.load_image(tmp_path / "g.png"), data.load_image(tmp_path / "g.tiff")
+    assert png.dtype == torch.uint16 and png.shape == (3, 30, 40) and torch.equal(png, tiff)
+    assert all((channel.numpy() == grey).all() for channel in png)
+    eight_bit = torch.from_numpy((grey / 257).round().astype(np.uint8)).expand(3, -1, -1)
+    torch.testing.assert_close(data.eval_transform(32)(png), data.eval_transform(32)(eight_bit), rtol=0, atol=0.02)
