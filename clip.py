@@ -19,6 +19,7 @@ subclasses `CLIP` and ends with `Method = <its class>`; train.py and eval_zerosh
 
     Method.defaults                    optimiser defaults of the method (lr, weight_decay, betas, eps, logit_scale_init)
     Method.optimizer_defaults(config)  those defaults for one model config (CLIP: a ResNet's differ from a ViT's)
+    Method.learning_rate(batch_size)   the peak lr at a global batch (the paper's, scaled down by √batch to a floor)
     Method.param_groups(module, wd)    AdamW groups: weight decay where Method.decays(name, parameter)
     Method(model)                      wraps a model.CLIPModel, adds the method's heads, buffers and parameters
     method.transform(tokenizer)        picklable (image, caption) -> dict of tensors: the views the loss needs
@@ -126,11 +127,15 @@ class Transform:
 # The method
 
 
+MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
+
+
 class CLIP(nn.Module):
     # The CLIP paper's Adam settings, as open_clip_train/params.py's get_default_params applies them ("Params from
     # paper"): β2 0.98 and eps 1e-6 for a ViT, β2 0.999 and eps 1e-8 otherwise, i.e. for our ResNets ("resnet": what
     # a ResNet changes, see optimizer_defaults); lr 5e-4 and weight decay 0.2 are open_clip's defaults for both
-    defaults = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07,
+    # batch: the global batch that lr was tuned at (OpenAI's 32,768; open_clip keeps 5e-4 from 256 to 32k pairs)
+    defaults = dict(lr=5e-4, batch=32768, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, logit_scale_init=1 / 0.07,
                     resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
     find_unused_parameters = False
@@ -145,6 +150,24 @@ class CLIP(nn.Module):
         if isinstance(model_config["vision_layers"], (list, tuple)):
             hp.update(resnet)
         return hp
+
+    @classmethod
+    def learning_rate(cls, batch_size):
+        """-> (lr, how it was chosen): the peak lr for a global batch of batch_size pairs, the same rule for every
+        method. Each method's lr is its paper's, tuned at defaults["batch"] pairs (4,096 to 32,768). An Adam-type
+        optimiser's lr scales like √batch (Malladi et al. 2022), so a smaller batch B gets lr·√(B / batch), never more
+        than lr, and never less than MIN_LR, CLIP's own lr: open_clip trains these encoders at 5e-4 from 256 to 32k
+        pairs and ours learn best at it at 128 (README, results), so the rule tames the methods' large paper lrs (SLIP
+        3e-3, DeCLIP and SigLIP 1e-3) at small batches without starving the encoders. Chosen from runs: the README's
+        results table, whose old rows (the paper lrs at batch 128) are there with their --lr."""
+        lr, tuned_at = cls.defaults["lr"], cls.defaults["batch"]
+        if lr <= MIN_LR:
+            return lr, f"{cls.__name__}'s, kept at every batch"
+        if batch_size >= tuned_at:
+            return lr, f"{cls.__name__}'s at batch {tuned_at}"
+        scaled = lr * math.sqrt(batch_size / tuned_at)
+        rule = f"{cls.__name__}'s {lr:g} at batch {tuned_at} × √({batch_size}/{tuned_at})"
+        return (scaled, rule) if scaled >= MIN_LR else (MIN_LR, f"{rule} = {scaled:.2g}, raised to {MIN_LR:g}")
 
     @staticmethod
     def decays(name, param):

@@ -244,7 +244,7 @@ class DeCLIP(CLIP):
     # layer type instead (biases of linear and conv layers, BatchNorm and LayerNorm parameters, logit_scale), so it
     # also decays three 1-D tensors that we do not: the ViT's class embedding, the [MASK] row of its token embedding
     # and nn.MultiheadAttention's in_proj_bias (not a Linear's bias).
-    defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
+    defaults = dict(lr=1e-3, batch=4096, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
 
     def __init__(self, model, queue_size=65536, proj_dim=1024, pred_dim=512, mlm_probability=0.15,
                  clip_weight=0.4, simsiam_weight=0.2, mlm_weight=0.2, nn_weight=0.2, min_bn_batch=32):

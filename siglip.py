@@ -153,8 +153,8 @@ class SigLIP(CLIP):
     # big_vision's weight decay is decoupled *and not multiplied by the learning rate* (optax add_decayed_weights
     # after scale(lr)), whereas torch's AdamW multiplies it by lr: 1e-4 there is 1e-4 / 1e-3 = 0.1 here.
     # eps 1e-8 is optax's scale_by_adam default. The larger models of the paper use Adafactor; we use AdamW for all.
-    # One setting for every encoder (big_vision trains ViTs only; no "resnet" entry).
-    defaults = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, logit_scale_init=10.0)
+    # One setting for every encoder (big_vision trains ViTs only; no "resnet" entry). The paper's batch: 32k.
+    defaults = dict(lr=1e-3, batch=32768, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, logit_scale_init=10.0)
 
     @staticmethod
     def decays(name, param):

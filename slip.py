@@ -172,7 +172,7 @@ def simclr_loss(z_a, z_b, temperature=0.1):
 
 class SLIP(CLIP):
     # SLIP's ViT recipe (main.py): AdamW lr 3e-3, wd 0.1, betas (0.9, 0.98), eps 1e-8, batch 4096
-    defaults = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
+    defaults = dict(lr=3e-3, batch=4096, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, logit_scale_init=1 / 0.07)
 
     def __init__(self, model, ssl_scale=1.0, ssl_temperature=0.1, mlp_dim=4096, ssl_emb_dim=256, min_bn_batch=32):
         super().__init__(model)

@@ -296,7 +296,7 @@ def main(argv=None):
 
     # --- optimiser: AdamW with the method's settings for this encoder, weight decay where the method's rule says ----
     hp = Method.optimizer_defaults(model_config)
-    lr = args.lr if args.lr is not None else hp["lr"]
+    lr, lr_source = (args.lr, "--lr") if args.lr is not None else Method.learning_rate(args.batch_size)
     weight_decay = args.weight_decay if args.weight_decay is not None else hp["weight_decay"]
     warmup = args.warmup if args.warmup is not None else min(10_000, args.steps // 10)
     optimizer = torch.optim.AdamW(Method.param_groups(method, weight_decay), lr=lr, betas=hp["betas"], eps=hp["eps"],
@@ -351,7 +351,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in method.parameters())
     print0(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M params) | {args.data}: {len(dataset)} samples | "
            f"{world} rank(s) on {device} | batch {args.batch_size} = {world} × {args.grad_accum} × {micro} | "
-           f"lr {lr:g} wd {weight_decay:g} warmup {warmup} | {args.steps} steps")
+           f"lr {lr:.3g} ({lr_source}) wd {weight_decay:g} warmup {warmup} | {args.steps} steps")
 
     # --- training loop ---------------------------------------------------------------------------------------------
     # A checkpoint on disk is always one training can continue from. Finite weights are not enough for that: one huge
