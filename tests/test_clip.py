@@ -138,3 +138,32 @@ def test_adam_settings_follow_the_encoder(name, betas, eps):
         Method = importlib.import_module(method).Method
         expected = {k: v for k, v in Method.defaults.items() if k != "resnet"}
         assert Method.optimizer_defaults(CONFIGS[name]) == expected
+
+
+# --- the learning rate at the user's batch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,batch,lr", [
+    ("clip", 128, 5e-4), ("clip", 32768, 5e-4), ("filip", 128, 5e-4),  # at or below the floor: never scaled
+    ("slip", 128, 3e-3 * math.sqrt(128 / 4096)), ("slip", 1024, 1.5e-3), ("slip", 4096, 3e-3), ("slip", 65536, 3e-3),
+    ("declip", 128, 5e-4), ("declip", 2048, 1e-3 * math.sqrt(0.5)), ("declip", 4096, 1e-3), ("defilip", 128, 5e-4),
+    ("siglip", 128, 5e-4), ("siglip", 8192, 5e-4), ("siglip", 16384, 1e-3 * math.sqrt(0.5)), ("siglip", 32768, 1e-3),
+])
+def test_learning_rate_rule(method, batch, lr):
+    import importlib
+
+    Method = importlib.import_module(method).Method
+    got, source = Method.learning_rate(batch)
+    assert got == pytest.approx(lr, rel=1e-12)
+    assert Method.__name__ in source
+
+
+def test_train_prints_the_effective_lr_and_its_source(tmp_path, capsys):
+    import train
+
+    common = ["--model", "tiny-vit", "--steps", "1", "--workers", "0", "--eval-size", "0", "--method", "slip",
+              "--method-args", "mlp_dim=16,min_bn_batch=4", "--batch-size", "8"]
+    train.main([*common, "--out-dir", str(tmp_path / "a")])
+    assert "lr 0.0005 (SLIP's 0.003 at batch 4096 × √(8/4096) = 0.00013, raised to 0.0005)" in capsys.readouterr().out
+    train.main([*common, "--lr", "2e-4", "--out-dir", str(tmp_path / "b")])
+    assert "lr 0.0002 (--lr)" in capsys.readouterr().out
