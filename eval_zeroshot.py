@@ -344,7 +344,7 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
         first += len(batch)
     results = {f"image->text R@{k}": image_hits[k] / len(images) for k in ks}
     for k in ks:
-        results[f"text->image R@{k}"] = (best_images[:, :k] == caption_image[:, None]).any(dim=1).float().mean().item()
+        results[f"text->image R@{k}"] = (best_images[:, :k] == caption_image[:, None]).any(dim=1).double().mean().item()
     return results
 
 
