@@ -22,11 +22,9 @@ time), the dataset and the split, so that a second probe of the same checkpoint 
 
 import argparse
 import hashlib
-import json
 import os
 
 import torch
-import torch.nn.functional as F
 
 import data
 import eval_zeroshot

@@ -498,7 +498,8 @@ def main(argv=None):
     p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
     p.add_argument("--templates", default=None,
                    help="80 (OpenAI's ImageNet templates: the default for imagenet and --image), 7 (their subset: "
-                        "the default for folder), or one template with {} for the class name ('{}': the names alone)")
+                        "the default for folder), or one template with {} for the class name ('{}': the names alone); "
+                        "the synthetic tasks keep their own")
     p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
     p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
