@@ -68,7 +68,12 @@ def get_args(argv=None):
                    help="--resume from a checkpoint that holds Python objects besides tensors (this can run its code)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10, help="console print interval (the JSON log gets every step)")
-    p.add_argument("--eval-every", type=int, default=0, help="zero-shot eval on the synthetic tasks every k steps")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-dataset every k steps and at the end, "
+                                                              "logged to log.jsonl")
+    p.add_argument("--eval-dataset", default=None, help="any --dataset of eval_zeroshot.py: synthetic, "
+                   "synthetic-retrieval, cifar10, cifar100, stl10, imagenet, folder, coco, coco-5k, flickr30k or a "
+                   ".csv/.tsv (default: synthetic, when training on it)")
+    p.add_argument("--eval-data-dir", default=None, help="the --data-dir of --eval-dataset")
     p.add_argument("--eval-size", type=int, default=1000, help="held-out images per synthetic zero-shot task")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
@@ -293,6 +298,13 @@ def main(argv=None):
         fail(f"--method-args: {e}")
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
     train_set = Seeded(dataset, method.transform(tokenizer), args.seed, micro * world)
+    evals = None  # --eval-every's tasks, read now: a bad path stops here, not after hours of training
+    if args.eval_every or args.eval_dataset:
+        name = args.eval_dataset or ("synthetic" if args.data == "synthetic" else None)
+        if name is None:
+            fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
+                 f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
+        evals = eval_zeroshot.prepare(name, args.eval_data_dir, model_config["image_resolution"], size=args.eval_size)
 
     # --- optimiser: AdamW with the method's settings for this encoder, weight decay where the method's rule says ----
     hp = Method.optimizer_defaults(model_config)
@@ -478,17 +490,20 @@ def main(argv=None):
                     os.replace(tmp_path, ckpt_path)
                 on_disk, written = done, None
             t_last = time.perf_counter()  # samples/s measures training, not saving
-        if master and args.eval_every and done % args.eval_every == 0 and done != args.steps and args.data == "synthetic":
-            report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)
+        if master and args.eval_every and done % args.eval_every == 0 and done != args.steps:
+            evaluate(method, tokenizer, evals, device, args.workers, done, log_file, print0)
             t_last = time.perf_counter()
 
     if master:
-        log_file.close()
         print0(f"saved {ckpt_path}")
-        if args.data == "synthetic" and args.eval_size > 0:
-            report(eval_zeroshot.synthetic(method, tokenizer, device, args.eval_size), print0)
+        if evals is None and args.data == "synthetic" and args.eval_size > 0:  # the quick start's check, not logged
+            evals = eval_zeroshot.prepare("synthetic", image_size=model_config["image_resolution"], size=args.eval_size)
+        if evals:
+            evaluate(method, tokenizer, evals, device, args.workers, args.steps, log_file if args.eval_every else None,
+                     print0)
         else:
             print0(f"evaluate with: python eval_zeroshot.py --checkpoint {ckpt_path} --dataset ...")
+        log_file.close()
     if distributed:
         dist.destroy_process_group()
 
@@ -498,9 +513,20 @@ def duration(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def report(results, print0):
-    for task, r in results.items():
-        print0(f"zero-shot {task}: top-1 {100 * r['top1']:.1f}% (chance {100 * r['chance']:.1f}%)")
+def evaluate(method, tokenizer, evals, device, workers, step, log_file, print0):
+    """Run eval_zeroshot's tasks, print them, and log one line per task ({"step", "task", "dataset", metrics...}).
+    eval_zeroshot.evaluate restores every module's mode and the random state: the run goes on as without it."""
+    results = eval_zeroshot.evaluate(method, tokenizer, evals, device, workers=workers)
+    for r in results:
+        name = r["dataset"].removeprefix("synthetic/")
+        if r["task"] == "retrieval":
+            print0(f"retrieval {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if "R@" in k))
+        else:
+            print0(f"zero-shot {name}: top-1 {100 * r['top1']:.1f}% (chance {100 * r['chance']:.1f}%)")
+        if log_file:
+            log_file.write(json.dumps(dict(step=step, **r)) + "\n")
+    if log_file:
+        log_file.flush()
 
 
 if __name__ == "__main__":
