@@ -1,9 +1,13 @@
-"""Tar shards (issue 12): read in img2dataset's layout, split over readers with no sample read twice in an epoch,
-resumed exactly mid-epoch, bad samples skipped and named."""
+"""Tar shards (issue 12): streamed in img2dataset's layout, split over readers with no sample read twice in an epoch,
+resumed exactly mid-epoch, bad samples skipped and counted; 2 "nodes" equal one process; DeCLIP's multi-rank resume
+is exact."""
 
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -11,7 +15,10 @@ import torch
 from PIL import Image
 
 import data
+import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny-vit", "--batch-size", "8", "--log-every", "1", "--eval-size", "0", "--shuffle-buffer", "6"]
 SIZES = [9, 5, 12, 7, 6]  # unequal shards: readers' epochs end at different steps
 
 
@@ -174,3 +181,163 @@ def test_unreadable_shards_stop_the_stream(tmp_path):
     tarfile.open(empty, "w").close()
     with pytest.raises(data.UnreadableImages, match="hold no samples"):
         next(iter(data.ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
+
+
+# --- train.py on shards ------------------------------------------------------------------------------------------------
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def main_error(*argv):
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(a) for a in argv])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_training_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "shards", corrupt=[(2, 3)])
+    args = ["--data", str(tmp_path / "shards"), "--steps", "6", "--save-every", "2", *TINY, "--workers", "2"]
+    train.main([*args, "--out-dir", str(tmp_path / "full")])
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, method, optimizer, step, meta):
+        real_save(path, method, optimizer, step, meta)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out-dir", str(out)])
+    stream = load(out)["stream"]
+    assert load(out)["step"] == 2 and stream["readers"] == 2 and stream["shards"] == len(shards)
+    assert [tuple(p)[:1] for p in stream["lanes"]] == [(0,), (0,)]  # both readers mid-way through epoch 0
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main([*args, "--out-dir", str(out), "--resume"])
+
+    full, resumed = load(tmp_path / "full"), load(out)
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
+    assert resumed["stream"] == full["stream"] and max(p[0] for p in full["stream"]["lanes"]) >= 1  # past an epoch
+    assert [e["loss"] for e in read_log(out)] == [e["loss"] for e in read_log(tmp_path / "full")]
+    # the resumed run's readers must be as many as before: they define the stream
+    message = main_error(*args, "--workers", "1", "--steps", "8", "--out-dir", out, "--resume")
+    assert "streamed 5 shards with 2 readers" in message and "this run 5 with 1" in message
+
+
+def test_bad_samples_are_counted_like_unreadable_images(tmp_path, capsys):
+    write_shards(tmp_path / "shards", corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
+    train.main(["--data", str(tmp_path / "shards" / "{00000..00004}.tar"), "--steps", "5", *TINY, "--workers", "0",
+                "--out-dir", str(tmp_path / "o")])
+    assert read_log(tmp_path / "o")[-1]["skipped"] == 3  # an epoch is 36 good samples: 4.5 steps of 8
+    out = capsys.readouterr().out
+    assert "warning: cannot read" in out and "skipped 3 unreadable images" in out
+
+    write_shards(tmp_path / "junk", sizes=[20, 20], corrupt=[(s, i) for s in range(2) for i in range(20) if i % 4])
+    message = main_error("--data", tmp_path / "junk", "--steps", "30", *TINY, "--workers", "0", "--out-dir",
+                         tmp_path / "o2")
+    assert "image reads failed, the first" in message and "junk/0000" in message
+
+
+def test_shard_flags_are_checked(tmp_path):
+    write_shards(tmp_path, sizes=[2, 2, 2])
+    message = main_error("--data", tmp_path, *TINY, "--workers", "4", "--out-dir", tmp_path / "o")
+    assert "3 shards for 4 readers (1 ranks × 4 workers)" in message
+    message = main_error("--data", tmp_path, *TINY, "--batch-size", "2", "--workers", "3", "--out-dir", tmp_path / "o")
+    assert "use at most 2 workers" in message
+    assert "--shuffle-buffer must be 1 or more" in main_error("--data", tmp_path, *TINY, "--shuffle-buffer", "0")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args, launcher=(), cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    return subprocess.Popen([sys.executable, *launcher, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p):
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def test_two_nodes_equal_one_process(tmp_path):
+    """torchrun --nnodes 2, one process each, rendezvous on localhost: the same global batches as one process whose
+    2 DataLoader workers are the same 2 readers, so the same losses."""
+    write_shards(tmp_path / "shards", corrupt=[(2, 3)])
+    args = [os.path.join(ROOT, "train.py"), "--data", tmp_path / "shards", "--steps", "4", *TINY]
+    one = launch(*args, "--workers", "2", "--out-dir", tmp_path / "one", cwd=tmp_path)
+    port = free_port()
+    nodes = [launch(*args, "--workers", "0", "--out-dir", tmp_path / "two", cwd=tmp_path, launcher=(
+        "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port))) for node in (0, 1)]
+    finish(one)
+    assert "2 rank(s)" in finish(nodes[0])
+    finish(nodes[1])
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [e["step"] for e in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert load(tmp_path / "one")["stream"] == load(tmp_path / "two")["stream"]
+
+
+# torchrun runs this instead of train.py to stop a run as a kill would, on every rank once step 4's checkpoint is
+# gathered (before it is written): ckpt.pt then holds step 2
+STOP_AT_4 = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import train
+
+real = train.rank_state
+def rank_state(*args):
+    state = real(*args)
+    rank_state.calls += 1
+    if rank_state.calls == 2:
+        sys.exit("stopped by the test")
+    return state
+rank_state.calls = 0
+train.rank_state = rank_state
+train.main()
+"""
+
+
+def test_declip_resumes_exactly_on_two_ranks(tmp_path):
+    """Each rank's queue holds its own captions: a 2-rank run stopped after 2 steps and resumed gives the weights and
+    both queues of an uninterrupted one (and reads on mid-epoch from the shards)."""
+    write_shards(tmp_path / "shards")
+    (tmp_path / "stop.py").write_text(STOP_AT_4)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = ["--method", "declip", "--method-args", "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4",
+            "--data", tmp_path / "shards", "--steps", "4", "--save-every", "2", *TINY, "--workers", "1"]
+    finish(launch(os.path.join(ROOT, "train.py"), *args, "--out-dir", tmp_path / "full", cwd=tmp_path,
+                  launcher=torchrun))
+    stopped = launch(tmp_path / "stop.py", *args, "--out-dir", tmp_path / "resumed", cwd=tmp_path, launcher=torchrun)
+    assert "stopped by the test" in stopped.communicate(timeout=600)[0] and stopped.returncode != 0
+    assert load(tmp_path / "resumed")["step"] == 2
+    finish(launch(os.path.join(ROOT, "train.py"), *args, "--out-dir", tmp_path / "resumed", "--resume",
+                  cwd=tmp_path, launcher=torchrun))
+
+    full, resumed = load(tmp_path / "full"), load(tmp_path / "resumed")
+    queues = [r["queue"] for r in full["rank_buffers"]]
+    assert not torch.equal(queues[0], queues[1])  # each rank's own captions
+    assert torch.equal(queues[0], full["method"]["queue"]) and int(full["method"]["queue_filled"]) == 4 * 2 * 4
+    for r in range(2):
+        for k, v in full["rank_buffers"][r].items():
+            torch.testing.assert_close(resumed["rank_buffers"][r][k], v, rtol=0, atol=0, msg=f"rank {r} {k}")
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
