@@ -489,13 +489,52 @@ def pack_shards(paths, folder, per_shard):
     return shards
 
 
+def cpu_seconds(pids):
+    """User + system CPU time of these processes so far (Linux)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks += sum(map(int, f.read().rpartition(")")[2].split()[11:13]))  # utime, stime: fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_costs(paths, shards, rounds=5):
+    """Median µs per image to read its bytes: as a file, from the shards with data.tar_samples, and from the shards
+    with the standard library's tarfile (which webdataset uses), the reader data.py does not use."""
+    def files():
+        for path in paths:
+            with open(path, "rb") as f:
+                f.read()
+
+    def ours():
+        for shard in shards:
+            for _ in data.tar_samples(shard):
+                pass
+
+    def standard():
+        for shard in shards:
+            with tarfile.open(shard, "r|") as tar:
+                for member in tar:
+                    tar.extractfile(member).read()
+
+    readers = {"files": files, "shards (data.tar_samples)": ours, "shards (tarfile)": standard}
+    times = {name: [] for name in readers}
+    for _ in range(rounds):
+        for name, read in readers.items():
+            t0 = time.perf_counter()
+            read()
+            times[name].append(1e6 * (time.perf_counter() - t0) / len(paths))
+    return [(name, statistics.median(t)) for name, t in times.items()]
+
+
 def bench_shards(args, chunk=16):
     """Images/s of train.py's two input paths on the same JPEGs: files read by index (train.Seeded over
     data.ImageCaptions, train.Batches), and the same bytes packed into tar shards, streamed (data.ShardStream). Both
     decode with torchvision.io and apply the method's transform, seeded per sample, in the same DataLoader set-up, and
     each worker hands over `chunk` images at a time: a file worker makes whole batches and a shard reader its part of
     each batch, so this keeps equal the work that each loader's workers prefetch, part of which they do while the
-    other loader is timed."""
+    other loader is timed. Besides images/s of wall time, images per second of the workers' own CPU time (from
+    /proc), which other processes on a shared machine disturb less."""
     paths = sorted(os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir) if f.lower().endswith(".jpg"))
     counts = [int(w) for w in args.workers.split(",")]
     counts = list(range(1, counts[0] + 1)) if len(counts) == 1 else counts
@@ -511,6 +550,7 @@ def bench_shards(args, chunk=16):
           f"{chunk} images per worker output | load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as folder:
         shards = pack_shards(paths, folder, args.shard_size)
+        print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in read_costs(paths, shards)))
         for workers in counts:
             files = train.Seeded(data.ImageCaptions(paths, captions), transform, args.seed, chunk)
             sources = {
@@ -521,25 +561,30 @@ def bench_shards(args, chunk=16):
             loaders = {name: iter(torch.utils.data.DataLoader(**source, num_workers=workers, persistent_workers=True,
                                                              prefetch_factor=4)) for name, source in sources.items()}
 
-            def images_per_s(name, n):  # both streams are endless: time n images from where they stand
-                t0, seen = time.perf_counter(), 0
+            def rates(name, n):  # both streams are endless: time n images from where they stand
+                pids = [worker.pid for worker in loaders[name]._workers]  # the DataLoader's worker processes
+                t0, cpu0, seen = time.perf_counter(), cpu_seconds(pids), 0
                 while seen < n:
                     seen += len(next(loaders[name])["image"])
-                return seen / (time.perf_counter() - t0)
+                tick = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of /proc's CPU times
+                return seen / (time.perf_counter() - t0), seen / max(tick, cpu_seconds(pids) - cpu0)
 
             for name in loaders:  # untimed: worker start-up, the page cache, the shards' first blocks
-                images_per_s(name, len(paths))
-            rates = {"files": [], "shards": []}
+                rates(name, len(paths))
+            wall, cpu = {"files": [], "shards": []}, {"files": [], "shards": []}
             for r in range(args.rounds):
                 for name in (("files", "shards") if r % 2 == 0 else ("shards", "files")):  # ABBA, as --vs-open-clip
-                    rates[name].append(images_per_s(name, args.passes * len(paths)))
-            ratios = [b / a for a, b in zip(rates["files"], rates["shards"])]
-            median = {name: statistics.median(r) for name, r in rates.items()}
-            print(f"data {args.method} files vs shards | {workers} worker{'s' * (workers > 1)} | files "
-                  f"{median['files']:.1f} images/s ({median['files'] / workers:.1f} per worker), shards "
-                  f"{median['shards']:.1f} ({median['shards'] / workers:.1f} per worker) | shards/files "
-                  f"{statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}) | {args.rounds} "
-                  f"rounds × {args.passes * len(paths)} images each | {command(args)}")
+                    for into, rate in zip((wall, cpu), rates(name, args.passes * len(paths))):
+                        into[name].append(rate)
+            parts = []
+            for what, per_worker, rate in (("images/s", workers, wall), ("images per worker CPU-second", 1, cpu)):
+                ratios = [b / a for a, b in zip(rate["files"], rate["shards"])]
+                files, shards = (statistics.median(rate[name]) / per_worker for name in ("files", "shards"))
+                parts.append(f"{what}{' per worker' * (per_worker > 1)}: files {files:.1f}, shards {shards:.1f}, "
+                             f"shards/files {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-"
+                             f"{max(ratios):.3f})")
+            print(f"data {args.method} files vs shards | {workers} worker{'s' * (workers > 1)} | {' | '.join(parts)} | "
+                  f"{args.rounds} rounds × {args.passes * len(paths)} images each | {command(args)}")
             del loaders
 
 

@@ -73,14 +73,15 @@ def test_data_pipeline(tmp_path, capsys):
 
 def test_files_vs_shards(tmp_path, capsys):
     folder = str(tmp_path / "jpegs")
-    bench.main(["--make-jpegs", "8", folder, "--jpeg-size", "80x60"])
-    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1", "--passes", "1",
+    bench.main(["--make-jpegs", "8", folder, "--jpeg-size", "160x120"])
+    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1", "--passes", "2",
                 "--rounds", "2"])
     out = capsys.readouterr().out
-    found = re.search(r"^data clip files vs shards \| 1 worker \| files ([\d.]+) images/s \([\d.]+ per worker\), "
-                      r"shards ([\d.]+) \([\d.]+ per worker\) \| shards/files [\d.]+ \(rounds [\d.]+-[\d.]+\) \| "
-                      r"2 rounds × 8 images each \| python bench.py", out, re.M)
-    assert found and float(found.group(1)) > 0 and float(found.group(2)) > 0, out
+    assert re.search(r"^# reading only, per image: files \d+ us, shards \(data.tar_samples\) \d+ us", out, re.M), out
+    found = re.search(r"^data clip files vs shards \| 1 worker \| images/s: files ([\d.]+), shards ([\d.]+), "
+                      r"shards/files [\d.]+ \(rounds [\d.]+-[\d.]+\) \| images per worker CPU-second: files "
+                      r"([\d.]+), shards ([\d.]+), .* \| 2 rounds × 16 images each \| python bench.py", out, re.M)
+    assert found and all(float(x) > 0 for x in found.groups()), out
     with pytest.raises(SystemExit, match="fewer than one shard of 4 per worker"):
         bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "3"])
 
