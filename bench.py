@@ -543,18 +543,20 @@ def bench_shards(args, chunk=16):
                  f"per worker (make more with --make-jpegs, or lower --shard-size)")
     import train
 
-    method = importlib.import_module(args.method).Method(create_model(args.model), **train.parse_kwargs(args.method_args))
+    Method = importlib.import_module(args.method).Method
+    method = Method(create_model(args.model), **train.parse_kwargs(args.method_args))
     transform = method.transform(data.get_tokenizer("clip"))
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(paths))]
     print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {method.model.image_resolution} px, "
           f"{chunk} images per worker output | load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as folder:
         shards = pack_shards(paths, folder, args.shard_size)
-        print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in read_costs(paths, shards)))
+        costs = read_costs(paths, shards)
+        print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in costs))
         for workers in counts:
-            files = train.Seeded(data.ImageCaptions(paths, captions), transform, args.seed, chunk)
             sources = {
-                "files": dict(dataset=files, collate_fn=train.collate,
+                "files": dict(dataset=train.Seeded(data.ImageCaptions(paths, captions), transform, args.seed, chunk),
+                              collate_fn=train.collate,
                               batch_sampler=train.Batches(len(paths), chunk, 0, 1, args.seed, 0)),
                 "shards": dict(dataset=data.ShardStream(shards, transform, args.seed, workers, 0, [chunk] * workers),
                                batch_size=None)}
@@ -579,8 +581,8 @@ def bench_shards(args, chunk=16):
             parts = []
             for what, per_worker, rate in (("images/s", workers, wall), ("images per worker CPU-second", 1, cpu)):
                 ratios = [b / a for a, b in zip(rate["files"], rate["shards"])]
-                files, shards = (statistics.median(rate[name]) / per_worker for name in ("files", "shards"))
-                parts.append(f"{what}{' per worker' * (per_worker > 1)}: files {files:.1f}, shards {shards:.1f}, "
+                a, b = (statistics.median(rate[name]) / per_worker for name in ("files", "shards"))
+                parts.append(f"{what}{' per worker' * (per_worker > 1)}: files {a:.1f}, shards {b:.1f}, "
                              f"shards/files {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-"
                              f"{max(ratios):.3f})")
             print(f"data {args.method} files vs shards | {workers} worker{'s' * (workers > 1)} | {' | '.join(parts)} | "

@@ -601,8 +601,8 @@ def decode_sample(members, caption_key=None):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Tar shards as N endless streams ("lanes"), one per reader: N = ranks × DataLoader workers (a rank with no workers
-    is one reader). Epoch e shuffles the shard list with (seed, e); lane l reads shards l, l + N, l + 2N, ... of it, and
+    """Tar shards as N endless streams ("lanes"), one per reader: N = ranks × DataLoader workers (a rank without
+    workers is one reader). Epoch e shuffles the shard list with (seed, e); lane l reads shards l, l + N, l + 2N, ... of it, and
     when they are done goes on to its share of epoch e + 1: no shard is read by two lanes in an epoch, and no lane runs
     out (unequal shards only move where each lane's epochs end).
 
@@ -674,8 +674,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                         from None
                 continue
             in_a_row = 0
+            sample = hashlib.blake2b(f"{self.seed}/{epoch}/{shard}/{n}".encode(), digest_size=8)  # 1 us a sample
             with torch.random.fork_rng(devices=[]):  # the CPU generator only, as train.Seeded
-                torch.default_generator.manual_seed(random.Random(f"{self.seed}/{epoch}/{shard}/{n}").getrandbits(63))
+                torch.default_generator.manual_seed(int.from_bytes(sample.digest(), "little"))
                 samples.append(self.transform(image, caption))
             if len(samples) == size:
                 yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}

@@ -384,8 +384,9 @@ def main(argv=None):
     transform = method.transform(tokenizer)
     if shards:  # this rank's readers give micro // rank_readers samples (or one more) to each micro-batch
         sizes = [micro // rank_readers + (i < micro % rank_readers) for i in range(rank_readers)]
-        source = dict(dataset=data.ShardStream(shards, transform, args.seed, readers, rank * rank_readers, sizes,
-                                               args.shuffle_buffer, stream_start, args.csv_caption_key), batch_size=None)
+        source = dict(batch_size=None, dataset=data.ShardStream(
+            shards, transform, args.seed, readers, rank * rank_readers, sizes, args.shuffle_buffer, stream_start,
+            args.csv_caption_key))
     else:
         source = dict(dataset=Seeded(dataset, transform, args.seed, micro * world), collate_fn=collate,
                       batch_sampler=Batches(len(dataset), micro, rank, world, args.seed, start_step * args.grad_accum))

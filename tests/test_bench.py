@@ -74,7 +74,7 @@ def test_data_pipeline(tmp_path, capsys):
 def test_files_vs_shards(tmp_path, capsys):
     folder = str(tmp_path / "jpegs")
     bench.main(["--make-jpegs", "8", folder, "--jpeg-size", "160x120"])
-    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1", "--passes", "2",
+    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1,2", "--passes", "2",
                 "--rounds", "2"])
     out = capsys.readouterr().out
     assert re.search(r"^# reading only, per image: files \d+ us, shards \(data.tar_samples\) \d+ us", out, re.M), out
@@ -82,6 +82,7 @@ def test_files_vs_shards(tmp_path, capsys):
                       r"shards/files [\d.]+ \(rounds [\d.]+-[\d.]+\) \| images per worker CPU-second: files "
                       r"([\d.]+), shards ([\d.]+), .* \| 2 rounds × 16 images each \| python bench.py", out, re.M)
     assert found and all(float(x) > 0 for x in found.groups()), out
+    assert re.search(r"^data clip files vs shards \| 2 workers \| images/s per worker: files [\d.]+, shards", out, re.M)
     with pytest.raises(SystemExit, match="fewer than one shard of 4 per worker"):
         bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "3"])
 

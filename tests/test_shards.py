@@ -183,7 +183,7 @@ def test_unreadable_shards_stop_the_stream(tmp_path):
         next(iter(data.ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
 
 
-# --- train.py on shards ------------------------------------------------------------------------------------------------
+# --- train.py on shards -----------------------------------------------------------------------------------------------
 
 
 def read_log(out):
