@@ -675,9 +675,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                         from None
                 continue
             in_a_row = 0
-            sample = hashlib.blake2b(f"{self.seed}/{epoch}/{shard}/{n}".encode(), digest_size=8)  # 1 us a sample
+            seed = hashlib.blake2b(f"{self.seed}/{epoch}/{shard}/{n}".encode(), digest_size=8).digest()  # 1 us
             with torch.random.fork_rng(devices=[]):  # the CPU generator only, as train.Seeded
-                torch.default_generator.manual_seed(int.from_bytes(sample.digest(), "little"))
+                torch.default_generator.manual_seed(int.from_bytes(seed, "little"))
                 samples.append(self.transform(image, caption))
             if len(samples) == size:
                 yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
