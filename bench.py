@@ -5,6 +5,7 @@ Benchmarks: the training step of any method and model, side by side with open_cl
     python bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip    # ours vs open_clip, alternating
     python bench.py --make-jpegs 200 /tmp/jpegs                                # a folder of COCO-sized JPEGs
     python bench.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 2        # decode + augment, images/s
+    python bench.py --data-dir /tmp/jpegs --vs-shards --workers 1,2           # the same JPEGs from tar shards
     torchrun --nproc_per_node=8 bench.py --loss-memory --batch-size 8192       # loss memory per rank vs N×N
 
 A step is what train.py does: forward and loss (bf16 autocast on CUDA), backward, AdamW step, post_step. The batch is
@@ -24,12 +25,15 @@ import argparse
 import ctypes
 import gc
 import importlib
+import io
 import math
 import os
 import resource
 import shlex
 import statistics
 import sys
+import tarfile
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -65,14 +69,17 @@ def get_args(argv=None):
     p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss (clip only)")
     p.add_argument("--profile", action="store_true", help="after timing, profile 3 of our steps and print where the "
                                                           "time goes (share of the step per kernel and per kind)")
-    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip: the timed steps are split into this many "
-                                                          "alternating rounds (ours, theirs, theirs, ours, ...)")
+    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip, --vs-shards: the timed steps are split "
+                   "into this many alternating rounds (ours, theirs, theirs, ours, ...)")
     p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
     p.add_argument("--workers", default=str(os.cpu_count()), help="--data-dir: DataLoader workers: N for 1..N, or a "
                                                                  "list such as 1,4,8")
     p.add_argument("--passes", type=int, default=2, help="--data-dir: timed passes over the folder per setting")
     p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil and/or tvio (data.load_image) "
                                                          "(torchvision.io.decode_jpeg)")
+    p.add_argument("--vs-shards", action="store_true", help="--data-dir: train.py's reading of the JPEGs as files "
+                   "(as a CSV or COCO) against the same JPEGs packed into tar shards, alternating --rounds rounds")
+    p.add_argument("--shard-size", type=int, default=100, help="--vs-shards: images per tar shard")
     p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
     p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
     p.add_argument("--loss-memory", action="store_true", help="peak memory per rank of the CLIP and SigLIP losses "
@@ -467,6 +474,122 @@ def bench_data(args):
         print(f"# torchvision.io / PIL images/s: {speedups}")
 
 
+def pack_shards(paths, folder, per_shard):
+    """The JPEGs as tar shards in img2dataset's layout (KEY.jpg, KEY.txt), per_shard to a shard."""
+    shards = []
+    for first in range(0, len(paths), per_shard):
+        shards.append(os.path.join(folder, f"{len(shards):05d}.tar"))
+        with tarfile.open(shards[-1], "w") as tar:
+            for i, path in enumerate(paths[first:first + per_shard], start=first):
+                tar.add(path, arcname=f"{i:09d}.jpg")
+                caption = CAPTIONS[i % len(CAPTIONS)].encode()
+                info = tarfile.TarInfo(f"{i:09d}.txt")
+                info.size = len(caption)
+                tar.addfile(info, io.BytesIO(caption))
+    return shards
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of these processes so far (Linux)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks += sum(map(int, f.read().rpartition(")")[2].split()[11:13]))  # utime, stime: fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def read_costs(paths, shards, rounds=5):
+    """Median µs per image to read its bytes: as a file, from the shards with data.tar_samples, and from the shards
+    with the standard library's tarfile (which webdataset uses), the reader data.py does not use."""
+    def files():
+        for path in paths:
+            with open(path, "rb") as f:
+                f.read()
+
+    def ours():
+        for shard in shards:
+            for _ in data.tar_samples(shard):
+                pass
+
+    def standard():
+        for shard in shards:
+            with tarfile.open(shard, "r|") as tar:
+                for member in tar:
+                    tar.extractfile(member).read()
+
+    readers = {"files": files, "shards (data.tar_samples)": ours, "shards (tarfile)": standard}
+    times = {name: [] for name in readers}
+    for _ in range(rounds):
+        for name, read in readers.items():
+            t0 = time.perf_counter()
+            read()
+            times[name].append(1e6 * (time.perf_counter() - t0) / len(paths))
+    return [(name, statistics.median(t)) for name, t in times.items()]
+
+
+def bench_shards(args, chunk=16):
+    """Images/s of train.py's two input paths on the same JPEGs: files read by index (train.Seeded over
+    data.ImageCaptions, train.Batches), and the same bytes packed into tar shards, streamed (data.ShardStream). Both
+    decode with torchvision.io and apply the method's transform, seeded per sample, in the same DataLoader set-up, and
+    each worker hands over `chunk` images at a time: a file worker makes whole batches and a shard reader its part of
+    each batch, so this keeps equal the work that each loader's workers prefetch, part of which they do while the
+    other loader is timed. Besides images/s of wall time, images per second of the workers' own CPU time (from
+    /proc), which other processes on a shared machine disturb less."""
+    paths = sorted(os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir) if f.lower().endswith(".jpg"))
+    counts = [int(w) for w in args.workers.split(",")]
+    counts = list(range(1, counts[0] + 1)) if len(counts) == 1 else counts
+    if len(paths) < args.shard_size * max(counts):
+        sys.exit(f"error: {len(paths)} .jpg files in {args.data_dir} make fewer than one shard of {args.shard_size} "
+                 f"per worker (make more with --make-jpegs, or lower --shard-size)")
+    import train
+
+    Method = importlib.import_module(args.method).Method
+    method = Method(create_model(args.model), **train.parse_kwargs(args.method_args))
+    transform = method.transform(data.get_tokenizer("clip"))
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(paths))]
+    print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {method.model.image_resolution} px, "
+          f"{chunk} images per worker output | load average {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as folder:
+        shards = pack_shards(paths, folder, args.shard_size)
+        costs = read_costs(paths, shards)
+        print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in costs))
+        for workers in counts:
+            sources = {
+                "files": dict(dataset=train.Seeded(data.ImageCaptions(paths, captions), transform, args.seed, chunk),
+                              collate_fn=train.collate,
+                              batch_sampler=train.Batches(len(paths), chunk, 0, 1, args.seed, 0)),
+                "shards": dict(dataset=data.ShardStream(shards, transform, args.seed, workers, 0, [chunk] * workers),
+                               batch_size=None)}
+            loaders = {name: iter(torch.utils.data.DataLoader(**source, num_workers=workers, persistent_workers=True,
+                                                             prefetch_factor=4)) for name, source in sources.items()}
+
+            def rates(name, n):  # both streams are endless: time n images from where they stand
+                pids = [worker.pid for worker in loaders[name]._workers]  # the DataLoader's worker processes
+                t0, cpu0, seen = time.perf_counter(), cpu_seconds(pids), 0
+                while seen < n:
+                    seen += len(next(loaders[name])["image"])
+                tick = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of /proc's CPU times
+                return seen / (time.perf_counter() - t0), seen / max(tick, cpu_seconds(pids) - cpu0)
+
+            for name in loaders:  # untimed: worker start-up, the page cache, the shards' first blocks
+                rates(name, len(paths))
+            wall, cpu = {"files": [], "shards": []}, {"files": [], "shards": []}
+            for r in range(args.rounds):
+                for name in (("files", "shards") if r % 2 == 0 else ("shards", "files")):  # ABBA, as --vs-open-clip
+                    for into, rate in zip((wall, cpu), rates(name, args.passes * len(paths))):
+                        into[name].append(rate)
+            parts = []
+            for what, per_worker, rate in (("images/s", workers, wall), ("images per worker CPU-second", 1, cpu)):
+                ratios = [b / a for a, b in zip(rate["files"], rate["shards"])]
+                a, b = (statistics.median(rate[name]) / per_worker for name in ("files", "shards"))
+                parts.append(f"{what}{' per worker' * (per_worker > 1)}: files {a:.1f}, shards {b:.1f}, "
+                             f"shards/files {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-"
+                             f"{max(ratios):.3f})")
+            print(f"data {args.method} files vs shards | {workers} worker{'s' * (workers > 1)} | {' | '.join(parts)} | "
+                  f"{args.rounds} rounds × {args.passes * len(paths)} images each | {command(args)}")
+            del loaders
+
+
 # -----------------------------------------------------------------------------
 # loss memory per rank: our distributed CLIP and SigLIP losses against the all-gather N×N versions
 
@@ -597,6 +720,8 @@ def main(argv=None):
     if args.make_jpegs:
         n, folder = args.make_jpegs
         make_jpegs(int(n), folder, tuple(int(x) for x in args.jpeg_size.lower().split("x")))
+    elif args.data_dir and args.vs_shards:
+        bench_shards(args)
     elif args.data_dir:
         bench_data(args)
     elif args.loss_memory:

@@ -4,6 +4,7 @@ Train a language-image model with any of the five methods. One file, no framewor
     python train.py                                         # CLIP, tiny ResNet, built-in synthetic data, CPU or GPU
     python train.py --method siglip --model ViT-B-32 --data coco --data-dir /data/coco --batch-size 256
     torchrun --nproc_per_node=8 train.py --method slip --model ViT-B-16 --data coco --data-dir /data/coco
+    torchrun --nproc_per_node=8 train.py --model ViT-B-32 --data '/data/cc3m/{00000..00331}.tar' --workers 6
 
 The method (clip.py, siglip.py, slip.py, declip.py, filip.py) is chosen by module name and plugs in through the
 interface documented in clip.py: its views of each sample, its loss, its extra heads, its optimiser defaults.
@@ -43,11 +44,14 @@ def get_args(argv=None):
     p.add_argument("--method", default="clip", choices=METHODS)
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512,queue_size=4096")
     p.add_argument("--model", default="tiny-rn", help="a config of model.py: " + ", ".join(CONFIGS))
-    p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and captions")
+    p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and "
+                                                     "captions | tar shards: a folder, 'dir/{00000..00331}.tar', a::b")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, val2017/, annotations/) or image root for a csv")
     p.add_argument("--csv-img-key", default=None, help="the csv's image-path column (default: filepath, image, "
                                                        "image_path or file_name)")
-    p.add_argument("--csv-caption-key", default=None, help="the csv's caption column (default: title, caption or text)")
+    p.add_argument("--csv-caption-key", default=None, help="the csv's caption column (default: title, caption or "
+                                                          "text); for tar shards, the json field holding captions "
+                                                          "(default: the txt member, else json's caption)")
     p.add_argument("--csv-separator", default=None, help="the csv's separator (default: a tab for .tsv, a comma "
                                                         "otherwise; \\t is a tab)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimiser step")
@@ -60,6 +64,8 @@ def get_args(argv=None):
     p.add_argument("--freeze-patch-embed", action="store_true",
                    help="keep a ViT's patch-embedding conv at its random init (the DeCLIP benchmark does, for every method)")
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
+    p.add_argument("--shuffle-buffer", type=int, default=2000, help="tar shards: each reader shuffles blocks of "
+                                                                       "this many samples")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores "
                                                           "available per rank less one, at most 8)")
     p.add_argument("--out-dir", default="out")
@@ -84,7 +90,7 @@ def get_args(argv=None):
 
     # checked here, so that a bad value stops with one line before anything is built
     least = dict(batch_size=1, grad_accum=1, save_every=1, log_every=1, weight_decay=0, warmup=0, grad_clip=0,
-                 workers=0, eval_every=0, eval_size=0)
+                 workers=0, eval_every=0, eval_size=0, shuffle_buffer=1)
     for flag, low in least.items():
         value = getattr(args, flag)
         if value is not None and not value >= low:  # "not >=" so that NaN fails too
@@ -180,7 +186,8 @@ class Seeded(torch.utils.data.Dataset):
                 bad.append((e.path, e.reason))
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + position)
+                # the CPU generator only: torch.manual_seed also queues a seeding of every CUDA device's (~0.1 ms)
+                torch.default_generator.manual_seed(self.seed * 1_000_003 + position)
                 return {**self.transform(image, caption), "bad": bad}
         raise data.UnreadableImages(f"{len(bad)} images in a row are unreadable, the first {bad[0][0]} "
                                     f"({bad[0][1]}); are the paths right (relative to the csv's folder, or --data-dir)?")
@@ -190,6 +197,14 @@ def collate(samples):
     """default_collate, with the samples' lists of unreadable images joined into one"""
     bad = [b for sample in samples for b in sample.pop("bad")]
     return {**torch.utils.data.default_collate(samples), "bad": bad}
+
+
+def join(chunks, k, device):
+    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
+    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
+    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
+        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
+               else [x for p in parts for x in p[key]] for key in parts[0]}
 
 
 def lr_at(step, peak, warmup, total):
@@ -224,6 +239,23 @@ def save_checkpoint(path, method, optimizer, step, meta):
         if os.path.lexists(path):
             os.remove(path)
         fail(f"could not write {path}: {(e.strerror or str(e)).lower()}; removed the partial file")
+
+
+def rank_state(method, lanes, distributed, world):
+    """What differs between ranks, gathered on rank 0 for its checkpoint: each rank's buffers (DeCLIP's queue holds
+    the rank's own captions; a ResNet's BatchNorm statistics are per rank) when there are several, and where every
+    reader of a shard stream stands, in the order of the lanes: (buffers of each rank or None, positions); (None,
+    None) on the other ranks."""
+    names = dict(method.named_buffers())
+    mine = ({k: v.cpu() for k, v in method.state_dict().items() if k in names}, lanes)
+    ranks = [mine]
+    if distributed:
+        ranks = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(mine, ranks)
+    if ranks is None:
+        return None, None
+    positions = [position for _, lanes in ranks for _, position in sorted(lanes.items())]
+    return ([buffers for buffers, _ in ranks] if world > 1 else None), positions
 
 
 def finite(method, optimizer, device):
@@ -279,10 +311,20 @@ def main(argv=None):
     try:
         tokenizer = data.get_tokenizer(args.tokenizer)
         model_config = dict(CONFIGS[args.model], vocab_size=tokenizer.vocab_size)  # other tokenizers resize the table
-        dataset = data.make_dataset(args.data, args.data_dir, "train", model_config["image_resolution"],
-                                    img_key=args.csv_img_key, caption_key=args.csv_caption_key, sep=args.csv_separator)
+        shards = data.shard_list(args.data)  # None unless --data names tar shards, which are streamed
+        dataset = shards or data.make_dataset(args.data, args.data_dir, "train", model_config["image_resolution"],
+                                              img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                              sep=args.csv_separator)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(e)
+    rank_readers = max(1, args.workers)  # a rank without workers reads in its main process
+    readers = world * rank_readers if shards else None  # a shard stream's lanes (data.ShardStream)
+    if shards and micro < rank_readers:
+        fail(f"--workers {args.workers}: each DataLoader worker reads its own shards and adds at least one sample to "
+             f"each batch of {micro} per rank; use at most {micro} workers")
+    if shards and len(shards) < readers:
+        fail(f"{len(shards)} shards for {readers} readers ({world} ranks × {rank_readers} workers): each reader needs "
+             f"a shard of its own; use fewer --workers")
     torch.manual_seed(args.seed)
     model = CLIPModel(**model_config)
     with torch.no_grad():
@@ -297,7 +339,6 @@ def main(argv=None):
     except TypeError as e:
         fail(f"--method-args: {e}")
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what eval needs to rebuild
-    train_set = Seeded(dataset, method.transform(tokenizer), args.seed, micro * world)
     evals = None  # --eval-every's tasks, read now: a bad path stops here, not after hours of training
     if args.eval_every or args.eval_dataset:
         name = args.eval_dataset or ("synthetic" if args.data == "synthetic" else None)
@@ -319,6 +360,8 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start_step = 0
     on_disk = None  # the step ckpt.pt holds, once this run has one there
+    stream_start = None  # where a shard stream's readers start: [(epoch, shard, sample, taken)] (data.ShardStream)
+    own_buffers = None  # this rank's buffers when the checkpoint holds every rank's
     if args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
         checkpoint = eval_zeroshot.read_checkpoint(path, args.trust_checkpoint)
@@ -336,32 +379,51 @@ def main(argv=None):
         for group, weight_decay in zip(optimizer.param_groups, decays):  # this run's flags, as for the lr schedule
             group["weight_decay"] = weight_decay
         start_step = checkpoint["step"]
+        stream = checkpoint.get("stream")
+        if shards and stream:
+            if (stream["readers"], stream["shards"]) != (readers, len(shards)):
+                fail(f"{path} streamed {stream['shards']} shards with {stream['readers']} readers (ranks × workers), "
+                     f"this run {len(shards)} with {readers}: pass the same --data and --workers on as many ranks")
+            stream_start = stream["lanes"]
+        if len(checkpoint.get("rank_buffers") or ()) == world:  # this rank's own, where they differ (DeCLIP's queue)
+            own_buffers = checkpoint["rank_buffers"][rank]
         if start_step >= args.steps:
             fail(f"{path} already trained {start_step} steps; pass a larger --steps to train on")
         if os.path.abspath(path) == os.path.abspath(ckpt_path):
             on_disk = start_step
         print0(f"resumed from {path} at step {start_step}")
 
+    transform = method.transform(tokenizer)
+    if shards:  # this rank's readers give micro // rank_readers samples (or one more) to each micro-batch
+        sizes = [micro // rank_readers + (i < micro % rank_readers) for i in range(rank_readers)]
+        source = dict(batch_size=None, dataset=data.ShardStream(
+            shards, transform, args.seed, readers, rank * rank_readers, sizes, args.shuffle_buffer, stream_start,
+            args.csv_caption_key))
+    else:
+        source = dict(dataset=Seeded(dataset, transform, args.seed, micro * world), collate_fn=collate,
+                      batch_sampler=Batches(len(dataset), micro, rank, world, args.seed, start_step * args.grad_accum))
     loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_sampler=Batches(len(train_set), micro, rank, world, args.seed, start_step * args.grad_accum),
-        collate_fn=collate,
+        **source,
         num_workers=args.workers,
         pin_memory=device.startswith("cuda"),
         persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
     )
-    batches = iter(loader)
+    batches = join(iter(loader), rank_readers, device) if shards else iter(loader)
+    lanes = {}  # this rank's readers: where each stands after the batches taken so far
 
     train_model = method
     if distributed:
         train_model = wrap_ddp(method, device)
+        if own_buffers:  # after DDP, which copies rank 0's buffers to every rank when it starts
+            method.load_state_dict(own_buffers, strict=False)
     if args.compile:
         train_model = torch.compile(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     n_params = sum(p.numel() for p in method.parameters())
-    print0(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M params) | {args.data}: {len(dataset)} samples | "
+    print0(f"{args.method} | {args.model} ({n_params / 1e6:.1f}M params) | "
+           f"{args.data}: {len(dataset)} {'shards' if shards else 'samples'} | "
            f"{world} rank(s) on {device} | batch {args.batch_size} = {world} × {args.grad_accum} × {micro} | "
            f"lr {lr:.3g} ({lr_source}) wd {weight_decay:g} warmup {warmup} | {args.steps} steps")
 
@@ -406,6 +468,7 @@ def main(argv=None):
                     log_file.close()
                 fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableImages: "))
             bad = batch.pop("bad")
+            lanes.update(batch.pop("lanes", ()))
             new_bad.update(bad)
             reads, failed = reads + micro + len(bad), failed + len(bad)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -482,8 +545,10 @@ def main(argv=None):
                 dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if not ok.item():
                 stop(f"the weights are not finite after step {done}")
+            rank_buffers, positions = rank_state(method, lanes, distributed, world)  # a collective: on every rank
             if master:
-                save_checkpoint(tmp_path, method, optimizer, done, meta)
+                stream = dict(readers=readers, shards=len(shards), lanes=positions) if shards else None
+                save_checkpoint(tmp_path, method, optimizer, done, dict(meta, rank_buffers=rank_buffers, stream=stream))
             written = done
             if done == args.steps:  # no next step to vouch for it: its weights and losses are finite
                 if master:

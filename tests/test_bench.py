@@ -71,6 +71,22 @@ def test_data_pipeline(tmp_path, capsys):
         bench.main(["--data-dir", str(tmp_path)])
 
 
+def test_files_vs_shards(tmp_path, capsys):
+    folder = str(tmp_path / "jpegs")
+    bench.main(["--make-jpegs", "8", folder, "--jpeg-size", "160x120"])
+    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1,2", "--passes", "2",
+                "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"^# reading only, per image: files \d+ us, shards \(data.tar_samples\) \d+ us", out, re.M), out
+    found = re.search(r"^data clip files vs shards \| 1 worker \| images/s: files ([\d.]+), shards ([\d.]+), "
+                      r"shards/files [\d.]+ \(rounds [\d.]+-[\d.]+\) \| images per worker CPU-second: files "
+                      r"([\d.]+), shards ([\d.]+), .* \| 2 rounds × 16 images each \| python bench.py", out, re.M)
+    assert found and all(float(x) > 0 for x in found.groups()), out
+    assert re.search(r"^data clip files vs shards \| 2 workers \| images/s per worker: files [\d.]+, shards", out, re.M)
+    with pytest.raises(SystemExit, match="fewer than one shard of 4 per worker"):
+        bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "3"])
+
+
 # a config of our own, so that the hand count below does not depend on model.CONFIGS
 TINY = dict(embed_dim=96, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
             context_length=16, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=3)

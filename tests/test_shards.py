@@ -1,0 +1,343 @@
+"""Tar shards (issue 12): streamed in img2dataset's layout, split over readers with no sample read twice in an epoch,
+resumed exactly mid-epoch, bad samples skipped and counted; 2 "nodes" equal one process; DeCLIP's multi-rank resume
+is exact."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny-vit", "--batch-size", "8", "--log-every", "1", "--eval-size", "0", "--shuffle-buffer", "6"]
+SIZES = [9, 5, 12, 7, 6]  # unequal shards: readers' epochs end at different steps
+
+
+def add(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shards(folder, sizes=SIZES, corrupt=(), uncaptioned=(), truncated=()):
+    """Shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json per sample), each caption naming its sample:
+    "sample S I". corrupt: (S, I) whose jpg is garbage; uncaptioned: (S, I) with neither txt nor a json caption;
+    truncated: shards cut in the middle of their last sample's image. -> the shard paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for s, n in enumerate(sizes):
+        path = os.path.join(folder, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(n):
+                key = f"{s:04d}{i:05d}"
+                jpeg = io.BytesIO()
+                Image.new("RGB", (24 + i, 20), ((37 * s) % 256, (53 * i) % 256, 120)).save(jpeg, "JPEG")
+                add(tar, key + ".jpg", b"not a jpeg" if (s, i) in corrupt else jpeg.getvalue())
+                meta = {"key": key, "status": "success"}
+                if (s, i) not in uncaptioned:
+                    add(tar, key + ".txt", f"sample {s} {i}".encode())
+                    meta["caption"] = f"sample {s} {i}"
+                add(tar, key + ".json", json.dumps(meta).encode())
+        if s in truncated:
+            with tarfile.open(path) as tar:
+                last = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-1]
+            os.truncate(path, last.offset_data + last.size // 2)
+        paths.append(path)
+    return paths
+
+
+def ids(image, caption):
+    """A transform that keeps which sample this is, (S, I), and the decoded image's width."""
+    s, i = map(int, caption.split()[1:])
+    return {"id": torch.tensor([s, i]), "width": torch.tensor(image.shape[-1])}
+
+
+def take(stream, chunks):
+    """The first chunks of a stream (one reader's): [(S, I), ...], the bad samples, the positions after each chunk."""
+    it = iter(stream)
+    got = [next(it) for _ in range(chunks)]
+    return ([tuple(x.tolist()) for c in got for x in c["id"]], [b for c in got for b in c["bad"]],
+            [c["lanes"][0][1] for c in got])
+
+
+def test_shard_list(tmp_path):
+    paths = write_shards(tmp_path / "d", sizes=[1, 1, 1])
+    (tmp_path / "d" / "stats.json").write_text("{}")  # img2dataset's other files in the folder are not shards
+    assert data.shard_list(str(tmp_path / "d")) == paths
+    assert data.shard_list(str(tmp_path / "d" / "{00000..00002}.tar")) == paths
+    assert data.shard_list(f"{paths[2]}::{tmp_path}/d/{{00000..00001}}.tar") == [paths[2], *paths[:2]]
+    assert data.shard_list(str(tmp_path / "d" / "{00000,00002}.tar")) == [paths[0], paths[2]]
+    for other in ("synthetic", "coco", "pairs.tsv", "x.csv"):
+        assert data.shard_list(other) is None
+    with pytest.raises(FileNotFoundError, match=r"2 of the 5 shards .* the first \S+00003.tar"):
+        data.shard_list(str(tmp_path / "d" / "{00000..00004}.tar"))
+    with pytest.raises(FileNotFoundError, match="holds no .tar files"):
+        data.shard_list(str(tmp_path))
+
+
+def test_tar_samples_group_by_key_and_report_a_truncated_file(tmp_path):
+    path = write_shards(tmp_path, sizes=[4], truncated=[0])[0]
+    samples = list(data.tar_samples(path))
+    assert [key for key, _ in samples[:3]] == ["000000000", "000000001", "000000002"]
+    assert sorted(samples[0][1]) == ["jpg", "json", "txt"]
+    image, caption = data.decode_sample(samples[1][1])
+    assert caption == "sample 0 1" and image.shape == (3, 20, 25)
+    assert len(samples) == 4 and samples[3] == ("", "the shard ends within 000000003.jpg (it is cut short)")
+    members = dict(samples[0][1])
+    assert data.decode_sample({"png": members["jpg"], "json": members["json"]})[1] == "sample 0 0"  # json's caption
+    assert data.decode_sample(members, caption_key="key")[1] == "000000000"
+    with pytest.raises(ValueError, match="no caption"):
+        data.decode_sample({"jpg": members["jpg"], "json": b'{"key": "x"}'})
+    with pytest.raises(ValueError, match="no image"):
+        data.decode_sample({"txt": b"a caption"})
+    assert list(data.tar_samples(str(tmp_path / "missing.tar")))[0][0] == ""
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
+    """data.tar_members against the standard library's reader: long names (pax records, GNU's, ustar's prefix),
+    pax records for float mtimes (webdataset's TarWriter, which img2dataset uses, writes one per member), folders and
+    links skipped; a corrupt header and a file cut short."""
+    long = "c" * 90 + "/" + "d" * 60 + ".jpg" if fmt == tarfile.USTAR_FORMAT else "a/" + "é" * 120 + "/000000001.jpg"
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, payload in [("x/000000000.jpg", b"abc"), ("x/000000000.txt", b"a caption"), (long, b"zz" * 700)]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(payload), 1.5 if fmt == tarfile.PAX_FORMAT else 1
+            tar.addfile(info, io.BytesIO(payload))
+            for kind in (tarfile.DIRTYPE, tarfile.SYMTYPE):
+                info = tarfile.TarInfo(name + ".entry")
+                info.type, info.linkname = kind, "x"
+                tar.addfile(info)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        last = [m for m in tar if m.isfile()][-1]
+    with open(path, "rb") as f:
+        assert list(data.tar_members(f)) == expected and len(expected) == 3
+    raw = path.read_bytes()
+    cut = list(data.tar_members(io.BytesIO(raw[:last.offset_data + 100])))  # within the last member's data
+    assert cut == [*expected[:2], (long, None)]
+    with pytest.raises(ValueError, match="not a tar header"):  # within a header
+        list(data.tar_members(io.BytesIO(raw[:last.offset - 200])))
+    corrupt = raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]  # one bit of the first header's mode field
+    with pytest.raises(ValueError, match="not a tar header"):
+        list(data.tar_members(io.BytesIO(corrupt)))
+
+
+def test_readers_split_the_shards_and_each_reads_every_sample_of_its_own_once_per_epoch(tmp_path):
+    shards = write_shards(tmp_path)
+    N, seen = 3, []
+    for lane in range(N):
+        stream = data.ShardStream(shards, ids, seed=0, readers=N, first_lane=lane, sizes=[1], buffer=4)
+        mine = stream.lane_shards(lane, 0)
+        epoch = sum(SIZES[s] for s in mine)
+        got, _, _ = take(stream, epoch + 5)
+        assert sorted(got[:epoch]) == sorted((s, i) for s in mine for i in range(SIZES[s]))  # each once
+        assert {s for s, _ in got[epoch:]} <= set(stream.lane_shards(lane, 1))  # then its share of epoch 1
+        seen += got[:epoch]
+        # a shuffle of samples within blocks of 4, reproducible, a function of the seed
+        assert got[:4] != sorted(got[:4]) or got[4:8] != sorted(got[4:8])
+        assert take(stream, epoch)[0] == got[:epoch]
+        other = data.ShardStream(shards, ids, seed=1, readers=N, first_lane=lane, sizes=[1], buffer=4)
+        assert take(other, epoch)[0] != got[:epoch]
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(SIZES) for i in range(n))  # no sample twice
+
+
+def test_a_reader_resumes_exactly_from_any_position(tmp_path):
+    shards = write_shards(tmp_path, corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
+    stream = data.ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
+    got, bad, positions = take(stream, 45)  # reader 1 of 2, through 2 epochs, one sample at a time
+    for k in (0, 3, 4, 9, 17, 30):
+        start = [None, positions[k]]
+        resumed = data.ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5, start=start)
+        assert take(resumed, 10)[0] == got[k + 1:k + 11], k
+
+
+def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
+    shards = write_shards(tmp_path, corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
+    stream = data.ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=8)
+    got, bad, _ = take(stream, 10)  # an epoch's 36 good samples (3 are not), and 4 of the next
+    assert len(set(got[:36])) == 36 and {(2, 3), (0, 1), (3, 6)}.isdisjoint(got)  # (3, 6): the truncated one's last
+    names = dict(bad)
+    assert set(names) == {shards[2] + "/000200003", shards[0] + "/000000001", shards[3]}, names
+    assert "no caption" in names[shards[0] + "/000000001"] and "cut short" in names[shards[3]]
+    assert (3, 5) in got  # the truncated shard's samples before the cut are read
+
+
+def test_unreadable_shards_stop_the_stream(tmp_path):
+    shards = write_shards(tmp_path, sizes=[75], corrupt=[(0, i) for i in range(3, 75)])  # 3 good ones, then none
+    with pytest.raises(data.UnreadableImages, match=r"64 samples in a row are unreadable, the first \S+00000.tar/0"):
+        next(iter(data.ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=1)))
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    with pytest.raises(data.UnreadableImages, match="hold no samples"):
+        next(iter(data.ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
+
+
+# --- train.py on shards -----------------------------------------------------------------------------------------------
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def main_error(*argv):
+    with pytest.raises(SystemExit) as stopped:
+        train.main([str(a) for a in argv])
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_training_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "shards", corrupt=[(2, 3)])
+    args = ["--data", str(tmp_path / "shards"), "--steps", "6", "--save-every", "2", *TINY, "--workers", "2"]
+    train.main([*args, "--out-dir", str(tmp_path / "full")])
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, method, optimizer, step, meta):
+        real_save(path, method, optimizer, step, meta)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, "--out-dir", str(out)])
+    stream = load(out)["stream"]
+    assert load(out)["step"] == 2 and stream["readers"] == 2 and stream["shards"] == len(shards)
+    assert [tuple(p)[:1] for p in stream["lanes"]] == [(0,), (0,)]  # both readers mid-way through epoch 0
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main([*args, "--out-dir", str(out), "--resume"])
+
+    full, resumed = load(tmp_path / "full"), load(out)
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
+    assert resumed["stream"] == full["stream"] and max(p[0] for p in full["stream"]["lanes"]) >= 1  # past an epoch
+    assert [e["loss"] for e in read_log(out)] == [e["loss"] for e in read_log(tmp_path / "full")]
+    # the resumed run's readers must be as many as before: they define the stream
+    message = main_error(*args, "--workers", "1", "--steps", "8", "--out-dir", out, "--resume")
+    assert "streamed 5 shards with 2 readers" in message and "this run 5 with 1" in message
+
+
+def test_bad_samples_are_counted_like_unreadable_images(tmp_path, capsys):
+    write_shards(tmp_path / "shards", corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
+    train.main(["--data", str(tmp_path / "shards" / "{00000..00004}.tar"), "--steps", "5", *TINY, "--workers", "0",
+                "--out-dir", str(tmp_path / "o")])
+    assert read_log(tmp_path / "o")[-1]["skipped"] == 3  # an epoch is 36 good samples: 4.5 steps of 8
+    out = capsys.readouterr().out
+    assert "warning: cannot read" in out and "skipped 3 unreadable images" in out
+
+    write_shards(tmp_path / "junk", sizes=[20, 20], corrupt=[(s, i) for s in range(2) for i in range(20) if i % 4])
+    message = main_error("--data", tmp_path / "junk", "--steps", "30", *TINY, "--workers", "0", "--out-dir",
+                         tmp_path / "o2")
+    assert "image reads failed, the first" in message and "junk/0000" in message
+
+
+def test_shard_flags_are_checked(tmp_path):
+    write_shards(tmp_path, sizes=[2, 2, 2])
+    message = main_error("--data", tmp_path, *TINY, "--workers", "4", "--out-dir", tmp_path / "o")
+    assert "3 shards for 4 readers (1 ranks × 4 workers)" in message
+    message = main_error("--data", tmp_path, *TINY, "--batch-size", "2", "--workers", "3", "--out-dir", tmp_path / "o")
+    assert "use at most 2 workers" in message
+    assert "--shuffle-buffer must be 1 or more" in main_error("--data", tmp_path, *TINY, "--shuffle-buffer", "0")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args, launcher=(), cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    return subprocess.Popen([sys.executable, *launcher, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p):
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def test_two_nodes_equal_one_process(tmp_path):
+    """torchrun --nnodes 2, one process each, rendezvous on localhost: the same global batches as one process whose
+    2 DataLoader workers are the same 2 readers, so the same losses."""
+    write_shards(tmp_path / "shards", corrupt=[(2, 3)])
+    args = [os.path.join(ROOT, "train.py"), "--data", tmp_path / "shards", "--steps", "4", *TINY]
+    one = launch(*args, "--workers", "2", "--out-dir", tmp_path / "one", cwd=tmp_path)
+    port = free_port()
+    nodes = [launch(*args, "--workers", "0", "--out-dir", tmp_path / "two", cwd=tmp_path, launcher=(
+        "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port))) for node in (0, 1)]
+    finish(one)
+    assert "2 rank(s)" in finish(nodes[0])
+    finish(nodes[1])
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [e["step"] for e in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    assert load(tmp_path / "one")["stream"] == load(tmp_path / "two")["stream"]
+
+
+# torchrun runs this instead of train.py to stop a run as a kill would, on every rank once step 4's checkpoint is
+# gathered (before it is written): ckpt.pt then holds step 2
+STOP_AT_4 = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import train
+
+real = train.rank_state
+def rank_state(*args):
+    state = real(*args)
+    rank_state.calls += 1
+    if rank_state.calls == 2:
+        sys.exit("stopped by the test")
+    return state
+rank_state.calls = 0
+train.rank_state = rank_state
+train.main()
+"""
+
+
+def test_declip_resumes_exactly_on_two_ranks(tmp_path):
+    """Each rank's queue holds its own captions: a 2-rank run stopped after 2 steps and resumed gives the weights and
+    both queues of an uninterrupted one (and reads on mid-epoch from the shards)."""
+    write_shards(tmp_path / "shards")
+    (tmp_path / "stop.py").write_text(STOP_AT_4)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = ["--method", "declip", "--method-args", "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4",
+            "--data", tmp_path / "shards", "--steps", "4", "--save-every", "2", *TINY, "--workers", "1"]
+    finish(launch(os.path.join(ROOT, "train.py"), *args, "--out-dir", tmp_path / "full", cwd=tmp_path,
+                  launcher=torchrun))
+    stopped = launch(tmp_path / "stop.py", *args, "--out-dir", tmp_path / "resumed", cwd=tmp_path, launcher=torchrun)
+    assert "stopped by the test" in stopped.communicate(timeout=600)[0] and stopped.returncode != 0
+    assert load(tmp_path / "resumed")["step"] == 2
+    finish(launch(os.path.join(ROOT, "train.py"), *args, "--out-dir", tmp_path / "resumed", "--resume",
+                  cwd=tmp_path, launcher=torchrun))
+
+    full, resumed = load(tmp_path / "full"), load(tmp_path / "resumed")
+    queues = [r["queue"] for r in full["rank_buffers"]]
+    assert not torch.equal(queues[0], queues[1])  # each rank's own captions
+    assert torch.equal(queues[0], full["method"]["queue"]) and int(full["method"]["queue_filled"]) == 4 * 2 * 4
+    for r in range(2):
+        for k, v in full["rank_buffers"][r].items():
+            torch.testing.assert_close(resumed["rank_buffers"][r][k], v, rtol=0, atol=0, msg=f"rank {r} {k}")
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
