@@ -376,8 +376,8 @@ def main(argv=None):
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError) as e:
             fail(f"{path} does not fit this run's --method-args, --tokenizer or --freeze-patch-embed: {e}")
-        for group, weight_decay in zip(optimizer.param_groups, decays):  # this run's flags, as for the lr schedule
-            group["weight_decay"] = weight_decay
+        for group, decay in zip(optimizer.param_groups, decays):  # this run's flags, as for the lr schedule
+            group["weight_decay"] = decay
         start_step = checkpoint["step"]
         stream = checkpoint.get("stream")
         if shards and stream:
