@@ -133,11 +133,10 @@ def forward_flops(config):
 
 
 def step_flops(config, batch):
-    """Training FLOPs per sample: 3 × forward, once per image view and per caption view of the batch."""
+    """Training FLOPs per sample: 3 × forward, once per image view (4-D) and per caption view (text*) of the batch."""
     image, text = forward_flops(config)
-    views = [v for v in batch.values() if torch.is_tensor(v)]
-    n_image = sum(v.ndim == 4 for v in views)
-    n_text = sum(v.ndim == 2 and not v.is_floating_point() for v in views)
+    n_image = sum(v.ndim == 4 for v in batch.values())
+    n_text = sum(key.startswith("text") for key in batch)
     return 3 * (n_image * image + n_text * text)
 
 
