@@ -29,6 +29,7 @@ import ctypes
 import gc
 import importlib
 import math
+import multiprocessing
 import os
 import shlex
 import statistics
@@ -280,10 +281,25 @@ def profile_steps(step, batch, steps, device):
         print(f"profile |   {share(us):>6} {name[:110]}")
 
 
-def bench_step(args):
+def setup(args):
+    """-> the method (training mode), what to call (the method, compiled with --compile), its AdamW, a batch of the
+    method's views, the device and the autocast context, as train.py would have them."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    Method = importlib.import_module(args.method).Method
+    torch.manual_seed(0)
+    model = create_model(args.model)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
+    method = Method(model, **train.parse_kwargs(args.method_args)).to(device).train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return (method, torch.compile(method) if args.compile else method,
+            make_optimizer(Method, method, CONFIGS[args.model], device),
+            synthetic_batch(method, args.batch_size, device, seed=0), device, autocast)
+
+
+def bench_step(args):
     if args.model not in CONFIGS:
         sys.exit(f"error: unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
     if args.vs_open_clip and args.method != "clip":
@@ -294,18 +310,9 @@ def bench_step(args):
     for name in variants:
         if name not in FEATURES:
             sys.exit(f"error: --variants: unknown {name}; choose among {', '.join(FEATURES)}")
-    Method = importlib.import_module(args.method).Method
-    torch.manual_seed(0)
-    model = create_model(args.model)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
-    method = Method(model, **train.parse_kwargs(args.method_args)).to(device).train()
-    if (args.patch_dropout or "pd" in variants) and not hasattr(model.visual, "patch_dropout"):
+    if (args.patch_dropout or "pd" in variants) and not isinstance(CONFIGS[args.model]["vision_layers"], int):
         sys.exit(f"error: patch dropout: {args.model} is a ResNet, which has no patch tokens")
-    optimizer = make_optimizer(Method, method, CONFIGS[args.model], device)
-    batch = synthetic_batch(method, args.batch_size, device, seed=0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    ours = torch.compile(method) if args.compile else method
+    method, ours, optimizer, batch, device, autocast = setup(args)
     print(f"# {args.method} {args.model} on {device_label(device)}, batch {args.batch_size}: "
           f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in batch.items())} | load average {os.getloadavg()[0]:.2f}")
     if args.vs_open_clip:
@@ -331,26 +338,35 @@ def bench_step(args):
     return samples_per_s
 
 
-def compare_variants(args, variants, method, ours, optimizer, batch, device, autocast):
-    """Steps with each variant's features on (FEATURES), on the same weights and batch, in alternating rounds; then
-    each one's activation memory: the peak of one forward and backward beyond what was allocated before it, the
-    gradients included (measured after the timing: on a CPU it changes malloc's settings). One line per variant."""
-    def options(name):  # our_step's keyword arguments
-        on = FEATURES[name]
-        return dict(accum=args.grad_accum if "accum" in on else 1, checkpointing="ckpt" in on,
-                    patch_dropout=args.patch_dropout if "pd" in on else 0.0)
+def variant_options(args, name):  # our_step's keyword arguments for a variant of --variants
+    on = FEATURES[name]
+    return dict(accum=args.grad_accum if "accum" in on else 1, checkpointing="ckpt" in on,
+                patch_dropout=args.patch_dropout if "pd" in on else 0.0)
 
-    steps = {name: our_step(method, ours, optimizer, autocast, **options(name)) for name in variants}
+
+def variant_memory(args, name):
+    """In a fresh process: the activation memory of one forward and backward of a variant, i.e. its peak beyond what
+    was allocated before it (the weights, the optimiser state, the gradients, allocated beforehand). A fresh process,
+    because on a CPU the measurement changes malloc's settings for good, and in a heap that earlier steps fragmented
+    the resident memory overstates the live tensors."""
+    method, ours, optimizer, batch, device, autocast = setup(args)
+    options = variant_options(args, name)
+    our_step(method, ours, optimizer, autocast, **options)(batch)  # sets the features; first-step allocations
+    for p in method.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    return peak_memory(lambda: train.forward_backward(method, ours, split(batch, options["accum"]), 0, autocast),
+                       device)
+
+
+def compare_variants(args, variants, method, ours, optimizer, batch, device, autocast):
+    """Steps with each variant's features on (FEATURES), on the same weights and batch, in alternating rounds, and
+    each one's activation memory (variant_memory). One line per variant, each against the first."""
+    steps = {name: our_step(method, ours, optimizer, autocast, **variant_options(args, name)) for name in variants}
     times, rounds, _ = alternate(steps, batch, args, device)
     memory = {}
-    for name in variants if device.type == "cuda" or os.path.exists("/proc/self/clear_refs") else []:
-        o = options(name)
-        steps[name](batch)  # sets the variant's features
-        for p in method.parameters():  # the gradients exist already: the peak is what the step adds
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
-        memory[name] = peak_memory(lambda: train.forward_backward(method, ours, split(batch, o["accum"]), 0,
-                                                                  autocast), device)
-        method.zero_grad(set_to_none=True)
+    if device.type == "cuda" or os.path.exists("/proc/self/clear_refs"):
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            memory = {name: pool.apply(variant_memory, (args, name)) for name in variants}
     base, B = variants[0], args.batch_size
     for name in variants:
         rate, ratios = B * len(times[name]) / sum(times[name]), [r[name] / r[base] for r in rounds]
