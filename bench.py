@@ -1,24 +1,28 @@
 """
-Benchmarks: the training step of any method and model, side by side with open_clip, and the input pipeline.
+Benchmarks: the training step of any method and model, alone, side by side with open_clip, or with and without
+accumulation, checkpointing and patch dropout; the input pipeline; the losses' memory per rank.
 
     python bench.py --method clip --model ViT-B-32 --batch-size 32            # train-step throughput (CPU or GPU)
     python bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip    # ours vs open_clip, alternating
+    python bench.py --model ViT-B-16 --batch-size 8 --grad-accum 4 --patch-dropout 0.5 \\
+        --variants plain,accum,ckpt,ckpt+accum,pd                              # each feature, alternating
     python bench.py --make-jpegs 200 /tmp/jpegs                                # a folder of COCO-sized JPEGs
     python bench.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 2        # decode + augment, images/s
     python bench.py --data-dir /tmp/jpegs --vs-shards --workers 1,2           # the same JPEGs from tar shards
     torchrun --nproc_per_node=8 bench.py --loss-memory --batch-size 8192       # loss memory per rank vs N×N
 
-A step is what train.py does: forward and loss (bf16 autocast on CUDA), backward, AdamW step, post_step. The batch is
-synthetic but has exactly the method's views: the method's own transform applied to SyntheticCaptions samples, so
-SLIP gets its three image views and DeCLIP its two images and two captions. Each configuration prints one line
-starting with "bench", "data" or "loss-memory", ending with the command that produced it.
+A step is what train.py does: train.forward_backward (bf16 autocast on CUDA; --grad-accum micro-batches), AdamW,
+post_step. The batch is synthetic but has exactly the method's views: the method's own transform applied to
+SyntheticCaptions samples, so SLIP gets its three image views and DeCLIP its two images and two captions. Timings
+that are compared come from one process, in alternating rounds (ABBA), so a drift of the machine favours no side.
+Each configuration prints one line starting with "bench", "variant", "data" or "loss-memory", ending with the command.
 
 FLOPs: forward_flops() counts the multiply-adds of every matmul and convolution of the two encoders (patch embedding,
 attention projections, attention scores and weighted sums over all L² pairs, MLPs, final projections; a ResNet's
 convolutions and attention pool) and reports 2 FLOPs per multiply-add. That is the convention of open_clip's
 docs/model_profile.csv, whose figures this reproduces (ViT-B-32 14.78, ViT-B-16 41.09, RN50 18.18 GFLOPs per
 image-text pair, forward). A training step costs 3× the forward (the backward computes two products per forward
-product). Method heads and losses are not counted, so MFU is slightly conservative for SLIP/DeCLIP/FILIP.
+product); MFU counts those, not what accumulation or checkpointing recompute, nor the method's heads and losses.
 """
 
 import argparse
@@ -27,8 +31,8 @@ import gc
 import importlib
 import io
 import math
+import multiprocessing
 import os
-import resource
 import shlex
 import statistics
 import sys
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import train
 from clip import all_gather, clip_loss
 from model import CONFIGS, create_model
 from siglip import siglip_loss
@@ -52,6 +57,8 @@ METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
 CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",
             "a plate of food with rice and vegetables", "a city street with cars and a bus."]
+# --variants: what each name switches on (accum: --grad-accum micro-batches, pd: --patch-dropout)
+FEATURES = {"plain": (), "accum": ("accum",), "ckpt": ("ckpt",), "pd": ("pd",), "ckpt+accum": ("ckpt", "accum")}
 
 
 def get_args(argv=None):
@@ -59,29 +66,33 @@ def get_args(argv=None):
     p.add_argument("--method", default="clip", choices=METHODS)
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512")
     p.add_argument("--model", default="tiny-vit", help="a config of model.py: " + ", ".join(CONFIGS))
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (per implementation with --vs-open-clip)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (per implementation with --vs-open-clip)")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per step (the global batch of train.py)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step, as train.py's")
+    p.add_argument("--grad-checkpointing", action="store_true", help="as train.py's")
+    p.add_argument("--patch-dropout", type=float, default=0.0, help="as train.py's")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (per implementation or variant)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (per implementation or variant)")
+    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip, --variants: the timed steps are split into "
+                                                          "this many alternating rounds (A B B A ...)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both, with --vs-open-clip)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (default: table for GPUs)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss (clip only)")
+    p.add_argument("--variants", default=None, help="alternate steps with these features on, comma-separated: "
+                   + ", ".join(FEATURES) + " (accum uses --grad-accum, pd --patch-dropout); time and activation "
+                   "memory per sample, against the first")
     p.add_argument("--profile", action="store_true", help="after timing, profile 3 of our steps and print where the "
                                                           "time goes (share of the step per kernel and per kind)")
-    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip, --vs-shards: the timed steps are split "
-                   "into this many alternating rounds (ours, theirs, theirs, ours, ...)")
+    p.add_argument("--passes", type=int, default=1, help="--vs-shards: passes over the folder per round")
+    p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
     p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
     p.add_argument("--workers", default=str(os.cpu_count()), help="--data-dir: DataLoader workers: N for 1..N, or a "
                                                                  "list such as 1,4,8")
-    p.add_argument("--passes", type=int, default=2, help="--data-dir: timed passes over the folder per setting")
     p.add_argument("--decoders", default="pil,tvio", help="--data-dir: pil and/or tvio (data.load_image) "
                                                          "(torchvision.io.decode_jpeg)")
     p.add_argument("--vs-shards", action="store_true", help="--data-dir: train.py's reading of the JPEGs as files "
                    "(as a CSV or COCO) against the same JPEGs packed into tar shards, alternating --rounds rounds")
     p.add_argument("--shard-size", type=int, default=100, help="--vs-shards: images per tar shard")
     p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
-    p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
     p.add_argument("--loss-memory", action="store_true", help="peak memory per rank of the CLIP and SigLIP losses "
                    "(forward + backward) at global batch --batch-size, against the all-gather N×N versions; "
                    "run under torchrun for several ranks")
@@ -124,8 +135,9 @@ def resnet_macs(layers, width, R, D):
     return macs + C * C + 2 * L * C * C + 2 * L * C + C * D  # q; k and v; scores and weighted sum; c_proj
 
 
-def forward_flops(config):
-    """(image, text) forward FLOPs per sample of a model.CONFIGS entry, 2 FLOPs per multiply-add."""
+def forward_flops(config, patch_dropout=0.0):
+    """(image, text) forward FLOPs per sample of a model.CONFIGS entry, 2 FLOPs per multiply-add. With patch dropout
+    the ViT's transformer runs on the kept patches only (model.drop_patches keeps ⌊(1 − p)·P⌋)."""
     c = config
     D, R, w = c["embed_dim"], c["image_resolution"], c["vision_width"]
     if isinstance(c["vision_layers"], (list, tuple)):
@@ -133,38 +145,46 @@ def forward_flops(config):
     else:
         p = c["vision_patch_size"]
         P = (R // p) ** 2  # patches; the transformer also carries the class token
-        image = P * 3 * p * p * w + transformer_macs(P + 1, w, c["vision_layers"]) + w * D
+        kept = max(1, int(P * (1 - patch_dropout))) if patch_dropout else P
+        image = P * 3 * p * p * w + transformer_macs(kept + 1, w, c["vision_layers"]) + w * D
     tw = c["transformer_width"]
     text = transformer_macs(c["context_length"], tw, c["transformer_layers"]) + tw * D  # projection: EOT token only
     return 2 * image, 2 * text
 
 
-def step_flops(config, batch):
-    """Training FLOPs per sample: 3 × forward, once per image view and per caption view of the batch."""
-    image, text = forward_flops(config)
-    views = [v for v in batch.values() if torch.is_tensor(v)]
-    n_image = sum(v.ndim == 4 for v in views)
-    n_text = sum(v.ndim == 2 and not v.is_floating_point() for v in views)
+def step_flops(config, batch, patch_dropout=0.0):
+    """Training FLOPs per sample: 3 × forward, once per image view (4-D) and per caption view (text*) of the batch."""
+    image, text = forward_flops(config, patch_dropout)
+    n_image = sum(v.ndim == 4 for v in batch.values())
+    n_text = sum(key.startswith("text") for key in batch)
     return 3 * (n_image * image + n_text * text)
 
 
-def peak_tflops(args, device):
-    if args.peak_tflops:
-        return args.peak_tflops
+def peak_tflops(device):  # the dense bf16 peak of a known GPU, for the MFU; None on a CPU
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None) if name else None
+
+
+def throughput(flops, samples_per_s, peak):
+    achieved = flops * samples_per_s / 1e12  # TFLOP/s
+    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g}" if peak else ""
+    return f"{flops / 3 / 1e9:.2f} GFLOP/sample fwd, {achieved:.3g} TFLOP/s{mfu}"
+
+
+def device_label(device):
+    return f"cuda bf16 {torch.cuda.get_device_name(device)}" if device.type == "cuda" else \
+        f"cpu fp32 {torch.get_num_threads()} threads"
+
+
+def step_memory(device):  # the peak of the whole process so far (CPU) or since the timed steps began (CUDA)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
-    return None
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    import resource
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"  # ru_maxrss: KiB
 
 
 # -----------------------------------------------------------------------------
 # the training step
-
-def make_optimizer(Method, module, hp, device):
-    # as train.py: AdamW, weight decay where the method's rule says (Method.param_groups)
-    return torch.optim.AdamW(Method.param_groups(module, hp["weight_decay"]), lr=hp["lr"], betas=hp["betas"],
-                             eps=hp["eps"], fused=device.type == "cuda")
-
 
 def synthetic_batch(method, batch_size, device, seed):
     """The method's transform on a few SyntheticCaptions samples, collated and repeated to batch_size: every view
@@ -179,54 +199,61 @@ def synthetic_batch(method, batch_size, device, seed):
     return {k: v.repeat(repeat, *[1] * (v.ndim - 1))[:batch_size].to(device) for k, v in batch.items()}
 
 
-def timed_steps(loss_fn, optimizer, post_step, batch, steps, device, autocast):
-    """Run `steps` full training steps; returns the wall time of each (seconds) and the last loss."""
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        with autocast:
-            loss = loss_fn(batch)
-        loss.backward()
+def split(batch, k):  # -> k micro-batches
+    n = len(batch["text"]) // k
+    return [{key: v[i * n:(i + 1) * n] for key, v in batch.items()} for i in range(k)]
+
+
+def make_optimizer(Method, module, config, device):
+    # as train.py: AdamW with the method's settings for this encoder, weight decay where the method's rule says
+    hp = Method.optimizer_defaults(config)
+    return torch.optim.AdamW(Method.param_groups(module, hp["weight_decay"]), lr=hp["lr"], betas=hp["betas"],
+                             eps=hp["eps"], fused=device.type == "cuda")
+
+
+def our_step(method, model, optimizer, autocast, accum=1, checkpointing=False, patch_dropout=0.0):
+    """batch -> loss: one step as train.py's, with these features on (forward_backward over `accum` micro-batches,
+    AdamW, post_step). The features are set at each step, so that steps of several variants can alternate."""
+    def step(batch):
+        method.model.set_grad_checkpointing(checkpointing)
+        if hasattr(method.model.visual, "patch_dropout"):  # a ViT
+            method.model.visual.patch_dropout = patch_dropout
+        loss, _ = train.forward_backward(method, model, split(batch, accum), seed=0, autocast=autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        post_step()
+        method.post_step()
+        return loss
+    return step
+
+
+def timed_steps(step, batch, steps, device):
+    """Run `steps` steps -> the wall time of each (seconds), the last loss."""
+    times, loss = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return times, loss.detach()
+    return times, loss
 
 
-def peak_rss():  # GiB; ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def memory(device, rss_before):
+def alternate(steps, batch, args, device):
+    """{name: step}: --warmup untimed steps of each, then --steps timed steps of each in --rounds rounds, the order
+    reversed every other round (A B, B A, ...) -> {name: step times}, [{name: the round's seconds}], last losses."""
+    for step in steps.values():
+        timed_steps(step, batch, args.warmup, device)
     if device.type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated"
-    # the process holds ~1 GiB before any model exists (torch's libraries), so the growth is shown too
-    return f"peak RSS {peak_rss():.2f} GiB (+{peak_rss() - rss_before:.2f} from the model on)"
-
-
-def device_label(device):
-    if device.type == "cuda":
-        return f"cuda bf16 {torch.cuda.get_device_name(device)}"
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    return f"cpu fp32 {torch.get_num_threads()} threads" + (f" OMP_WAIT_POLICY={policy}" if policy else "")
-
-
-def check_load(device):
-    # OpenMP threads spin at every barrier: on a CPU that other processes also use, an op can wait a whole time slice
-    # for a descheduled thread (measured: 2 threads on 2 busy cores ran a tiny-vit step 30× slower than idle)
-    load, cores = os.getloadavg()[0], os.cpu_count()
-    if device.type == "cpu" and load >= 1.0:
-        print(f"# warning: load average {load:.2f} on {cores} cores: other processes compete for the CPU, so these "
-              f"timings are not representative; measure when idle (or set OMP_WAIT_POLICY=PASSIVE, which suffers less)")
-
-
-def throughput(flops, samples_per_s, peak):
-    achieved = flops * samples_per_s / 1e12  # TFLOP/s
-    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g}" if peak else ""
-    return f"{flops / 3 / 1e9:.2f} GFLOP/sample fwd, {achieved:.3g} TFLOP/s{mfu}"
+        torch.cuda.reset_peak_memory_stats(device)
+    rounds = max(1, min(args.rounds, args.steps))
+    times, per_round, losses = {name: [] for name in steps}, [], {}
+    for r in range(rounds):
+        per_round.append({})
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            t, losses[name] = timed_steps(steps[name], batch, args.steps // rounds, device)
+            times[name] += t
+            per_round[-1][name] = sum(t)
+    return times, per_round, losses
 
 
 # kinds of kernel, by name (cuBLAS/CUTLASS GEMMs, flash attention, cuDNN, fused AdamW, norms; under torch.compile
@@ -237,82 +264,136 @@ KERNEL_KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "addmm
                 ("compiled (triton)", ("triton",))]
 
 
-def profile_steps(step, batch, steps, device, autocast):
+def profile_steps(step, batch, steps, device):
     """Where a step's time goes: torch.profiler over `steps` steps; each kernel's (CUDA) or op's (CPU) own time as a
     share of the wall time, grouped by KERNEL_KINDS, plus the share with no kernel running (launch and host gaps)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t0 = time.perf_counter()
-        timed_steps(*step, batch, steps, device, autocast)
+        timed_steps(step, batch, steps, device)
         wall_us = 1e6 * (time.perf_counter() - t0)
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = [(e.key, getattr(e, attr, 0)) for e in prof.key_averages()
-               if (e.device_type == DeviceType.CUDA) == cuda and getattr(e, attr, 0) > 0]
-    kernels.sort(key=lambda k: -k[1])
+    kernels = sorted(((e.key, getattr(e, attr, 0)) for e in prof.key_averages()
+                      if (e.device_type == DeviceType.CUDA) == cuda and getattr(e, attr, 0) > 0), key=lambda k: -k[1])
     kinds = {}
     for name, us in kernels:
         kind = next((k for k, words in KERNEL_KINDS if any(w in name.lower() for w in words)), "other")
         kinds[kind] = kinds.get(kind, 0) + us
-    busy = sum(us for _, us in kernels)
     share = lambda us: f"{100 * us / wall_us:.1f}%"
     print(f"profile | {steps} steps, {wall_us / 1e3 / steps:.1f} ms/step under the profiler | "
           + " | ".join(f"{k} {share(us)}" for k, us in sorted(kinds.items(), key=lambda x: -x[1]))
-          + (f" | no kernel running {share(max(0.0, wall_us - busy))}" if cuda else ""))
+          + (f" | no kernel running {share(max(0.0, wall_us - sum(us for _, us in kernels)))}" if cuda else ""))
     for name, us in kernels[:12]:
         print(f"profile |   {share(us):>6} {name[:110]}")
 
 
-def bench_step(args):
+def setup(args):
+    """-> the method (training mode), what to call (the method, compiled with --compile), its AdamW, a batch of the
+    method's views, the device and the autocast context, as train.py would have them."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.model not in CONFIGS:
-        sys.exit(f"error: unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
-    if args.vs_open_clip and args.method != "clip":
-        sys.exit(f"error: --vs-open-clip compares CLIP only (open_clip has no {args.method}); use --method clip")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     Method = importlib.import_module(args.method).Method
-    import train  # its --method-args parser, so both scripts read the same syntax
-
-    rss_before = peak_rss()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(0)
     model = create_model(args.model)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
     method = Method(model, **train.parse_kwargs(args.method_args)).to(device).train()
-    hp = Method.optimizer_defaults(CONFIGS[args.model])
-    batch = synthetic_batch(method, args.batch_size, device, args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    flops = step_flops(CONFIGS[args.model], batch)
-    peak = peak_tflops(args, device)
+    return (method, torch.compile(method) if args.compile else method,
+            make_optimizer(Method, method, CONFIGS[args.model], device),
+            synthetic_batch(method, args.batch_size, device, seed=0), device, autocast)
+
+
+def bench_step(args):
+    if args.model not in CONFIGS:
+        sys.exit(f"error: unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
+    if args.vs_open_clip and args.method != "clip":
+        sys.exit(f"error: --vs-open-clip compares CLIP only (open_clip has no {args.method}); use --method clip")
+    if args.batch_size % args.grad_accum:
+        sys.exit(f"error: --batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum}")
+    variants = args.variants.split(",") if args.variants else []
+    for name in variants:
+        if name not in FEATURES:
+            sys.exit(f"error: --variants: unknown {name}; choose among {', '.join(FEATURES)}")
+    if (args.patch_dropout or "pd" in variants) and not isinstance(CONFIGS[args.model]["vision_layers"], int):
+        sys.exit(f"error: patch dropout: {args.model} is a ResNet, which has no patch tokens")
+    method, ours, optimizer, batch, device, autocast = setup(args)
     print(f"# {args.method} {args.model} on {device_label(device)}, batch {args.batch_size}: "
           f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in batch.items())} | load average {os.getloadavg()[0]:.2f}")
+    if args.vs_open_clip:
+        return vs_open_clip(args, method, ours, optimizer, batch, device, autocast)
+    if variants:
+        return compare_variants(args, variants, method, ours, optimizer, batch, device, autocast)
 
-    check_load(device)
-    ours = torch.compile(method) if args.compile else method
-    ours_step = (lambda b: ours(b)[0], make_optimizer(Method, method, hp, device), method.post_step)
-    if not args.vs_open_clip:
-        timed_steps(*ours_step, batch, args.warmup, device, autocast)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times, loss = timed_steps(*ours_step, batch, args.steps, device, autocast)
-        if not torch.isfinite(loss):
-            sys.exit(f"error: the loss is not finite ({loss.item()})")
-        ms = [1000 * t for t in times]
-        samples_per_s = args.batch_size * len(times) / sum(times)
-        print(f"bench {args.method} {args.model} | {device_label(device)} | batch {args.batch_size} | "
-              f"{samples_per_s:.1f} samples/s | step {statistics.median(ms):.1f} ms median, "
-              f"{statistics.mean(ms):.1f} ± {statistics.pstdev(ms):.1f} mean, {len(ms)} steps | "
-              f"{memory(device, rss_before)} | {throughput(flops, samples_per_s, peak)} | {command(args)}")
-        if args.profile:
-            profile_steps(ours_step, batch, 3, device, autocast)
-        return samples_per_s
+    step = our_step(method, ours, optimizer, autocast, args.grad_accum, args.grad_checkpointing, args.patch_dropout)
+    times, _, losses = alternate({"ours": step}, batch, args, device)
+    if not torch.isfinite(losses["ours"]):
+        sys.exit(f"error: the loss is not finite ({losses['ours'].item()})")
+    samples_per_s = args.batch_size * len(times["ours"]) / sum(times["ours"])
+    features = ", ".join(f for f, on in ((f"{args.grad_accum} micro-batches", args.grad_accum > 1),
+                                         ("checkpointing", args.grad_checkpointing),
+                                         (f"patch dropout {args.patch_dropout:g}", args.patch_dropout)) if on)
+    flops = step_flops(CONFIGS[args.model], batch, args.patch_dropout)
+    print(f"bench {args.method} {args.model} | {device_label(device)} | batch {args.batch_size}"
+          f"{f' ({features})' if features else ''} | {samples_per_s:.1f} samples/s | "
+          f"step {statistics.median(1000 * t for t in times['ours']):.1f} ms median, {len(times['ours'])} steps | "
+          f"{step_memory(device)} | {throughput(flops, samples_per_s, peak_tflops(device))} | {command(args)}")
+    if args.profile:
+        profile_steps(step, batch, 3, device)
+    return samples_per_s
 
-    # --- side by side with open_clip: same architecture, same weights, same batch, same optimiser ----------------
+
+def variant_options(args, name):  # our_step's keyword arguments for a variant of --variants
+    on = FEATURES[name]
+    return dict(accum=args.grad_accum if "accum" in on else 1, checkpointing="ckpt" in on,
+                patch_dropout=args.patch_dropout if "pd" in on else 0.0)
+
+
+def variant_memory(args, name):
+    """In a fresh process: the activation memory of one forward and backward of a variant, i.e. its peak beyond what
+    was allocated before it (the weights, the optimiser state, the gradients, allocated beforehand). A fresh process,
+    because on a CPU the measurement changes malloc's settings for good, and in a heap that earlier steps fragmented
+    the resident memory overstates the live tensors."""
+    method, ours, optimizer, batch, device, autocast = setup(args)
+    options = variant_options(args, name)
+    our_step(method, ours, optimizer, autocast, **options)(batch)  # sets the features; first-step allocations
+    for p in method.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    return peak_memory(lambda: train.forward_backward(method, ours, split(batch, options["accum"]), 0, autocast),
+                       device)
+
+
+def compare_variants(args, variants, method, ours, optimizer, batch, device, autocast):
+    """Steps with each variant's features on (FEATURES), on the same weights and batch, in alternating rounds, and
+    each one's activation memory (variant_memory). One line per variant, each against the first."""
+    steps = {name: our_step(method, ours, optimizer, autocast, **variant_options(args, name)) for name in variants}
+    times, rounds, _ = alternate(steps, batch, args, device)
+    memory = {}
+    if device.type == "cuda" or os.path.exists("/proc/self/clear_refs"):
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            memory = {name: pool.apply(variant_memory, (args, name)) for name in variants}
+    base, B = variants[0], args.batch_size
+    for name in variants:
+        rate, ratios = B * len(times[name]) / sum(times[name]), [r[name] / r[base] for r in rounds]
+        print(f"variant {name} | {args.method} {args.model} | {device_label(device)} | batch {B}"
+              + (f" = {args.grad_accum} × {B // args.grad_accum}" if "accum" in FEATURES[name] else "")
+              + (f", patch dropout {args.patch_dropout:g}" if "pd" in FEATURES[name] else "")
+              + f" | {rate:.2f} samples/s, {1000 / rate:.0f} ms/sample"
+              + (f", time {statistics.median(ratios):.2f}× {base}'s (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+                 if name != base else "")
+              + (f" | activations {memory[name]:.0f} MiB, {memory[name] / B:.1f} MiB/sample" if memory else "")
+              + (f", {memory[name] / memory[base]:.2f}× {base}'s" if memory and name != base else "")
+              + f" | {command(args)}")
+    return {name: B * len(t) / sum(t) for name, t in times.items()}
+
+
+def vs_open_clip(args, method, ours, optimizer, batch, device, autocast):
+    """Ours and open_clip's CLIP (its model and ClipLoss) on the same architecture, weights, batch and optimiser, in
+    alternating rounds -> ours / open_clip samples/s."""
     try:
         import open_clip
         from open_clip.loss import ClipLoss
@@ -325,48 +406,40 @@ def bench_step(args):
                                        width=c["transformer_width"], heads=c["transformer_heads"],
                                        layers=c["transformer_layers"])
     theirs_model = open_clip.model.CLIP(c["embed_dim"], vision, text, quick_gelu=c["quick_gelu"]).to(device).train()
-    try:  # same state-dict layout: a strict load proves the two architectures have the same parameters
-        theirs_model.load_state_dict(model.state_dict(), strict=True)
-        with torch.no_grad(), autocast:
-            ours_loss = ours(batch)[0].item()
-            theirs_loss = ClipLoss()(*theirs_model(batch["image"], batch["text"])).item()
-        print(f"# same weights, same batch: loss ours {ours_loss:.6f}, open_clip {theirs_loss:.6f}")
-    except RuntimeError as e:
-        print(f"# warning: our weights do not load into open_clip's model ({str(e).splitlines()[0]}); timing anyway")
-    theirs = torch.compile(theirs_model) if args.compile else theirs_model
-    clip_loss = ClipLoss()
+    # same state-dict layout: a strict load proves the two architectures have the same parameters
+    theirs_model.load_state_dict(method.model.state_dict(), strict=True)
+    with torch.no_grad(), autocast:
+        ours_loss, theirs_loss = ours(batch)[0].item(), ClipLoss()(*theirs_model(batch["image"], batch["text"])).item()
+    print(f"# same weights, same batch: loss ours {ours_loss:.6f}, open_clip {theirs_loss:.6f}")
+    theirs, their_loss = torch.compile(theirs_model) if args.compile else theirs_model, ClipLoss()
+    their_optimizer = make_optimizer(type(method), theirs_model, c, device)
 
-    def theirs_post_step():  # open_clip's train loop clamps the temperature after each step, as ours
+    def theirs_step(b):  # open_clip's train loop: loss, backward, step, then the temperature clamped, as ours
+        with autocast:
+            loss = their_loss(*theirs(b["image"], b["text"]))
+        loss.backward()
+        their_optimizer.step()
+        their_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             theirs_model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
 
-    theirs_step = (lambda b: clip_loss(*theirs(b["image"], b["text"])),
-                   make_optimizer(Method, theirs_model, hp, device),
-                   theirs_post_step)
-    timed_steps(*ours_step, batch, args.warmup, device, autocast)
-    timed_steps(*theirs_step, batch, args.warmup, device, autocast)
-    per_round = max(1, args.steps // args.rounds)
-    times = {"ours": [], "open_clip": []}
-    ratios = []
-    for r in range(args.rounds):
-        order = [("ours", ours_step), ("open_clip", theirs_step)]  # ABBA order: a slow drift favours neither
-        for name, step in (order if r % 2 == 0 else order[::-1]):
-            t, _ = timed_steps(*step, batch, per_round, device, autocast)
-            times[name] += t
-        ratios.append(sum(times["open_clip"][-per_round:]) / sum(times["ours"][-per_round:]))
+    steps = {"ours": our_step(method, ours, optimizer, autocast), "open_clip": theirs_step}
+    times, rounds, _ = alternate(steps, batch, args, device)
+    ratios = [r["open_clip"] / r["ours"] for r in rounds]
     rate = {name: args.batch_size * len(t) / sum(t) for name, t in times.items()}
     ms = {name: statistics.median(1000 * x for x in t) for name, t in times.items()}
     print(f"bench {args.method} {args.model} vs open_clip | {device_label(device)} | batch {args.batch_size} | "
           f"ours {rate['ours']:.1f} samples/s ({ms['ours']:.1f} ms median), open_clip {rate['open_clip']:.1f} "
           f"samples/s ({ms['open_clip']:.1f} ms) | ours/open_clip {rate['ours'] / rate['open_clip']:.3f} "
-          f"(rounds {min(ratios):.3f}-{max(ratios):.3f}) | {args.rounds} rounds × {per_round} steps each | "
-          f"{memory(device, rss_before)} (both) | {command(args)}")
-    for name, flops_rate in (("ours", rate["ours"]), ("open_clip", rate["open_clip"])):
-        print(f"# {name}: {throughput(flops, flops_rate, peak)}")
+          f"(rounds {min(ratios):.3f}-{max(ratios):.3f}) | {len(rounds)} rounds × {args.steps // len(rounds)} steps "
+          f"each | {step_memory(device)} (both) | {command(args)}")
+    for name in ("ours", "open_clip"):
+        print(f"# {name}: {throughput(step_flops(c, batch), rate[name], peak_tflops(device))}")
     if args.profile:
-        for name, step in (("ours", ours_step), ("open_clip", theirs_step)):
+        for name, step in steps.items():
             print(f"# profile of {name}")
-            profile_steps(step, batch, 3, device, autocast)
+            profile_steps(step, batch, 3, device)
     return rate["ours"] / rate["open_clip"]
 
 
@@ -391,13 +464,12 @@ class JpegFolder(torch.utils.data.Dataset):
         return self.transform(decode(self.paths[i], self.decoder), CAPTIONS[i % len(CAPTIONS)])
 
 
-def make_jpegs(n, folder, size):
-    """n photo-like JPEGs (smooth colour field + shapes + sensor-like noise, quality 90): about the file size and
-    decoding cost of COCO images of the same pixel count; flat synthetic images would decode unrealistically fast."""
+def make_jpegs(n, folder, w=500, h=375):
+    """n photo-like JPEGs of COCO's usual 500×375 (smooth colour field + shapes + sensor-like noise, quality 90): about
+    the file size and decoding cost of COCO's images; flat synthetic images would decode unrealistically fast."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
-    w, h = size
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -419,8 +491,6 @@ def bench_data(args):
     if not paths:
         sys.exit(f"error: no .jpg files in {args.data_dir} (make some with --make-jpegs 200 {args.data_dir})")
     Method = importlib.import_module(args.method).Method
-    import train
-
     method = Method(create_model(args.model), **train.parse_kwargs(args.method_args))
     transform = method.transform(data.get_tokenizer("clip"))
     R = method.model.image_resolution
@@ -450,7 +520,6 @@ def bench_data(args):
 
     counts = [int(w) for w in args.workers.split(",")]
     counts = list(range(1, counts[0] + 1)) if len(counts) == 1 else counts
-    rates = {}
     for decoder in decoders:
         parts = []
         for workers in counts:
@@ -459,19 +528,14 @@ def bench_data(args):
             for _ in loader:  # one untimed pass: worker start-up, page cache
                 pass
             t0 = time.perf_counter()
-            for _ in range(args.passes):
+            for _ in range(2):  # timed passes
                 for _ in loader:
                     pass
-            rate = args.passes * len(paths) / (time.perf_counter() - t0)
-            rates[decoder, workers] = rate
+            rate = 2 * len(paths) / (time.perf_counter() - t0)
             parts.append(f"{workers} worker{'s' * (workers > 1)} {rate:.1f} images/s ({rate / workers:.1f} per worker)")
             del loader
-        print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × {args.passes} passes | "
+        print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × 2 passes | "
               f"{' | '.join(parts)} | {command(args)}")
-    if set(decoders) >= {"pil", "tvio"}:
-        speedups = ", ".join(f"{w} worker{'s' * (w > 1)} {rates['tvio', w] / rates['pil', w]:.2f}×"
-                             for w in counts)
-        print(f"# torchvision.io / PIL images/s: {speedups}")
 
 
 def pack_shards(paths, folder, per_shard):
@@ -555,10 +619,10 @@ def bench_shards(args, chunk=16):
         print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in costs))
         for workers in counts:
             sources = {
-                "files": dict(dataset=train.Seeded(data.ImageCaptions(paths, captions), transform, args.seed, chunk),
+                "files": dict(dataset=train.Seeded(data.ImageCaptions(paths, captions), transform, 0, chunk),
                               collate_fn=train.collate,
-                              batch_sampler=train.Batches(len(paths), chunk, 0, 1, args.seed, 0)),
-                "shards": dict(dataset=data.ShardStream(shards, transform, args.seed, workers, 0, [chunk] * workers),
+                              batch_sampler=train.Batches(len(paths), chunk, 0, 1, 0, 0)),
+                "shards": dict(dataset=data.ShardStream(shards, transform, 0, workers, 0, [chunk] * workers),
                                batch_size=None)}
             loaders = {name: iter(torch.utils.data.DataLoader(**source, num_workers=workers, persistent_workers=True,
                                                              prefetch_factor=4)) for name, source in sources.items()}
@@ -620,8 +684,8 @@ def process_memory(field):
 def peak_memory(fn, device):
     """MiB allocated at the peak of fn() beyond what was allocated before it. CUDA: the caching allocator's own
     counters. CPU (Linux, glibc): the process's peak resident memory, reset through /proc/self/clear_refs, with
-    every allocation of 64 KiB or more mapped and unmapped on its own (mallopt M_MMAP_THRESHOLD), so that freed
-    memory goes back to the system at once and the resident peak is the peak of live tensors."""
+    every allocation of 64 KiB or more mapped and unmapped on its own (mallopt M_MMAP_THRESHOLD) and malloc's free
+    memory returned (malloc_trim), so that the resident peak is the peak of live tensors."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -630,7 +694,9 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (and no dynamic raising of it)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (and no dynamic raising of it)
+    libc.malloc_trim(0)  # memory freed earlier, still in malloc's heap, goes back too: reused, it counts again
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     start = process_memory("VmRSS")
@@ -667,7 +733,7 @@ def bench_loss_memory(args):
     if args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} must be divisible by the {world} ranks")
     N, B, D = args.batch_size, args.batch_size // world, args.embed_dim
-    g = torch.Generator().manual_seed(args.seed + rank)
+    g = torch.Generator().manual_seed(rank)
     image, text = (torch.randn(B, D, generator=g).to(device).requires_grad_() for _ in range(2))
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
@@ -719,7 +785,7 @@ def main(argv=None):
     args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
     if args.make_jpegs:
         n, folder = args.make_jpegs
-        make_jpegs(int(n), folder, tuple(int(x) for x in args.jpeg_size.lower().split("x")))
+        make_jpegs(int(n), folder, *(int(x) for x in args.jpeg_size.lower().split("x")))
     elif args.data_dir and args.vs_shards:
         bench_shards(args)
     elif args.data_dir:

@@ -23,12 +23,22 @@ subclasses `CLIP` and ends with `Method = <its class>`; train.py and eval_zerosh
     Method.param_groups(module, wd)    AdamW groups: weight decay where Method.decays(name, parameter)
     Method(model)                      wraps a model.CLIPModel, adds the method's heads, buffers and parameters
     method.transform(tokenizer)        picklable (image, caption) -> dict of tensors: the views the loss needs
-    method(batch) -> (loss, logs)      the training loss on a collated batch of those dicts; logs = its components
+    method.features(batch) -> dict     the per-sample part of the step: encoders and per-sample heads on a collated
+                                       batch of those views -> batch-first tensors, row i a function of sample i only
+    method.loss(features) -> (loss, logs)   the part that mixes the batch: the paper's loss on the features of the
+                                       whole (local) batch, gathering other ranks' rows as it needs; logs = components
+    method(batch) -> (loss, logs)      method.loss(method.features(batch)), the training loss of a batch
     method.post_step()                 after every optimiser step (CLIP: clamp the temperature)
     method.embed_images / embed_texts / embed_classes / similarity      zero-shot classification and retrieval
-"""
+
+The features/loss split is what makes train.py's --grad-accum exact (GradCache, see train.forward_backward): the
+features of K micro-batches, concatenated, are those of the whole batch, and the loss runs once, on all of them. So
+whatever mixes samples belongs to the loss: contrastive terms, BatchNorm heads, queues, means over the batch. The one
+exception is a ResNet encoder's own BatchNorm, which normalises the batch it is given: under accumulation, a
+micro-batch (as in open_clip)."""
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -38,7 +48,8 @@ import torch.nn.functional as F
 import data
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Distributed helpers: the one place where features cross ranks (every method gathers through here)
+# Distributed helpers: the one place where features cross ranks (every method gathers through here, and BatchNorm's
+# statistics over the global batch)
 
 
 def rank_and_world():
@@ -76,6 +87,55 @@ def all_gather(x):
     does the same, is deprecated and refuses to run under torch.compile.)"""
     _, world = rank_and_world()
     return x if world == 1 else AllGather.apply(x)
+
+
+class GlobalBatchNorm(nn.Module):
+    """BatchNorm1d over (B, C) features whose training statistics are those of the global batch, i.e. of all ranks
+    together, like torch's SyncBatchNorm: the BatchNorm of SLIP's SimCLR head and DeCLIP's SimSiam heads. It mixes the
+    samples of the batch, so it runs in a method's loss, never in its features: with train.py's --grad-accum it then
+    normalises over the whole batch too. Each rank sends (count, mean, sum of squared deviations) per channel,
+    gathered WITH gradient (all_gather), and merges them exactly (Chan et al.), so W ranks of B samples give the
+    output and gradients of one process with W·B samples. Unlike nn.SyncBatchNorm it also runs on CPU (gloo), and it
+    is no _BatchNorm, so nn.SyncBatchNorm.convert_sync_batchnorm leaves it as it is. Eval mode uses running
+    statistics (momentum 0.1, unbiased variance), as nn.BatchNorm1d."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, min_batch=32):
+        super().__init__()
+        self.eps, self.momentum, self.min_batch = eps, momentum, min_batch
+        self.weight = nn.Parameter(torch.ones(num_features))  # γ
+        self.bias = nn.Parameter(torch.zeros(num_features))  # β
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.warned = False
+
+    def forward(self, x):  # (B, C) -> (B, C)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        B, C = x.shape
+        rank, world = rank_and_world()
+        if B * world < 2:
+            raise ValueError("BatchNorm needs more than one sample in the global batch when training")
+        if B * world < self.min_batch and not self.warned and rank == 0:  # once, from one rank
+            self.warned = True
+            warnings.warn(
+                f"BatchNorm over a global batch of only {B * world} samples (< {self.min_batch}): its statistics are "
+                f"noisy and each output leans on few other samples; SLIP saw chance-level accuracy at per-GPU batch 8 "
+                f"(SLIP issue #7). Use a larger --batch-size (with --grad-accum if it does not fit: the heads see the "
+                f"whole batch).")
+        x32 = x.float()  # statistics in float32, also under bf16 autocast
+        mean = x32.mean(dim=0)  # (C,) this rank's
+        m2 = (x32 - mean).square().sum(dim=0)  # (C,) this rank's sum of squared deviations
+        count = x32.new_full((1,), B)
+        stats = all_gather(torch.cat([count, mean, m2])[None])  # (W, 1 + 2C), with gradient
+        counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
+        N = counts.sum()
+        global_mean = (counts * means).sum(dim=0) / N  # (C,)
+        global_var = (m2s + counts * (means - global_mean).square()).sum(dim=0) / N  # (C,) biased, as BN normalises
+        with torch.no_grad():
+            self.running_mean.lerp_(global_mean, self.momentum)
+            self.running_var.lerp_(global_var * N / (N - 1), self.momentum)  # unbiased, as nn.BatchNorm1d keeps
+        y = (x32 - global_mean) * torch.rsqrt(global_var + self.eps) * self.weight + self.bias
+        return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,12 +253,30 @@ class CLIP(nn.Module):
     def transform(self, tokenizer):
         return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
 
-    def forward(self, batch):
-        image_features = self.model.encode_image(batch["image"])  # (B, D)
-        text_features = self.model.encode_text(batch["text"])  # (B, D)
+    def features(self, batch):
+        return {"image": self.model.encode_image(batch["image"]),  # (B, D)
+                "text": self.model.encode_text(batch["text"])}  # (B, D)
+
+    def loss(self, features):
         logit_scale = self.model.logit_scale.exp()  # s
-        loss = clip_loss(image_features, text_features, logit_scale)
+        loss = clip_loss(features["image"], features["text"], logit_scale)
         return loss, {"clip": loss.detach(), "logit_scale": logit_scale.detach()}
+
+    def forward(self, batch, feature_grads=None, param_grads=None):
+        """method(batch) -> (loss, logs): the loss of the batch's features.
+
+        method(batch, feature_grads, param_grads) -> a scalar: the second pass of train.py's exact gradient
+        accumulation. feature_grads {key: (B, ...)} holds ∂L/∂features for this micro-batch's rows, L the loss of the
+        whole batch; param_grads {name: ∂L/∂θ} the gradients of the loss's own parameters (temperature, heads), or
+        None. The result Σ ⟨features, ∂L/∂features⟩ + Σ ⟨θ, ∂L/∂θ⟩ has the gradient that L sends through this
+        micro-batch's features, plus ∂L/∂θ. Computed in this forward, so that DDP, which wraps it, sees every
+        parameter that gets a gradient."""
+        features = self.features(batch)
+        if feature_grads is None:
+            return self.loss(features)
+        surrogate = sum((features[key] * grad).sum() for key, grad in feature_grads.items())
+        params = dict(self.named_parameters())
+        return surrogate + sum((params[name] * grad).sum() for name, grad in (param_grads or {}).items())
 
     @torch.no_grad()
     def post_step(self):

@@ -14,7 +14,7 @@ released configs):
            L_ISS = −½ [cos(p_a, sg(z_b)) + cos(p_b, sg(z_a))]                          (sg: stop-gradient)
     L_TSS  text self-supervision, masked language modelling: 15% of the caption's tokens are chosen (80% → [MASK],
            10% → a random token, 10% unchanged) and a linear head over the vocabulary must recover them from the
-           final token features: L_TSS = CE over the chosen positions.
+           final token features: L_TSS = CE over the chosen positions (their mean over the batch).
     L_NNS  nearest-neighbour supervision: a FIFO queue of past (normalised, detached) text embeddings; each
            caption's nearest neighbour NN(t) in it (top-1 cosine) is another positive for the image, image→text only:
            L_NNS = mean over x ∈ {x_a, x_b}, t ∈ {t_m, t_e} of CE(s · x̂ NN(t̂)ᵀ, y).
@@ -24,11 +24,17 @@ configs, followed here, put the 0.4 on the mean of the four multi-view CLIP loss
 and have no separate CLIP term. One step runs the image encoder twice (x_a, x_b) and the text encoder twice (t_m,
 which serves both the CLIP views and the MLM, and t_e).
 
+Per sample (features): the four encoder passes and the MLM head's cross-entropy at each caption's chosen tokens. What
+mixes the batch (loss): the CLIP terms, the SimSiam heads with their BatchNorm, the NN term and its queue (looked up
+and filled once per step), and the MLM mean. The random MLM masks are drawn per sample in the transform, so a step
+masks the same tokens whatever the number of ranks or micro-batches (train.py --grad-accum), and on a resume.
+
 Distributed: the CLIP terms are clip.py's clip_loss (local rows against gathered features, with gradient), the NN
-term gathers the neighbours of every rank's captions, and the SimSiam heads use GlobalBatchNorm (slip.py): with DDP's
-averaging those equal one process on the whole batch. The released code divides every term by the world size
-because its communication library SUMS gradients; DDP averages them, so we omit that division. Each rank keeps its
-own queue (train.py's DDP has broadcast_buffers=False); the MLM term is a per-rank mean over masked tokens.
+term gathers the neighbours of every rank's captions, the SimSiam heads use clip.GlobalBatchNorm, and the MLM term
+is the mean over the chosen tokens of the global batch: with DDP's averaging those equal one process on the whole
+batch. The released code divides every term by the world size because its communication library SUMS gradients; DDP
+averages them, so we omit that division. Its MLM term is a mean per GPU. Each rank keeps its own queue (train.py's
+DDP has broadcast_buffers=False).
 
 The released benchmark (its YFCC-15M tables, for every method: CLIP, SLIP, FILIP, DeCLIP) freezes the ViT's
 patch-embedding conv at its random init. `train.py --freeze-patch-embed` does the same; it is off by default, as
@@ -44,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIP, all_gather, clip_loss, rank_and_world
-from slip import GlobalBatchNorm, ssl_augmentation
+from clip import CLIP, GlobalBatchNorm, all_gather, clip_loss, rank_and_world
+from slip import ssl_augmentation
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text augmentation: EDA (Wei & Zou 2019), one of three operations per caption, offline
@@ -144,21 +150,23 @@ def eda(caption):
 
 
 class Transform:
-    """(image, caption) -> {"image_a", "image_b": (3, R, R), "text", "text_eda": (L,)}. Picklable for workers.
-    The MLM masking of "text" happens later, per batch on the device (DeCLIP.forward)."""
+    """(image, caption) -> {"image_a", "image_b": (3, R, R), "text", "mlm_labels", "text_eda": (L,)}: "text" is the
+    caption masked as BERT (mask_tokens: MASK at the [MASK] positions), "mlm_labels" the ids its MLM head must recover.
+    Picklable for workers."""
 
-    def __init__(self, image_size, tokenizer, context_length):
+    def __init__(self, image_size, tokenizer, context_length, mlm_probability):
         # MoCo v2's augmentation (the released MOCOV2 transform): RandomResizedCrop(scale 0.2-1), colour jitter p 0.8,
         # grayscale p 0.2, Gaussian blur p 0.5, flip; two independent draws per image
         self.image = ssl_augmentation(image_size, scale=(0.2, 1.0))
         self.tokenizer = tokenizer
-        self.context_length = context_length
+        self.context_length, self.mlm_probability = context_length, mlm_probability
 
     def __call__(self, image, caption):
-        # the released code applies EDA inside the model's forward, on raw strings; here it is per sample, in the
-        # DataLoader workers, before tokenising
-        return {"image_a": self.image(image), "image_b": self.image(image),
-                "text": self.tokenizer(caption, self.context_length)[0],
+        # the released code applies EDA and the masking inside the model's forward; here they are per sample, in the
+        # DataLoader workers, with torch's RNG, which train.py seeds per sample: the same views whatever the number of
+        # ranks or micro-batches, and on a resume
+        masked, labels = mask_tokens(self.tokenizer(caption, self.context_length), self.mlm_probability)  # (1, L) each
+        return {"image_a": self.image(image), "image_b": self.image(image), "text": masked[0], "mlm_labels": labels[0],
                 "text_eda": self.tokenizer(eda(caption), self.context_length)[0]}
 
 
@@ -172,15 +180,18 @@ def simsiam_loss(p_a, p_b, z_a, z_b):
              + F.cosine_similarity(p_b.float(), z_a.detach().float(), dim=-1).mean()) / 2
 
 
+MASK = -1  # [MASK] in a masked caption: not a vocabulary id (see DeCLIP.masked_text_features)
+
+
 def mask_tokens(text, probability=0.15):
-    """BERT's masking of a batch of captions, on its device.
+    """BERT's masking of captions.
 
     text: (B, L) ids laid out as data.py's tokenizers do: SOT at position 0, EOT at argmax (EOT is the largest id and
     SOT = EOT − 1, the two ids above the ordinary vocabulary), padding after. Each caption token (never SOT, EOT or
     padding) is chosen with `probability`; a chosen token becomes [MASK] with p 0.8, a random ordinary token with
     p 0.1, and stays unchanged with p 0.1.
-    Returns ids (B, L) (random replacements in, [MASK] positions keep their id), to_mask (B, L) bool (the positions
-    that get the [MASK] embedding) and labels (B, L): the original id where chosen, −100 elsewhere.
+    Returns ids (B, L), the masked caption (MASK at the [MASK] positions, the random replacements in), and labels
+    (B, L): the original id where chosen, −100 elsewhere. EOT stays where it was: the masked caption pools there.
     """
     B, L = text.shape
     position = torch.arange(L, device=text.device)  # (L,)
@@ -195,19 +206,29 @@ def mask_tokens(text, probability=0.15):
     # the pooled position (the released code draws from the whole vocabulary, specials included)
     sot = text.max(dim=-1, keepdim=True).values - 1  # (B, 1)
     random_ids = torch.randint(1 << 62, (B, L), device=text.device) % sot  # (B, L) uniform in [0, SOT)
-    ids = torch.where(to_random, random_ids, text)
-    return ids, to_mask, labels
+    ids = torch.where(to_random, random_ids, text).masked_fill(to_mask, MASK)
+    return ids, labels
 
 
-def mlm_loss(head, tokens, labels):
-    """Cross-entropy of head(token features) against the original ids at the chosen positions.
-    tokens (B, L, width) after ln_final, labels (B, L) with −100 where nothing is to be predicted. Mean over the
-    chosen tokens; 0 (with a zero gradient for the head) when a batch has none."""
+def mlm_per_sample(head, tokens, labels):
+    """Each caption's masked-language-modelling cross-entropy of head(token features) against the original ids,
+    summed over its chosen tokens, and their number: tokens (B, L, width) after ln_final, labels (B, L) with −100
+    where nothing is to be predicted -> (B,) sums, (B,) counts. The mean over the batch is mlm_loss's."""
     chosen = labels != -100  # (B, L)
     # float32 logits: under autocast the head would run in bf16 (logits off by up to ~0.04), even on float32 inputs
     with torch.autocast(tokens.device.type, enabled=False):
         logits = head(tokens[chosen].float())  # (M, V): the vocabulary projection only where needed, not B·L·V
-    return F.cross_entropy(logits, labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+    cross_entropy = F.cross_entropy(logits, labels[chosen], reduction="none")  # (M,)
+    sums = cross_entropy.new_zeros(labels.shape[0]).index_add(0, chosen.nonzero()[:, 0], cross_entropy)  # (B,)
+    return sums, chosen.sum(dim=1)
+
+
+def mlm_loss(sums, counts):
+    """L_TSS: the mean cross-entropy over the chosen tokens of the global batch, from each local caption's (B,) sum and
+    count. A rank's loss is W · (its sum) / (global count): DDP's averaging then gives the gradient of the global mean,
+    and the mean of the rank losses is that mean. 0 (with a zero gradient for the head) when no token is chosen."""
+    _, world = rank_and_world()
+    return world * sums.sum() / all_gather(counts).sum().clamp(min=1)
 
 
 def clamped_exp(t, max_value=100.0):
@@ -276,14 +297,15 @@ class DeCLIP(CLIP):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots written so far (≤ size)
 
     def transform(self, tokenizer):
-        return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
+        return Transform(self.model.image_resolution, tokenizer, self.model.context_length, self.mlm_probability)
 
     # --- the text encoder with [MASK] -------------------------------------------------------------------------------
 
-    def masked_text_features(self, ids, to_mask):
-        """model.text_features(ids) with self.mask_embedding in place of the token embedding where to_mask (B, L).
-        Returns (pooled (B, width), tokens (B, L, width)) after ln_final."""
-        embeddings = self.model.token_embedding(ids)  # (B, L, width)
+    def masked_text_features(self, ids):
+        """model.text_features of a masked caption (B, L), with self.mask_embedding in place of the token embedding
+        where ids == MASK. Returns (pooled (B, width), tokens (B, L, width)) after ln_final."""
+        to_mask = ids == MASK  # (B, L)
+        embeddings = self.model.token_embedding(ids.masked_fill(to_mask, 0))  # (B, L, width)
         embeddings = torch.where(to_mask[..., None], self.mask_embedding.to(embeddings.dtype), embeddings)
         # causal mask kept during MLM, as the released code: one text pass then serves both the MLM head and the
         # CLIP embedding of the masked caption (a bidirectional MLM would need a second pass, and the causal
@@ -312,30 +334,28 @@ class DeCLIP(CLIP):
         self.queue_ptr.copy_((self.queue_ptr + B) % Q)
         self.queue_filled.copy_((self.queue_filled + B).clamp(max=Q))
 
-    # --- the loss -----------------------------------------------------------------------------------------------------
+    # --- per sample, then the batch ------------------------------------------------------------------------------------
 
-    def encode(self, batch):
-        """The step's four encoder passes -> dict: the (B, D) embeddings "text", "text_eda", "image_a", "image_b",
-        the masked caption's tokens (B, L, width) and MLM labels (B, L), and image_a's tokens (B, P, Wt), which the
-        loss does not use but a token-wise loss on top can (defilip.py)."""
-        # text: the masked caption (MLM, and a CLIP text view as in the released code) and the EDA caption
-        ids, to_mask, mlm_labels = mask_tokens(batch["text"], self.mlm_probability)
-        pooled, tokens = self.masked_text_features(ids, to_mask)  # (B, width), (B, L, width)
-        text_eda = self.model.encode_text(batch["text_eda"])  # (B, D)
-        # images: two MoCo v2 views
+    def features(self, batch, keep_tokens=False):
+        """The step's four encoder passes, per sample -> dict: the (B, D) embeddings "text" (the masked caption, also
+        a CLIP text view, as in the released code), "text_eda", "image_a", "image_b", and each caption's MLM
+        cross-entropy summed over its chosen tokens, "mlm_sum" (B,), with their number "mlm_count" (B,).
+        keep_tokens: also the final tokens of image_a, "image_a_tokens" (B, P, Wt), and of the masked caption,
+        "text_tokens" (B, L, width), for a token-wise loss on top (defilip.py)."""
+        pooled, tokens = self.masked_text_features(batch["text"])  # (B, width), (B, L, width)
+        mlm_sum, mlm_count = mlm_per_sample(self.mlm_head, tokens, batch["mlm_labels"])  # (B,), (B,)
         pooled_a, tokens_a = self.model.image_features(batch["image_a"])  # (B, Wp), (B, P, Wt)
-        image_b = self.model.encode_image(batch["image_b"])  # (B, D)
-        return dict(text=pooled @ self.model.text_projection, text_eda=text_eda, text_tokens=tokens,
-                    mlm_labels=mlm_labels, image_a=self.model.image_projection(pooled_a), image_b=image_b,
-                    image_a_tokens=tokens_a)
+        features = dict(text=pooled @ self.model.text_projection, text_eda=self.model.encode_text(batch["text_eda"]),
+                        image_a=self.model.image_projection(pooled_a), image_b=self.model.encode_image(batch["image_b"]),
+                        mlm_sum=mlm_sum, mlm_count=mlm_count)
+        if keep_tokens:
+            features.update(image_a_tokens=tokens_a, text_tokens=tokens)
+        return features
 
-    def forward(self, batch):
-        return self.loss(self.encode(batch))
-
-    def loss(self, views):
-        """The DeCLIP loss of one step's encode() output -> (loss, logs)."""
-        text_features, text_eda_features = views["text"], views["text_eda"]  # (B, D) each
-        image_a, image_b = views["image_a"], views["image_b"]  # (B, D) each
+    def loss(self, features):
+        """The DeCLIP loss on the features of the whole batch -> (loss, logs)."""
+        text_features, text_eda_features = features["text"], features["text_eda"]  # (B, D) each
+        image_a, image_b = features["image_a"], features["image_b"]  # (B, D) each
 
         # released: s = exp(t) clamped to ≤ 100 in the forward, t keeping its gradient (and t itself clamped to
         # [3, 6] after each step: post_step)
@@ -352,7 +372,7 @@ class DeCLIP(CLIP):
         loss_simsiam = simsiam_loss(p_a, p_b, z_a, z_b)
 
         # text self-supervision: recover the chosen tokens from the final token features of the masked caption
-        loss_mlm = mlm_loss(self.mlm_head, views["text_tokens"], views["mlm_labels"])
+        loss_mlm = mlm_loss(features["mlm_sum"], features["mlm_count"])
 
         # nearest neighbours of both captions, looked up BEFORE this batch is enqueued (else a caption would find
         # itself); the images' positives are their captions' neighbours, image→text only

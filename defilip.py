@@ -42,14 +42,20 @@ class DeFILIP(DeCLIP):
         self.keep_fraction, self.chunk_size = keep_fraction, chunk_size
         self.gather_dtype = torch.float16 if half_gather else None
 
-    def forward(self, batch):
-        views = self.encode(batch)  # DeCLIP's encoder passes, tokens included
-        loss, logs = self.loss(views)  # L_DeCLIP
+    def features(self, batch):
+        # DeCLIP's encoder passes, then FILIP's heads on tokens they already computed: image_a's patches, the masked
+        # caption's words (which keeps the original's layout, SOT and EOT in place, so its padding is the original's)
+        features = super().features(batch, keep_tokens=True)
+        features["image_tokens"] = self.image_head(features.pop("image_a_tokens"))  # (B, P, 256)
+        features["text_tokens"] = self.text_head(features.pop("text_tokens"))  # (B, L, 256)
+        features["text_mask"] = text_padding_mask(batch["text"])  # (B, L)
+        return features
+
+    def loss(self, features):
+        loss, logs = super().loss(features)  # L_DeCLIP
         logit_scale_filip = self.logit_scale_filip.exp()  # s'
-        # the masked caption keeps the original's layout (SOT, EOT at the same place), so its padding is the original's
-        loss_filip = filip_loss(self.image_head(views["image_a_tokens"]), self.text_head(views["text_tokens"]),
-                                text_padding_mask(batch["text"]), logit_scale_filip, self.keep_fraction,
-                                self.gather_dtype, self.chunk_size)
+        loss_filip = filip_loss(features["image_tokens"], features["text_tokens"], features["text_mask"],
+                                logit_scale_filip, self.keep_fraction, self.gather_dtype, self.chunk_size)
         loss = loss + self.filip_weight * loss_filip
         return loss, {**logs, "filip": loss_filip.detach(), "logit_scale_filip": logit_scale_filip.detach()}
 

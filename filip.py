@@ -28,6 +28,10 @@ averages s^T over all 77 positions and lets padding tokens compete in the max of
 divides s^T by the number of non-pad tokens, but zeroes the pad tokens' features, so they still enter the max of s^I
 with similarity 0 (mindformers also uses label smoothing 0.1 and a separate temperature per direction; we do not).
 
+Patch dropout (train.py --patch-dropout p, ViTs): the token-wise loss then sees only the patches the ViT kept, a
+random (1 − p) of them per image: the mean of s^I runs over the kept patches and the max of s^T picks among them. Zero-
+shot classification and retrieval see every patch.
+
 The DeCLIP benchmark, whose FILIP recipe we follow (see FILIP.defaults), freezes the ViT's patch-embedding conv at its
 random init for every method: `train.py --freeze-patch-embed` does the same (off by default).
 """
@@ -204,12 +208,15 @@ class FILIP(CLIP):
     def text_tokens(self, text):  # (B, L) -> (B, L, d) unnormalised, (B, L) mask of the caption's tokens
         return self.text_head(self.model.text_features(text)[1]), text_padding_mask(text)
 
-    def forward(self, batch):
-        image_tokens = self.image_tokens(batch["image"])  # (B, P, d)
+    def features(self, batch):
+        image_tokens = self.image_tokens(batch["image"])  # (B, P, d): P' patches with patch dropout
         text_tokens, text_mask = self.text_tokens(batch["text"])  # (B, L, d), (B, L)
+        return {"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": text_mask}
+
+    def loss(self, features):
         logit_scale = self.model.logit_scale.exp()  # s
-        loss = filip_loss(image_tokens, text_tokens, text_mask, logit_scale, self.keep_fraction, self.gather_dtype,
-                          self.chunk_size)
+        loss = filip_loss(features["image_tokens"], features["text_tokens"], features["text_mask"], logit_scale,
+                          self.keep_fraction, self.gather_dtype, self.chunk_size)
         return loss, {"filip": loss.detach(), "logit_scale": logit_scale.detach()}
 
     # --- zero-shot classification and retrieval with the same token-wise similarity ---------------------------------

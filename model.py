@@ -15,14 +15,23 @@ State-dict keys and shapes are those of OpenAI's released checkpoints (and of op
 so `build_model(torch.load(...))` loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
 (in_proj_weight, in_proj_bias, out_proj) but runs through F.scaled_dot_product_attention, batch first.
 Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
+
+Two memory and speed options for training (train.py --grad-checkpointing, --patch-dropout), off by default:
+  * activation checkpointing (set_grad_checkpointing): each transformer block and each ResNet stage (the stem is one)
+    keeps only its input for the backward and runs its forward again there: the activations of one block or stage
+    instead of all of them, for one more forward (~1/3 more compute). The gradients are bit-identical to those without it.
+  * patch dropout (FLIP, Li et al. 2023; open_clip's patch_dropout): in training, a ViT keeps a random (1 − p) of its
+    patch tokens (the class token always) after adding their positional embeddings; evaluation sees every token.
 """
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -76,6 +85,7 @@ class Transformer(nn.Module):
     def __init__(self, width, layers, heads, act):
         super().__init__()
         self.width, self.layers = width, layers
+        self.grad_checkpointing = False  # CLIPModel.set_grad_checkpointing
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         # OpenAI's init: projections that write into the residual stream are scaled down by sqrt(2·layers),
         # so the variance of the stream does not grow with depth (2 writes per block)
@@ -90,7 +100,10 @@ class Transformer(nn.Module):
 
     def forward(self, x, causal=False):  # (B, L, width) -> (B, L, width)
         for block in self.resblocks:
-            x = block(x, causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)  # keeps x; block's forward reruns in backward
+            else:
+                x = block(x, causal)
         return x
 
 
@@ -98,8 +111,9 @@ class Transformer(nn.Module):
 # image encoder 1: Vision Transformer
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, act):
+    def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, act, patch_dropout=0.0):
         super().__init__()
+        self.patch_dropout = patch_dropout  # fraction of patch tokens dropped in training (see the module docstring)
         # the patch embedding (the DeCLIP benchmark freezes it at its random init: train.py --freeze-patch-embed)
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
@@ -115,17 +129,31 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def features(self, x):  # (B, 3, R, R) -> pooled (B, width), tokens (B, P, width)
+    def features(self, x):  # (B, 3, R, R) -> pooled (B, width), tokens (B, P, width) (P' with patch dropout)
         x = self.conv1(x.to(self.conv1.weight.dtype))                     # (B, width, R/P, R/P)
         x = x.flatten(2).transpose(1, 2)                                   # (B, P, width), P = (R/P)²
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))                               # (B, 1+P, width)
+        if self.training and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout)                        # (B, 1+P', width), P' = ⌊(1 − p)·P⌋
+        x = self.transformer(self.ln_pre(x))                               # (B, 1+P, width), or 1+P'
         x = self.ln_post(x)  # per-token LayerNorm: the class token's is the pooled feature, the rest FILIP's tokens
         return x[:, 0], x[:, 1:]
 
     def project(self, pooled):  # (B, width) -> (B, D)
         return pooled @ self.proj
+
+
+def drop_patches(x, p):
+    """(B, 1+P, width) tokens, the class token first -> (B, 1+P', width): the class token and a random
+    P' = max(1, ⌊(1 − p)·P⌋) of the P patch tokens of each image (as open_clip's PatchDropout), drawn from torch's
+    generator on x's device, which train.py seeds per step and micro-batch so that a resumed run, and the two passes
+    of gradient accumulation, draw the same patches. The kept tokens come in random order: their positions are
+    already in them, and nothing downstream depends on the order (FILIP's max and mean over tokens included)."""
+    B, L, width = x.shape
+    keep = max(1, int((L - 1) * (1 - p)))
+    index = torch.rand(B, L - 1, device=x.device).topk(keep, dim=1).indices + 1  # (B, P') patch positions
+    return torch.cat([x[:, :1], x.gather(1, index[:, :, None].expand(-1, -1, width))], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -191,6 +219,7 @@ class AttentionPool2d(nn.Module):
 class ModifiedResNet(nn.Module):
     def __init__(self, layers, output_dim, heads, image_resolution, width):
         super().__init__()
+        self.grad_checkpointing = False  # CLIPModel.set_grad_checkpointing: per stage, the stem one of them
         # stem: three 3×3 convs (the first with stride 2) and an avg-pool instead of one 7×7 conv and a max-pool
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
@@ -209,13 +238,22 @@ class ModifiedResNet(nn.Module):
             inplanes = planes * Bottleneck.expansion
         self.attnpool = AttentionPool2d(image_resolution // 32, width * 32, heads, output_dim)
 
-    def features(self, x):  # (B, 3, R, R) -> pooled (B, D), tokens (B, (R/32)², 32·width)
-        x = x.to(self.conv1.weight.dtype)
+    def stem(self, x):  # (B, 3, R, R) -> (B, width, R/4, R/4)
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         x = F.relu(self.bn3(self.conv3(x)), inplace=True)
-        x = self.avgpool(x)                                                  # (B, width, R/4, R/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))            # (B, 32·width, R/32, R/32)
+        return self.avgpool(x)
+
+    def features(self, x):  # (B, 3, R, R) -> pooled (B, D), tokens (B, (R/32)², 32·width)
+        x = x.to(self.conv1.weight.dtype)
+        for stage in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):  # -> (B, 32·width, R/32, R/32)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # the stage's forward runs again in the backward, without updating the running statistics of its
+                # BatchNorm layers a second time
+                x = checkpoint(stage, x, use_reentrant=False,
+                               context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
+            else:
+                x = stage(x)
         return self.attnpool(x), x.flatten(2).transpose(1, 2)
 
     def project(self, pooled):  # attnpool's c_proj already maps to the embedding dimension
@@ -228,7 +266,7 @@ class ModifiedResNet(nn.Module):
 class CLIPModel(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
-                 quick_gelu=True):
+                 quick_gelu=True, patch_dropout=0.0):
         super().__init__()
         self.embed_dim, self.image_resolution = embed_dim, image_resolution
         self.context_length, self.vocab_size = context_length, vocab_size
@@ -237,11 +275,14 @@ class CLIPModel(nn.Module):
         # DataComp, every name without -quickgelu) nn.GELU. A state dict cannot tell them apart; quick_gelu says it.
         act = QuickGELU if quick_gelu else nn.GELU
         if isinstance(vision_layers, (tuple, list)):  # a list of 4 stage depths means a ResNet
+            if patch_dropout:
+                raise ValueError("patch dropout needs a ViT: a ResNet has no patch tokens")
             self.visual = ModifiedResNet(vision_layers, embed_dim, heads=vision_width * 32 // 64,
                                          image_resolution=image_resolution, width=vision_width)
         else:  # heads of width 64, as in OpenAI's ViTs (build_model relies on it)
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            heads=vision_width // 64, output_dim=embed_dim, act=act)
+                                            heads=vision_width // 64, output_dim=embed_dim, act=act,
+                                            patch_dropout=patch_dropout)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, act)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -251,6 +292,12 @@ class CLIPModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=transformer_width ** -0.5)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing per transformer block (both towers) and per ResNet stage (see the docstring)."""
+        for module in (self.visual, getattr(self.visual, "transformer", None), self.transformer):
+            if module is not None:
+                module.grad_checkpointing = enable
 
     def image_features(self, images):
         """(B, 3, R, R) -> pooled (B, Wp) before the projection, tokens (B, P, Wt); see visual.features."""
@@ -285,6 +332,24 @@ class CLIPModel(nn.Module):
 
     def forward(self, images, text):  # -> (B, D), (B, D), s: the pieces of the CLIP logits s·Î·T̂ᵀ
         return self.encode_image(images), self.encode_text(text), self.logit_scale.exp()
+
+
+@contextmanager
+def frozen_batchnorm_statistics(module):
+    """The BatchNorm layers in `module` normalise with the batch's statistics as in training, but leave their running
+    statistics and batch counts as they were: for a forward that repeats one already made (activation checkpointing's
+    recomputation, the second pass of train.py's gradient accumulation), which would otherwise count that batch
+    twice. The layers run the same operations as in training (checkpointing checks that), with a momentum of 0."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0  # running = 1 · running + 0 · batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 # -----------------------------------------------------------------------------

@@ -170,11 +170,11 @@ class SigLIP(CLIP):
         # bias is SigLIP's own parameter, saved with the method's state (a scalar: no weight decay, see decays)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
-    def forward(self, batch):
-        image_features = self.model.encode_image(batch["image"])  # (B, D)
-        text_features = self.model.encode_text(batch["text"])  # (B, D)
+    # features: CLIP's, the (B, D) image and text embeddings
+
+    def loss(self, features):
         logit_scale = self.model.logit_scale.exp()  # s
-        loss = siglip_loss(image_features, text_features, logit_scale, self.logit_bias)
+        loss = siglip_loss(features["image"], features["text"], logit_scale, self.logit_bias)
         logs = {"siglip": loss.detach(), "logit_scale": logit_scale.detach(), "logit_bias": self.logit_bias.detach()}
         return loss, logs
 

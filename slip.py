@@ -25,16 +25,14 @@ Logs: clip (L_CLIP), ssl (L_SimCLR), ssl_acc (fraction of a-views whose most sim
 BatchNorm and small batches. The MLP's BatchNorm normalises with statistics over the batch, so both its noise and
 how much one sample's output depends on the others grow as the batch shrinks; SLIP's authors saw chance-level
 accuracy with a per-GPU batch of 8 and gradient accumulation (facebookresearch/SLIP issue #7). Our choices:
-  * GlobalBatchNorm (below) computes the statistics over the GLOBAL batch (all ranks, gathered with gradient), as
+  * clip.GlobalBatchNorm computes the statistics over the GLOBAL batch (all ranks, gathered with gradient), as
     SLIP's nn.SyncBatchNorm does, so W ranks × B samples behave exactly like one process with W·B samples (tested).
     It runs on CPU/gloo too, where torch's SyncBatchNorm refuses, and convert_sync_batchnorm leaves it alone.
+  * The head runs in the loss, on the whole batch, so train.py's --grad-accum enlarges the BatchNorm batch and the
+    SimCLR negatives as it does CLIP's: K micro-batches of n are one batch of K·n (tested), where SLIP's released
+    --update-freq accumulation normalises and contrasts each micro-batch on its own.
   * It warns once when that global batch is below `min_bn_batch` (32).
-  * Gradient accumulation does NOT enlarge the BatchNorm batch, nor the SimCLR negatives: each micro-batch is
-    normalised with its own statistics and contrasted only within itself. Accumulating k micro-batches of n is not
-    one batch of k·n; to get a larger BatchNorm/contrastive batch use more ranks or larger micro-batches.
 """
-
-import warnings
 
 import torch
 import torch.nn as nn
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import data
-from clip import CLIP, all_gather, rank_and_world
+from clip import CLIP, GlobalBatchNorm, all_gather, rank_and_world
 from model import ModifiedResNet
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,57 +81,6 @@ class Transform:
     def __call__(self, image, caption):
         return {"image": self.image(image), "image_a": self.ssl(image), "image_b": self.ssl(image),
                 "text": self.tokenizer(caption, self.context_length)[0]}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# BatchNorm over the global batch (used by SLIP's SimCLR head and DeCLIP's SimSiam heads)
-
-
-class GlobalBatchNorm(nn.Module):
-    """BatchNorm1d over (B, C) features whose training statistics are those of the global batch, i.e. of all ranks
-    together, like torch's SyncBatchNorm. Each rank sends (count, mean, sum of squared deviations) per channel,
-    gathered WITH gradient (clip.all_gather), and merges them exactly (Chan et al.), so W ranks of B samples give the
-    output and gradients of one process with W·B samples. Unlike nn.SyncBatchNorm it also runs on CPU (gloo), and it
-    is no _BatchNorm, so nn.SyncBatchNorm.convert_sync_batchnorm leaves it as it is. Eval mode uses running
-    statistics (momentum 0.1, unbiased variance), as nn.BatchNorm1d."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, min_batch=32):
-        super().__init__()
-        self.eps, self.momentum, self.min_batch = eps, momentum, min_batch
-        self.weight = nn.Parameter(torch.ones(num_features))  # γ
-        self.bias = nn.Parameter(torch.zeros(num_features))  # β
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.warned = False
-
-    def forward(self, x):  # (B, C) -> (B, C)
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        B, C = x.shape
-        rank, world = rank_and_world()
-        if B * world < 2:
-            raise ValueError("BatchNorm needs more than one sample in the global batch when training")
-        if B * world < self.min_batch and not self.warned and rank == 0:  # once, from one rank
-            self.warned = True
-            warnings.warn(
-                f"BatchNorm over a global batch of only {B * world} samples (< {self.min_batch}): its statistics are "
-                f"noisy and each output leans on few other samples; SLIP saw chance-level accuracy at per-GPU batch 8 "
-                f"(SLIP issue #7). Use a larger per-step batch (more ranks or larger micro-batches); gradient "
-                f"accumulation does not help, since every micro-batch is normalised on its own.")
-        x32 = x.float()  # statistics in float32, also under bf16 autocast
-        mean = x32.mean(dim=0)  # (C,) this rank's
-        m2 = (x32 - mean).square().sum(dim=0)  # (C,) this rank's sum of squared deviations
-        count = x32.new_full((1,), B)
-        stats = all_gather(torch.cat([count, mean, m2])[None])  # (W, 1 + 2C), with gradient
-        counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
-        N = counts.sum()
-        global_mean = (counts * means).sum(dim=0) / N  # (C,)
-        global_var = (m2s + counts * (means - global_mean).square()).sum(dim=0) / N  # (C,) biased, as BN normalises
-        with torch.no_grad():
-            self.running_mean.lerp_(global_mean, self.momentum)
-            self.running_var.lerp_(global_var * N / (N - 1), self.momentum)  # unbiased, as nn.BatchNorm1d keeps
-        y = (x32 - global_mean) * torch.rsqrt(global_var + self.eps) * self.weight + self.bias
-        return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,14 +136,20 @@ class SLIP(CLIP):
     def transform(self, tokenizer):
         return Transform(self.model.image_resolution, tokenizer, self.model.context_length)
 
-    def forward(self, batch):
+    def features(self, batch):
+        """CLIP's two embeddings, and the pooled image features f(x) of the two SimCLR views, before the head: the
+        head's BatchNorm mixes the batch, so the head runs in the loss."""
+        return {**super().features(batch),  # "image", "text": (B, D)
+                "image_a": self.model.image_features(batch["image_a"])[0],  # (B, width)
+                "image_b": self.model.image_features(batch["image_b"])[0]}  # (B, width)
+
+    def loss(self, features):
         # CLIP on the mildly cropped view, exactly as clip.py: logs {"clip", "logit_scale"}. Gathered with gradient,
         # where SLIP's release gathers without (see the module docstring)
-        loss_clip, logs = super().forward(batch)
-        # SimCLR on the two strongly augmented views, each through the encoder and the head separately (as SLIP:
-        # each BatchNorm sees one view's batch)
-        z_a = self.image_mlp(self.model.image_features(batch["image_a"])[0])  # (B, 256)
-        z_b = self.image_mlp(self.model.image_features(batch["image_b"])[0])  # (B, 256)
+        loss_clip, logs = super().loss(features)
+        # SimCLR on the two strongly augmented views: the head on each view's batch separately (as SLIP: each
+        # BatchNorm sees one view's batch), then NT-Xent
+        z_a, z_b = self.image_mlp(features["image_a"]), self.image_mlp(features["image_b"])  # (B, 256) each
         loss_ssl, ssl_accuracy = simclr_loss(z_a, z_b, self.ssl_temperature)
         loss = loss_clip + self.ssl_scale * loss_ssl
         return loss, {**logs, "ssl": loss_ssl.detach(), "ssl_acc": ssl_accuracy}

@@ -9,10 +9,12 @@ Train a language-image model with any of the five methods. One file, no framewor
 The method (clip.py, siglip.py, slip.py, declip.py, filip.py) is chosen by module name and plugs in through the
 interface documented in clip.py: its views of each sample, its loss, its extra heads, its optimiser defaults.
 
-Batch sizes: --batch-size is the global batch of one optimiser step. Each of the W ranks runs --grad-accum
-micro-batches of batch_size / (W · grad_accum) samples. The contrastive loss sees one micro-batch from every rank
-(batch_size / grad_accum samples, gathered across ranks): accumulation averages gradients over several contrastive
-batches, it does not enlarge the set of negatives. Use more ranks, not more accumulation, to get more negatives.
+Batch sizes: --batch-size is the global batch of one optimiser step, and the loss is always the loss of that whole
+batch. Each of the W ranks runs --grad-accum micro-batches of batch_size / (W · grad_accum) samples through the
+encoders, and the loss sees them all (exact accumulation, see forward_backward): one GPU trains with the paper's
+batch, e.g. SLIP's 4,096 pairs, as 32 micro-batches of 128:
+
+    python train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing
 """
 
 import argparse
@@ -34,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import eval_zeroshot
-from model import CONFIGS, CLIPModel, VisionTransformer
+from model import CONFIGS, CLIPModel, VisionTransformer, frozen_batchnorm_statistics
 
 METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 
@@ -55,7 +57,12 @@ def get_args(argv=None):
     p.add_argument("--csv-separator", default=None, help="the csv's separator (default: a tab for .tsv, a comma "
                                                         "otherwise; \\t is a tab)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch per optimiser step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (see the docstring)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; the loss and gradients stay "
+                                                             "those of the whole batch (see the docstring)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="keep only each transformer block's and ResNet stage's input for the backward, recompute the rest")
+    p.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="training only: a ViT keeps a random (1 - P) of its patch tokens (FLIP); 0.5 halves its cost")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default: the method's)")
@@ -99,13 +106,13 @@ def get_args(argv=None):
     # weights at every step (these methods use 5e-4 to 3e-3; 1e38 even overflows float32 inside AdamW)
     if args.lr is not None and not 0 < args.lr <= 1:
         fail(f"--lr must be above 0 and at most 1 (got {args.lr:g}); these methods train with 5e-4 to 3e-3")
-    # the loss of each micro-batch contrasts its pairs with each other: a single pair has no negatives (CLIP's loss
-    # is then exactly 0 and nothing is learned) and no batch statistics for SLIP's and DeCLIP's BatchNorm
-    if args.batch_size // args.grad_accum < 2:
-        given = f"--batch-size {args.batch_size}" if args.grad_accum == 1 else \
-            f"--batch-size {args.batch_size} / --grad-accum {args.grad_accum}"
-        fail(f"{given}: contrastive losses need at least 2 image-text pairs per batch (each pair's negatives are the "
-             f"other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
+    if not 0 <= args.patch_dropout < 1:
+        fail(f"--patch-dropout must be at least 0 and below 1 (got {args.patch_dropout}); FLIP drops 0.5 to 0.75")
+    # the loss contrasts the batch's pairs with each other: a single pair has no negatives (CLIP's loss is then
+    # exactly 0 and nothing is learned) and no batch statistics for SLIP's and DeCLIP's BatchNorm
+    if args.batch_size < 2:
+        fail(f"--batch-size {args.batch_size}: contrastive losses need at least 2 image-text pairs per batch (each "
+             f"pair's negatives are the other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
     return args
 
 
@@ -213,6 +220,60 @@ def lr_at(step, peak, warmup, total):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
+    """The loss of the whole local batch, given as K micro-batches, with its gradients added to the parameters' .grad
+    -> (loss, logs). train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`).
+    Micro-batch i draws its in-model randomness (patch dropout) after torch.manual_seed(seed + i), in every pass.
+
+    K = 1: the plain step, loss.backward(). K > 1: GradCache (Gao et al. 2021), exact for every method:
+      1. each micro-batch's features (method.features: encoders and per-sample heads), without a graph, so that
+         only one micro-batch's activations are alive at a time;
+      2. the loss of the whole batch on those features (method.loss: contrastive terms, BatchNorm heads, the queue,
+         all see every sample, once per step), and its gradients with respect to the features, made leaves, and to
+         the loss's own parameters (temperature, heads);
+      3. each micro-batch's features again, now with a graph (same random draws, so the same features), and the
+         backward of its rows of those gradients; the last micro-batch also hands over the loss parameters'
+         gradients, so that the one backward DDP synchronises (the others run under no_sync) reaches them all.
+    Step 3 repeats step 1's forward: 4/3 of the plain step's compute. open_clip's --accum-freq caches features in the
+    same way, but recomputes the whole batch's loss for every micro-batch and draws new patch-dropout masks in its
+    second pass. The one thing in the features that is not per sample: a ResNet encoder's own BatchNorm, which
+    normalises each micro-batch with that micro-batch's statistics (as open_clip), counted once (in step 1)."""
+    if len(batches) == 1:
+        torch.manual_seed(seed)
+        with autocast:
+            loss, logs = train_model(batches[0])
+        loss.backward()
+        return loss.detach(), logs
+
+    with torch.no_grad(), autocast:  # 1.
+        parts = []
+        for i, batch in enumerate(batches):
+            torch.manual_seed(seed + i)
+            parts.append(method.features(batch))
+    features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    leaves = {key: f.requires_grad_() for key, f in features.items() if f.is_floating_point()}
+
+    with autocast:  # 2.
+        loss, logs = method.loss(features)
+    params = {name: p for name, p in method.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, [*leaves.values(), *params.values()], allow_unused=True)
+    feature_grads = {key: g for key, g in zip(leaves, grads) if g is not None}
+    param_grads = {name: g for name, g in zip(params, grads[len(leaves):]) if g is not None}
+
+    start = 0  # 3.
+    for i, (batch, part) in enumerate(zip(batches, parts)):
+        rows = slice(start, start + len(next(iter(part.values()))))
+        start = rows.stop
+        last = i == len(batches) - 1
+        torch.manual_seed(seed + i)
+        # the running statistics of a ResNet's BatchNorm already counted this micro-batch in step 1
+        with (nullcontext() if last else no_sync()), frozen_batchnorm_statistics(method), autocast:
+            surrogate = train_model(batch, {key: g[rows] for key, g in feature_grads.items()},
+                                    param_grads if last else None)
+        surrogate.backward()
+    return loss.detach(), logs
 
 
 def wrap_ddp(method, device):
@@ -326,7 +387,11 @@ def main(argv=None):
         fail(f"{len(shards)} shards for {readers} readers ({world} ranks × {rank_readers} workers): each reader needs "
              f"a shard of its own; use fewer --workers")
     torch.manual_seed(args.seed)
-    model = CLIPModel(**model_config)
+    if args.patch_dropout and not isinstance(model_config["vision_layers"], int):
+        fail(f"--patch-dropout: {args.model} is a ResNet, which has no patch tokens")
+    model = CLIPModel(**model_config, patch_dropout=args.patch_dropout)  # not in model_config: evaluation sees all
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
     with torch.no_grad():
         model.logit_scale.fill_(math.log(Method.defaults["logit_scale_init"]))
     if args.freeze_patch_embed:
@@ -458,9 +523,8 @@ def main(argv=None):
         step_lr = lr_at(step, lr, warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # in-loss randomness (masks) is resumable too
-        step_logs = 0  # the loss and its components, averaged over the micro-batches
-        for micro_step in range(args.grad_accum):
+        micro_batches = []
+        for _ in range(args.grad_accum):
             try:
                 batch = next(batches)
             except data.UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
@@ -471,12 +535,14 @@ def main(argv=None):
             lanes.update(batch.pop("lanes", ()))
             new_bad.update(bad)
             reads, failed = reads + micro + len(bad), failed + len(bad)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            last = micro_step == args.grad_accum - 1
-            with (train_model.no_sync() if distributed and not last else nullcontext()), autocast:
-                loss, logs = train_model(batch)
-            (loss / args.grad_accum).backward()
-            step_logs = step_logs + torch.stack([loss.detach().float()] + [v.float() for v in logs.values()]) / args.grad_accum
+            # all K micro-batches stay on the device for forward_backward's two passes (as open_clip's --accum-freq)
+            micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        # in-model randomness (patch dropout) is resumable too: seeded per (step, rank, micro-batch), distinct for up
+        # to 1009 ranks and micro-batches
+        seed = ((args.seed * 1_000_003 + step) * 1009 + rank) * 1009 % 2**62
+        loss, logs = forward_backward(method, train_model, micro_batches, seed, autocast,
+                                      train_model.no_sync if distributed else nullcontext)
+        step_logs = torch.stack([loss.float()] + [v.float() for v in logs.values()])
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(method.parameters(), args.grad_clip)
         optimizer.step()

@@ -10,12 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def assert_close_at_scale(actual, expected, rel=1e-5):
+def assert_close_at_scale(actual, expected, rel=1e-5, floor=0.0):
     """Compare float32 results of different summation orders (W ranks vs one process): rounding errors scale with the
     magnitude of the summed terms, not of each sum, so a gradient entry that is ~0 next to entries of order 1 can
-    differ by 100% in relative terms. Tolerance: rel × the largest |entry| of the tensor, plus rtol 1e-3. A wrong
-    gradient (a missing rank's term, per-rank BatchNorm statistics) is off by a fraction of that scale, far above."""
-    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=rel * expected.abs().max().item())
+    differ by 100% in relative terms. Tolerance: rel × the largest |entry| of the tensor (at least `floor`), plus
+    rtol 1e-3. A wrong gradient (a missing rank's term, per-rank BatchNorm statistics) is off by a fraction of that
+    scale, far above. `floor` is for a tensor that is 0 but for rounding (the gradient of a bias right before a
+    BatchNorm, which removes any shift): its noise scales with the terms that cancelled, other gradients' sizes."""
+    atol = max(rel * expected.abs().max().item(), floor)
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=atol)
 
 
 def _free_port():

@@ -5,7 +5,9 @@
 #   bash tests/gpu.sh [RESULTS_FILE] [SECTION ...]   # default: gpu-results.txt, tests bench data memory compile
 #
 # On one H100 (2026-11-27) the sections took: tests 169 s, bench 77 s, data 65 s, memory 25 s, compile 187 s, about
-# 9 minutes in all; the optional section compile-b32 (ViT-B/32 compiled, against open_clip) adds 168 s.
+# 9 minutes in all; the optional section compile-b32 (ViT-B/32 compiled, against open_clip) adds 168 s. The optional
+# section accum (ViT-B/16 CLIP at batch 4,096 on one GPU; each of accumulation, checkpointing and patch dropout against
+# the plain step; the README's one-GPU SLIP recipe for 3 steps) has not run yet: its limits allow 11 minutes.
 #
 # Each command runs under a time limit; a failure or time-out is written down and the script goes on, then exits
 # non-zero at the end. Without a GPU it stops at once.
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 results=${1:-gpu-results.txt}
 shift $(($# > 0 ? 1 : 0))
-sections=${*:-tests bench data memory compile}  # and compile-b32 when named
+sections=${*:-tests bench data memory compile}  # and compile-b32, accum when named
 failed=0
 
 if ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -55,7 +57,7 @@ if has data; then
     jpegs=$(mktemp -d)
     run 60 $PYTHON bench.py --make-jpegs 1000 "$jpegs"
     cores=$(nproc)
-    run 90 $PYTHON bench.py --data-dir "$jpegs" --model ViT-B-32 --decoders tvio --passes 2 \
+    run 90 $PYTHON bench.py --data-dir "$jpegs" --model ViT-B-32 --decoders tvio \
         --workers "1,2,4,8,$((cores > 9 ? cores - 1 : cores))"
     rm -rf "$jpegs"
 fi
@@ -64,6 +66,16 @@ if has memory; then
 fi
 if has compile; then  # last: compiling both models takes most of this section's time
     run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile --profile
+fi
+if has accum; then
+    # one GPU at a paper's batch: ViT-B/16 CLIP at 4,096 pairs in bf16, 32 micro-batches of 128 with checkpointing
+    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing --warmup 1 --steps 3
+    # each feature against the plain step at a batch that fits without them: samples/s and activation memory
+    run 180 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --grad-accum 4 --patch-dropout 0.5 --warmup 2 --steps 12 \
+        --rounds 3 --variants plain,accum,ckpt,ckpt+accum,pd
+    # the README's recipe for one GPU, on the built-in data: SLIP's loss on 4,096 pairs per step
+    run 240 $PYTHON train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing \
+        --steps 3 --log-every 1 --eval-size 0 --out-dir "$(mktemp -d)"
 fi
 if has compile-b32; then
     run 200 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20 --compile

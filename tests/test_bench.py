@@ -18,9 +18,8 @@ from model import CONFIGS, CLIPModel
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
                "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": "",
                "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
-BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads[^|]*\| batch 8 \| ([\d.]+) samples/s \| "
-                        r"step [\d.]+ ms median, [\d.]+ ± [\d.]+ mean, 2 steps \| "
-                        r"peak RSS [\d.]+ GiB \(\+[\d.]+ from the model on\) \| "
+BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads \| batch 8 \| ([\d.]+) samples/s \| "
+                        r"step [\d.]+ ms median, 2 steps \| peak RSS [\d.]+ GiB \| "
                         r"([\d.]+) GFLOP/sample fwd, [\d.e-]+ TFLOP/s \| python bench.py .*$", re.M)
 
 
@@ -59,14 +58,38 @@ def test_side_by_side_with_open_clip(capsys):
         bench.main(["--vs-open-clip", "--method", "siglip"])
 
 
+def test_variants_side_by_side():
+    """--variants: one line per variant with its samples/s, its time against the first variant's (per round) and its
+    activation memory; checkpointing keeps less, and so does accumulation (one micro-batch's activations at a
+    time). In a subprocess: the CPU memory measurement changes malloc's settings for the rest of the process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--batch-size", "32", "--grad-accum", "4", "--patch-dropout", "0.5", "--warmup", "1", "--steps", "2",
+            "--rounds", "2", "--variants", "plain,accum,ckpt,ckpt+accum,pd"]
+    p = subprocess.run([sys.executable, os.path.join(root, "bench.py"), *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    memory = {}
+    for name, detail in [("plain", ""), ("accum", " = 4 × 8"), ("ckpt", ""), ("ckpt+accum", " = 4 × 8"),
+                         ("pd", ", patch dropout 0.5")]:
+        line = re.search(rf"^variant {re.escape(name)} \| clip tiny-vit \| cpu fp32 1 threads \| batch 32{re.escape(detail)} \| "
+                         rf"[\d.]+ samples/s, \d+ ms/sample(, time [\d.]+× plain's \(rounds [\d.]+-[\d.]+\))? \| "
+                         rf"activations ([\d.]+) MiB, [\d.]+ MiB/sample.* \| python bench.py .*$", p.stdout, re.M)
+        assert line and bool(line.group(1)) == (name != "plain"), p.stdout
+        memory[name] = float(line.group(2))
+    assert memory["ckpt"] < memory["plain"] and memory["accum"] < memory["plain"], memory
+    with pytest.raises(SystemExit, match="tiny-rn is a ResNet"):
+        bench.main(["--model", "tiny-rn", "--patch-dropout", "0.5", "--variants", "plain,pd"])
+
+
 def test_data_pipeline(tmp_path, capsys):
     folder = str(tmp_path / "jpegs")
-    bench.main(["--make-jpegs", "6", folder, "--jpeg-size", "80x60"])
-    bench.main(["--data-dir", folder, "--workers", "1", "--passes", "1"])
+    bench.main(["--make-jpegs", "6", folder])
+    bench.main(["--data-dir", folder, "--workers", "1"])
     out = capsys.readouterr().out
     R = CONFIGS["tiny-vit"]["image_resolution"]
+    assert "wrote 6 500x375 JPEGs" in out
     for name in ("PIL", "torchvision.io"):
-        assert re.search(rf"^data clip {R}px {name} \| 6 JPEGs × 1 passes \| 1 worker [\d.]+ images/s", out, re.M), out
+        assert re.search(rf"^data clip {R}px {name} \| 6 JPEGs × 2 passes \| 1 worker [\d.]+ images/s", out, re.M), out
     with pytest.raises(SystemExit, match="no .jpg files"):
         bench.main(["--data-dir", str(tmp_path)])
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 import data
 import declip
-from declip import DeCLIP, eda, mask_tokens, mlm_loss, nn_loss, random_deletion, random_swap, simsiam_loss, \
-    synonym_replacement
+from declip import MASK, DeCLIP, eda, mask_tokens, mlm_loss, mlm_per_sample, nn_loss, random_deletion, random_swap, \
+    simsiam_loss, synonym_replacement
 from distributed import assert_close_at_scale, run_distributed
 from model import create_model
 
@@ -31,10 +31,14 @@ def _text(B, L=24, seed=0, lengths=None):  # 24: the tiny configs' context
     return text
 
 
-def _batch(B=8, seed=0, resolution=64):
+def _batch(B=8, seed=0, resolution=64, mlm_probability=0.15):
+    """DeCLIP's views drawn directly: two images, the caption masked as the transform masks it, and an EDA caption."""
     g = torch.Generator().manual_seed(seed)
     images = {k: torch.randn(B, 3, resolution, resolution, generator=g) for k in ("image_a", "image_b")}
-    return {**images, "text": _text(B, seed=seed), "text_eda": _text(B, seed=seed + 1)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text, mlm_labels = mask_tokens(_text(B, seed=seed), mlm_probability)
+    return {**images, "text": text, "mlm_labels": mlm_labels, "text_eda": _text(B, seed=seed + 1)}
 
 
 def _method(name="tiny-vit", **kwargs):
@@ -67,7 +71,7 @@ def test_simsiam_matches_direct_computation_and_stops_gradient():
 def test_mask_tokens_statistics_and_layout():
     torch.manual_seed(0)
     text = _text(4000, L=32, seed=1)
-    ids, to_mask, labels = mask_tokens(text, probability=0.15)
+    ids, labels = mask_tokens(text, probability=0.15)
     position = torch.arange(32)
     eot = text.argmax(-1, keepdim=True)
     maskable = (position > 0) & (position < eot)
@@ -79,6 +83,7 @@ def test_mask_tokens_statistics_and_layout():
     rate = chosen.sum() / maskable.sum()
     assert abs(rate.item() - 0.15) < 0.005
     n = chosen.sum().item()
+    to_mask = ids == MASK
     assert not (to_mask & ~chosen).any()
     assert abs(to_mask.sum().item() / n - 0.8) < 0.01
     changed = chosen & ~to_mask & (ids != text)  # random replacements (a random id equal to the original is rare)
@@ -86,16 +91,32 @@ def test_mask_tokens_statistics_and_layout():
     assert abs(changed.sum().item() / n - 0.1) < 0.01 and abs(kept.sum().item() / n - 0.1) < 0.01
     # nothing else changes, random ids stay ordinary (below SOT), and the EOT position is unchanged
     assert torch.equal(ids[~chosen], text[~chosen])
-    assert (ids[changed] < SOT).all()
+    assert (ids[changed] >= 0).all() and (ids[changed] < SOT).all()
     assert torch.equal(ids.argmax(-1), text.argmax(-1))
 
 
 def test_mask_tokens_short_captions():
     text = _text(3, L=8, lengths=[1, 2, 6])
     torch.manual_seed(0)
-    ids, to_mask, labels = mask_tokens(text, probability=1.0)  # everything maskable is chosen
+    ids, labels = mask_tokens(text, probability=1.0)  # everything maskable is chosen
     assert torch.equal(labels != -100, torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0],
                                                      [0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool))
+
+
+def test_masked_caption_embeds_mask_where_marked():
+    """[MASK] is the method's own vector, not a vocabulary row: the masked caption's encoding is the text encoder
+    run on the token embeddings with mask_embedding at the MASK positions, pooled at the original EOT."""
+    torch.manual_seed(0)
+    method = _method()
+    text = _text(3)
+    ids = text.clone()
+    ids[:, 1] = MASK
+    pooled, tokens = method.masked_text_features(ids)
+    embeddings = method.model.token_embedding(text)
+    embeddings[:, 1] = method.mask_embedding
+    expected = method.model.text_features(text, embeddings=embeddings)
+    torch.testing.assert_close(pooled, expected[0])
+    torch.testing.assert_close(tokens, expected[1])
 
 
 def test_mlm_loss_matches_direct_computation():
@@ -104,12 +125,15 @@ def test_mlm_loss_matches_direct_computation():
     tokens = torch.randn(3, 5, 6)
     labels = torch.full((3, 5), -100)
     labels[0, 1], labels[0, 3], labels[2, 2] = 4, 7, 10
-    loss = mlm_loss(head, tokens, labels)
-    direct = sum(-torch.log_softmax(head(tokens[b, t]), -1)[y] for (b, t), y in
-                 (((0, 1), 4), ((0, 3), 7), ((2, 2), 10))) / 3
-    torch.testing.assert_close(loss, direct)
+    sums, counts = mlm_per_sample(head, tokens, labels)
+    ce = {(b, t): -torch.log_softmax(head(tokens[b, t]), -1)[y] for (b, t), y in
+          (((0, 1), 4), ((0, 3), 7), ((2, 2), 10))}
+    torch.testing.assert_close(sums, torch.stack([ce[0, 1] + ce[0, 3], torch.tensor(0.0), ce[2, 2]]))
+    assert counts.tolist() == [2, 0, 1]
+    # the mean over the batch's chosen tokens, not over captions
+    torch.testing.assert_close(mlm_loss(sums, counts), sum(ce.values()) / 3)
     # no chosen token: a zero loss that still reaches the head (DDP needs every parameter in the graph)
-    empty = mlm_loss(head, tokens, torch.full((3, 5), -100))
+    empty = mlm_loss(*mlm_per_sample(head, tokens, torch.full((3, 5), -100)))
     assert empty.item() == 0.0
     empty.backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() == 0
@@ -125,12 +149,12 @@ def test_mlm_logits_are_float32_under_autocast(tokens_dtype):
     seen = []
     head.register_forward_hook(lambda module, inputs, output: seen.append(output))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = mlm_loss(head, tokens, labels)
+        sums, _ = mlm_per_sample(head, tokens, labels)
     chosen = labels != -100
     expected = F.linear(tokens[chosen].float(), head.weight, head.bias)  # float32, no autocast
     assert seen[0].dtype == torch.float32
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
-    torch.testing.assert_close(loss, mlm_loss(head, tokens.float(), labels), rtol=0, atol=0)
+    torch.testing.assert_close(sums, mlm_per_sample(head, tokens.float(), labels)[0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,8 +204,8 @@ def test_nn_loss_matches_direct_computation():
 
 def test_forward_looks_up_before_enqueueing():
     torch.manual_seed(0)
-    method = _method(queue_size=40, mlm_probability=0.0)
-    batch = _batch(B=4)
+    method = _method(queue_size=40)
+    batch = _batch(B=4, mlm_probability=0.0)  # unmasked: the captions are encoded as they are below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, logs = method(batch)  # step 1: empty queue, the NN term is off; then 2B captions are enqueued
@@ -250,17 +274,28 @@ def test_synonym_table_covers_the_synthetic_captions():
 
 
 def test_transform_views_and_pickling():
-    method = _method()
-    transform = pickle.loads(pickle.dumps(method.transform(data.get_tokenizer("clip"))))
+    method = _method(mlm_probability=0.5)
+    tokenizer = data.get_tokenizer("clip")
+    transform = pickle.loads(pickle.dumps(method.transform(tokenizer)))
     image = Image.new("RGB", (70, 70), (40, 200, 40))
+    caption = "a small green triangle at the top of a large blue square"
     torch.manual_seed(0)
-    out = transform(image, "a small green triangle at the top")
-    assert set(out) == {"image_a", "image_b", "text", "text_eda"}
+    out = transform(image, caption)
+    assert set(out) == {"image_a", "image_b", "text", "mlm_labels", "text_eda"}
     assert out["image_a"].shape == out["image_b"].shape == (3, 64, 64)
-    assert out["text"].shape == out["text_eda"].shape == (method.model.context_length,) and out["text"].dtype == torch.long
+    L = method.model.context_length
+    assert out["text"].shape == out["mlm_labels"].shape == out["text_eda"].shape == (L,)
+    assert out["text"].dtype == out["mlm_labels"].dtype == torch.long
+    # the caption masked as BERT: the chosen tokens' original ids in mlm_labels, [MASK] (or a swap) in their place
+    original = tokenizer(caption, L)[0]
+    chosen = out["mlm_labels"] != -100
+    assert chosen.any() and torch.equal(out["mlm_labels"][chosen], original[chosen])
+    assert torch.equal(out["text"][~chosen], original[~chosen]) and (out["text"][chosen] == MASK).any()
     torch.manual_seed(0)
-    again = transform(image, "a small green triangle at the top")
-    assert all(torch.equal(out[k], again[k]) for k in out)  # torch's RNG only: train.py's per-sample seeding holds
+    again = transform(image, caption)
+    # torch's RNG only: train.py's per-sample seeding gives each sample the same masks whatever the ranks or
+    # micro-batches, and on a resume
+    assert all(torch.equal(out[k], again[k]) for k in out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,10 +305,10 @@ def test_transform_views_and_pickling():
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_forward_backward_tiny_model(name):
     torch.manual_seed(0)
-    method = _method(name, mlm_probability=0.5)  # many masked tokens, so [MASK] is surely used
+    method = _method(name)
     assert method.defaults["lr"] == 1e-3 and method.defaults["weight_decay"] == 0.1
     assert method.defaults["eps"] == 1e-8 and method.defaults["betas"] == (0.9, 0.98)
-    batch = _batch(B=8)
+    batch = _batch(B=8, mlm_probability=0.5)  # many masked tokens, so [MASK] is surely used
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method(batch)  # fills the queue, so the NN term is on in the step we check
@@ -338,7 +373,7 @@ def test_logit_scale_clamps():
 
 
 def _rank_declip(rank, world, state, batch):
-    method = _method(mlm_probability=0.0)  # no random masks: ranks and the single process see the same captions
+    method = _method()
     method.load_state_dict(state)
     B = batch["text"].shape[0] // world
     local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
@@ -350,23 +385,27 @@ def _rank_declip(rank, world, state, batch):
     return loss.detach(), logs, grads
 
 
-_CHECKED = ("projector.0.weight", "projector.1.weight", "predictor.3.weight", "model.visual.conv1.weight",
-            "model.visual.proj", "model.text_projection", "model.logit_scale")
+_CHECKED = ("projector.0.weight", "projector.1.weight", "predictor.3.weight", "mlm_head.weight", "mask_embedding",
+            "model.visual.conv1.weight", "model.visual.proj", "model.text_projection", "model.logit_scale")
 
 
 def test_declip_distributed_equals_one_process():
-    """2 ranks × 4 = one process × 8 for the global-batch terms: the 4 CLIP losses, SimSiam with GlobalBatchNorm, and
-    the NN term (every rank given the same queue, so the neighbours agree). MLM is off (random masks)."""
+    """2 ranks × 4 = one process × 8: the 4 CLIP losses, SimSiam with GlobalBatchNorm, the NN term (every rank given
+    the same queue, so the neighbours agree) and MLM, the mean over the global batch's chosen tokens (the masks come
+    with the batch, as from the transform)."""
     torch.manual_seed(0)
-    method = _method(mlm_probability=0.0)
+    method = _method()
     method.enqueue(F.normalize(torch.randn(20, 128), dim=-1))
     state = method.state_dict()
-    batch = _batch(B=8)
+    batch = _batch(B=8, mlm_probability=0.3)
+    # the ranks' halves hold different numbers of chosen tokens: a per-rank mean would not be the global one
+    per_rank = (batch["mlm_labels"] != -100).reshape(2, -1).sum(1)
+    assert per_rank[0] != per_rank[1]
     full = _rank_declip(0, 1, state, batch)
-    assert full[1]["nn"] > 0
+    assert full[1]["nn"] > 0 and full[1]["mlm"] > 0
     results = run_distributed(_rank_declip, 2, state, batch)
     torch.testing.assert_close(torch.stack([r[0] for r in results]).mean(), full[0], rtol=1e-5, atol=1e-6)
-    for key in ("clip", "simsiam", "nn"):
+    for key in ("clip", "simsiam", "nn", "mlm"):
         torch.testing.assert_close(torch.stack([r[1][key] for r in results]).mean(), full[1][key], rtol=1e-5, atol=1e-6)
     for name in _CHECKED:
         assert_close_at_scale((results[0][2][name] + results[1][2][name]) / 2, full[2][name])
@@ -374,7 +413,7 @@ def test_declip_distributed_equals_one_process():
 
 def _rank_queue_under_ddp(rank, world, state, batch):
     import train
-    method = _method(mlm_probability=0.0)
+    method = _method()
     method.load_state_dict(state)
     ddp = train.wrap_ddp(method, "cpu")
     B = batch["text"].shape[0] // world
@@ -390,12 +429,12 @@ def test_queue_stays_per_rank_under_train_ddp():
     """train.py's DDP wrapper leaves each rank's queue alone: after two steps it holds that rank's own captions,
     exactly what one process fed the same local batches holds (a buffer sync from rank 0 would put rank 0's there)."""
     torch.manual_seed(0)
-    state = _method(mlm_probability=0.0).state_dict()
+    state = _method().state_dict()
     batch = _batch(B=8)
     results = run_distributed(_rank_queue_under_ddp, 2, state, batch)
     B = 4  # per rank
     for rank, (queue, filled) in enumerate(results):
-        alone = _method(mlm_probability=0.0)
+        alone = _method()
         alone.load_state_dict(state)
         local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
         with warnings.catch_warnings():

@@ -31,12 +31,12 @@ def _forward(method, batch):
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_loss_is_declip_plus_filip_on_the_first_view_and_masked_caption(name):
     torch.manual_seed(0)
-    method = _method(name, mlm_probability=0.0)  # no masking: the masked caption is the caption itself
-    declip = DeCLIP(method.model, **SMALL, mlm_probability=0.0)
+    method = _method(name)
+    declip = DeCLIP(method.model, **SMALL)
     declip.load_state_dict(method.state_dict(), strict=False)  # the same model, heads and queue
     with torch.no_grad():
         method.logit_scale_filip.fill_(math.log(20.0))
-    batch = _batch(B=8)
+    batch = _batch(B=8, mlm_probability=0.0)  # no masking: the masked caption is the caption itself
     loss, logs = _forward(method, batch)
     assert set(logs) == {"clip", "simsiam", "mlm", "nn", "logit_scale", "queue", "filip", "logit_scale_filip"}
     declip_loss, _ = _forward(declip, batch)
@@ -69,7 +69,7 @@ def test_temperatures_clamped_and_not_decayed():
 
 
 def _rank(rank, world, state, batch):
-    method = _method(mlm_probability=0.0)
+    method = _method()
     method.load_state_dict(state)
     B = batch["text"].shape[0] // world
     loss, logs = _forward(method, {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()})
@@ -80,7 +80,7 @@ def _rank(rank, world, state, batch):
 
 def test_two_processes_equal_one():
     torch.manual_seed(0)
-    method = _method(mlm_probability=0.0)
+    method = _method()
     method.enqueue(F.normalize(torch.randn(20, 128), dim=-1))
     state, batch = method.state_dict(), _batch(B=8)
     full = _rank(0, 1, state, batch)

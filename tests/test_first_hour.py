@@ -123,7 +123,9 @@ BAD_FLAGS = [
     ("--batch-size 1", ["--batch-size 1", "at least 2", "negatives"]),
     ("--batch-size 1 --method slip", ["--batch-size 1", "at least 2"]),
     ("--batch-size 1 --method declip", ["--batch-size 1", "at least 2"]),
-    ("--batch-size 8 --grad-accum 8", ["--batch-size 8 / --grad-accum 8", "at least 2"]),
+    ("--batch-size 8 --grad-accum 3", ["--batch-size 8", "divisible", "--grad-accum = 3"]),
+    ("--patch-dropout 1", ["--patch-dropout", "below 1"]),
+    ("--patch-dropout 0.5", ["--patch-dropout", "tiny-rn is a ResNet"]),  # the default model
 ] + ([] if torch.cuda.is_available() else [("--device cuda", ["--device cuda", "no CUDA device"])])
 
 

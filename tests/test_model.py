@@ -1,4 +1,6 @@
-"""model.py against open_clip (an independent implementation of the same OpenAI layout), plus the API contract."""
+"""model.py against open_clip (an independent implementation of the same OpenAI layout), plus the API contract,
+activation checkpointing and patch dropout."""
+import copy
 import logging
 import math
 
@@ -264,3 +266,78 @@ def test_build_model_is_strict():
     bad["visual.positional_embedding"] = torch.zeros(51, 192)
     with pytest.raises(ValueError, match="square grid"):
         M.build_model(bad)
+
+
+# -----------------------------------------------------------------------------
+# activation checkpointing and patch dropout (training options)
+
+def _clip_step(model, images, text):
+    """One CLIP loss forward and backward -> (loss, gradients, buffers, bytes the autograd graph saved)."""
+    from clip import clip_loss
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = clip_loss(model.encode_image(images), model.encode_text(text), model.logit_scale.exp())
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()], sum(saved)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_grad_checkpointing_gives_bit_identical_gradients(name):
+    """Per transformer block (both towers) and per ResNet stage: the loss and every gradient bit for bit, the same
+    BatchNorm running statistics (the recomputation must not count the batch a second time), and the graph keeps
+    only the blocks' and stages' inputs."""
+    torch.manual_seed(0)
+    plain = M.create_model(name).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing()
+    images, text = torch.randn(4, 3, 64, 64), random_text(4, plain.context_length, plain.vocab_size)
+    loss, grads, buffers, saved = _clip_step(plain, images, text)
+    ck_loss, ck_grads, ck_buffers, ck_saved = _clip_step(checkpointed, images, text)
+    assert torch.equal(ck_loss, loss)
+    for (n, _), a, b in zip(plain.named_parameters(), ck_grads, grads):
+        assert torch.equal(a, b), n
+    for (n, _), a, b in zip(plain.named_buffers(), ck_buffers, buffers):
+        assert torch.equal(a, b), n
+    print(f"{name}: saved for the backward {saved / 2**20:.2f} MiB, checkpointed {ck_saved / 2**20:.2f} MiB")
+    assert ck_saved < saved / 2
+    # without gradients (evaluation, the first pass of gradient accumulation) nothing is checkpointed
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed.encode_image(images), plain.encode_image(images), rtol=0, atol=0)
+
+
+def test_drop_patches_keeps_the_class_token_and_a_random_subset():
+    x = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)  # 2 images: class token + 16 patches
+    torch.manual_seed(0)
+    out = M.drop_patches(x, 0.75)
+    assert out.shape == (2, 1 + 4, 3)
+    assert torch.equal(out[:, 0], x[:, 0])  # the class token, first
+    kept = []
+    for b in range(2):  # distinct patch tokens of the same image, whole rows (their positional embedding in them)
+        rows = [int((x[b, 1:] == t).all(dim=1).nonzero()) for t in out[b, 1:]]
+        assert len(set(rows)) == 4
+        kept.append(sorted(rows))
+    assert kept[0] != kept[1]  # drawn per image
+    torch.manual_seed(0)
+    assert torch.equal(M.drop_patches(x, 0.75), out)  # torch's generator: seeded, reproducible
+    assert M.drop_patches(x, 0.99).shape == (2, 2, 3)  # at least one patch
+
+
+def test_patch_dropout_in_training_only():
+    torch.manual_seed(0)
+    model = M.create_model("tiny-vit", patch_dropout=0.5)
+    full = copy.deepcopy(model)
+    full.visual.patch_dropout = 0.0
+    images = torch.randn(3, 3, 64, 64)
+    pooled, tokens = model.train().image_features(images)
+    assert tokens.shape == (3, 32, model.vision_width)  # 64 patches of 8 px, half kept
+    assert not torch.allclose(pooled, full.train().image_features(images)[0])
+    with torch.no_grad():  # evaluation sees every token: the model without patch dropout
+        assert model.eval().image_features(images)[1].shape == (3, 64, model.vision_width)
+        torch.testing.assert_close(model.encode_image(images), full.eval().encode_image(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch dropout needs a ViT"):
+        M.create_model("tiny-rn", patch_dropout=0.5)

@@ -14,7 +14,8 @@ from PIL import Image
 import data
 from distributed import assert_close_at_scale, run_distributed
 from model import create_model
-from slip import SLIP, GlobalBatchNorm, simclr_loss
+from clip import GlobalBatchNorm
+from slip import SLIP, simclr_loss
 
 
 def _views(N=10, E=8, seed=0, dtype=torch.float32):
@@ -98,7 +99,7 @@ def test_simclr_distributed_equals_one_process():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# BatchNorm over the global batch
+# BatchNorm over the global batch (clip.GlobalBatchNorm, SLIP's head)
 
 
 def test_global_batchnorm_equals_batchnorm1d_in_one_process():

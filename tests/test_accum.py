@@ -1,0 +1,167 @@
+"""Exact gradient accumulation (train.forward_backward): K micro-batches give the loss, the logs, every gradient and
+every buffer of the whole batch, for every method, in one process and on 2 gloo ranks under DDP; patch dropout draws
+the same patches in both passes; a ResNet's BatchNorm counts each micro-batch once."""
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import train
+from distributed import assert_close_at_scale, run_distributed
+from model import create_model
+
+# small heads and queues, as tests/test_train.py
+METHOD_KWARGS = {"clip": {}, "siglip": {}, "slip": dict(mlp_dim=64, min_bn_batch=4),
+                 "declip": dict(queue_size=64, proj_dim=32, pred_dim=16, min_bn_batch=4), "filip": {},
+                 "defilip": dict(queue_size=64, proj_dim=32, pred_dim=16, min_bn_batch=4)}
+
+
+def _method(name, model="tiny-vit", **model_kwargs):
+    torch.manual_seed(0)
+    method = importlib.import_module(name).Method(create_model(model, **model_kwargs), **METHOD_KWARGS[name])
+    if hasattr(method, "enqueue"):  # DeCLIP's queue holds entries, so that its NN term is on
+        method.enqueue(F.normalize(torch.randn(20, method.queue.shape[1]), dim=-1))
+    return method
+
+
+def _batch(method, n=8):
+    # the method's own transform on synthetic samples: every view its loss reads, DeCLIP's MLM masks included
+    return bench.synthetic_batch(method, n, torch.device("cpu"), seed=0)
+
+
+def _split(batch, k):
+    n = len(batch["text"]) // k
+    return [{key: v[i * n:(i + 1) * n] for key, v in batch.items()} for i in range(k)]
+
+
+def _step(method, batches, seed=0, train_model=None, **kwargs):
+    """train.forward_backward -> (loss, logs, {name: gradient}, {name: buffer})."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm heads over small batches
+        loss, logs = train.forward_backward(method, train_model or method, batches, seed, **kwargs)
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in method.named_parameters()}
+    return loss, {k: v.item() for k, v in logs.items()}, grads, {n: b.clone() for n, b in method.named_buffers()}
+
+
+def _assert_same_gradients(actual, expected):
+    """Every parameter's gradient, None where expected is None. Biases right before a BatchNorm have a gradient of 0
+    but for rounding (~1e-7 of the others here): each gradient is compared at least at 1e-6 of the largest entry."""
+    scale = max(g.abs().max().item() for g in expected.values() if g is not None)
+    for name, grad in expected.items():
+        assert (actual[name] is None) == (grad is None), name
+        if grad is not None:
+            assert_close_at_scale(actual[name], grad, floor=1e-6 * scale)
+
+
+def _assert_same_step(actual, expected):
+    loss, logs, grads, buffers = actual
+    torch.testing.assert_close(loss, expected[0], rtol=1e-5, atol=1e-6)
+    assert logs == pytest.approx(expected[1], rel=1e-5, abs=1e-6)
+    _assert_same_gradients(grads, expected[2])
+    for name, buffer in expected[3].items():  # DeCLIP's queue, SLIP's and DeCLIP's BatchNorm running statistics
+        torch.testing.assert_close(buffers[name], buffer, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name,checkpointing", [(m, False) for m in METHOD_KWARGS] + [("clip", True)])
+def test_four_micro_batches_give_the_whole_batch(name, checkpointing):
+    method = _method(name)
+    if checkpointing:
+        method.model.set_grad_checkpointing()
+    batch = _batch(method)
+    whole = _step(copy.deepcopy(method), [batch])
+    if name in ("declip", "defilip"):  # every term is on: the queue has entries, the masks chose tokens
+        assert whole[1]["nn"] > 0 and whole[1]["mlm"] > 0
+    _assert_same_step(_step(copy.deepcopy(method), _split(batch, 4)), whole)
+
+
+# --- 2 gloo ranks × 2 micro-batches, under train.py's DDP, against one process × 1 -------------------------------------
+
+
+def _rank_steps(rank, world, states, batches):
+    results = {}
+    for name, state in states.items():
+        method = _method(name)
+        method.load_state_dict(state)
+        ddp = train.wrap_ddp(method, "cpu")
+        B = len(batches[name]["text"]) // world
+        local = {k: v[rank * B:(rank + 1) * B] for k, v in batches[name].items()}
+        results[name] = _step(method, _split(local, 2), train_model=ddp, no_sync=ddp.no_sync)
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """Every method's step on 2 ranks × 2 micro-batches of 2 (one spawn for all), and on one process × 8."""
+    states, batches, alone = {}, {}, {}
+    for name in METHOD_KWARGS:
+        method = _method(name)
+        states[name], batches[name] = copy.deepcopy(method.state_dict()), _batch(method)
+        alone[name] = _step(method, [batches[name]])  # changes the method's buffers (queue, running statistics)
+    return run_distributed(_rank_steps, 2, states, batches), alone
+
+
+@pytest.mark.parametrize("name", list(METHOD_KWARGS))
+def test_two_ranks_with_accumulation_equal_one_process(two_ranks, name):
+    ranks, alone = two_ranks
+    loss, logs, grads, buffers = alone[name]
+    rank_logs = [r[name][1] for r in ranks]
+    # each rank's loss is its rows' share (their mean is the global loss), and so are the logs train.py averages
+    torch.testing.assert_close(torch.stack([r[name][0] for r in ranks]).mean(), loss, rtol=1e-5, atol=1e-6)
+    assert {k: sum(r[k] for r in rank_logs) / 2 for k in logs if k != "queue"} == pytest.approx(
+        {k: v for k, v in logs.items() if k != "queue"}, rel=1e-5, abs=1e-6)
+    for r in ranks:  # DDP averaged the gradients: every rank holds the single-process ones
+        _assert_same_gradients(r[name][2], grads)
+    for n, buffer in buffers.items():
+        if "queue" not in n:  # DeCLIP's queue is per rank: each holds its own captions
+            torch.testing.assert_close(ranks[0][name][3][n], buffer, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# --- randomness and BatchNorm inside the features ------------------------------------------------------------------
+
+
+def _reference(method, batches, seed):
+    """The loss of the concatenated features of micro-batches run with their graph, micro-batch i after
+    torch.manual_seed(seed + i) as forward_backward draws them, and its backward."""
+    parts = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(seed + i)
+        parts.append(method.features(batch))
+    loss, logs = method.loss({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    loss.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in method.named_parameters()}
+    return loss.detach(), {k: v.item() for k, v in logs.items()}, grads, {n: b.clone() for n, b in method.named_buffers()}
+
+
+@pytest.mark.parametrize("name", ["clip", "filip"])
+def test_patch_dropout_drops_the_same_patches_in_both_passes(name):
+    """The second pass recomputes each micro-batch's features with the first pass's random draws, so the gradient is
+    that of the loss the step reports (FILIP's token-wise loss then sees the kept patches only)."""
+    method = _method(name, patch_dropout=0.5)
+    batches = _split(_batch(method), 4)
+    expected = _reference(copy.deepcopy(method), batches, seed=7)
+    _assert_same_step(_step(copy.deepcopy(method), batches, seed=7), expected)
+    without = copy.deepcopy(method)
+    without.model.visual.patch_dropout = 0.0
+    assert abs(_step(without, batches, seed=7)[0] - expected[0]) > 1e-3  # the patches dropped mattered
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_resnet_batchnorm_normalises_each_micro_batch_and_counts_it_once(checkpointing):
+    """A ResNet's own BatchNorm is the one thing in the features that is not per sample: it normalises each
+    micro-batch with that micro-batch's statistics (as open_clip), and its running statistics take each micro-batch
+    once, in the first pass: neither the second pass nor checkpointing's recomputation counts it again."""
+    method = _method("clip", "tiny-rn")
+    if checkpointing:
+        method.model.set_grad_checkpointing()
+    batches = _split(_batch(method), 4)
+    expected = _reference(copy.deepcopy(method), batches, seed=0)
+    actual = _step(copy.deepcopy(method), batches)
+    _assert_same_step(actual, expected)
+    for name, buffer in expected[3].items():
+        assert torch.equal(actual[3][name], buffer), name
+    assert expected[3]["model.visual.bn1.num_batches_tracked"] == 4
