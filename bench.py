@@ -592,8 +592,8 @@ def read_costs(paths, shards, rounds=5):
 
 
 def bench_shards(args, chunk=16):
-    """Images/s of train.py's two input paths on the same JPEGs: files read by index (train.Seeded over
-    data.ImageCaptions, train.Batches), and the same bytes packed into tar shards, streamed (data.ShardStream). Both
+    """Images/s of train.py's two input paths on the same JPEGs: files read by index (data.Seeded over
+    data.ImageCaptions, data.Batches), and the same bytes packed into tar shards, streamed (data.ShardStream). Both
     decode with torchvision.io and apply the method's transform, seeded per sample, in the same DataLoader set-up, and
     each worker hands over `chunk` images at a time: a file worker makes whole batches and a shard reader its part of
     each batch, so this keeps equal the work that each loader's workers prefetch, part of which they do while the
@@ -605,7 +605,6 @@ def bench_shards(args, chunk=16):
     if len(paths) < args.shard_size * max(counts):
         sys.exit(f"error: {len(paths)} .jpg files in {args.data_dir} make fewer than one shard of {args.shard_size} "
                  f"per worker (make more with --make-jpegs, or lower --shard-size)")
-    import train
 
     Method = importlib.import_module(args.method).Method
     method = Method(create_model(args.model), **train.parse_kwargs(args.method_args))
@@ -619,9 +618,9 @@ def bench_shards(args, chunk=16):
         print("# reading only, per image: " + ", ".join(f"{name} {us:.0f} us" for name, us in costs))
         for workers in counts:
             sources = {
-                "files": dict(dataset=train.Seeded(data.ImageCaptions(paths, captions), transform, 0, chunk),
-                              collate_fn=train.collate,
-                              batch_sampler=train.Batches(len(paths), chunk, 0, 1, 0, 0)),
+                "files": dict(dataset=data.Seeded(data.ImageCaptions(paths, captions), transform, 0, chunk),
+                              collate_fn=data.collate,
+                              batch_sampler=data.Batches(len(paths), chunk, 0, 1, 0, 0)),
                 "shards": dict(dataset=data.ShardStream(shards, transform, 0, workers, 0, [chunk] * workers),
                                batch_size=None)}
             loaders = {name: iter(torch.utils.data.DataLoader(**source, num_workers=workers, persistent_workers=True,

@@ -1,7 +1,8 @@
 """
 Data for contrastive image-text pretraining: the CLIP tokenizer (OpenAI's BPE, run by tiktoken), image
 transforms, and three (image, caption) datasets: procedurally drawn shapes (no download), COCO Captions 2017, and
-any CSV/TSV of image paths and captions; and tar shards in WebDataset's layout, streamed.
+any CSV/TSV of image paths and captions; the data stream that orders and seeds them (each rank's micro-batches,
+exact on resume); and tar shards in WebDataset's layout, streamed.
 """
 import csv
 import gzip
@@ -483,6 +484,91 @@ def retrieval_set(data, data_dir=None, split="val", **csv_keys):
         raise ValueError("retrieval needs 'coco' or a .csv/.tsv file; evaluate synthetic data with SyntheticTask")
     return make_dataset(data, data_dir, split, **csv_keys).retrieval()
 
+
+# -----------------------------------------------------------------------------
+# the data stream: which samples make each rank's micro-batches, and the seeds of their augmentations
+
+
+@lru_cache(maxsize=1)
+def epoch_order(n, seed, epoch):
+    """The permutation of the n items that epoch `epoch` of the data stream follows."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class Batches(torch.utils.data.Sampler):
+    """Index lists of this rank's micro-batches. The data is one endless stream: epoch e is a permutation drawn from
+    (seed, e); global micro-batch i is positions [i·G, (i+1)·G) of the stream, G = micro · world, and rank r takes
+    its r-th slice. So the global batch at a step does not depend on the world size, and a resumed run starts at
+    exactly the next batch. Each item carries its stream position, which seeds that sample's augmentation."""
+
+    def __init__(self, n, micro, rank, world, seed, start):
+        self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            first = i * self.micro * self.world + self.rank * self.micro
+            positions = range(first, first + self.micro)
+            yield [(epoch_order(self.n, self.seed, p // self.n)[p % self.n].item(), p) for p in positions]
+            i += 1
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Stream item (index, position) -> transform(image, caption) plus "bad", the (path, reason) of each unreadable
+    image passed over. Augmentations are a pure function of (run seed, stream position), and so is the replacement of
+    an unreadable image: identical whatever the world size, the number of workers, or a resume in between.
+
+    An unreadable image is replaced by the item at the same place of the following batches of its epoch, then of the
+    preceding ones: stream positions p ± k·G, G the global micro-batch. An epoch holds each item at one position only,
+    and the G places of a batch draw on disjoint sets of positions, so a replacement never repeats an item of its batch
+    (a batch that straddles two epochs can, as can the last resort, later epochs, for datasets of a few batches)."""
+
+    max_tries = 64  # reads for one sample before giving up: at most 1 in 2^64 when half the images are readable
+
+    def __init__(self, dataset, transform, seed, group):
+        self.dataset, self.transform, self.seed, self.group = dataset, transform, seed, group  # group: G
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def positions(self, position):
+        n, G = len(self.dataset), self.group
+        start = position - position % n  # of the epoch
+        after = range(position, start + n, G)  # starts with the position itself
+        return itertools.chain(after, range(position - G, start - 1, -G), itertools.count(after[-1] + G, G))
+
+    def __getitem__(self, item):
+        index, position = item
+        n, bad = len(self.dataset), []
+        for p in itertools.islice(self.positions(position), self.max_tries):
+            i = index if p == position else epoch_order(n, self.seed, p // n)[p % n].item()
+            try:
+                image, caption = self.dataset[i]
+            except UnreadableImage as e:
+                bad.append((e.path, e.reason))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only: torch.manual_seed also queues a seeding of every CUDA device's (~0.1 ms)
+                torch.default_generator.manual_seed(self.seed * 1_000_003 + position)
+                return {**self.transform(image, caption), "bad": bad}
+        raise UnreadableImages(f"{len(bad)} images in a row are unreadable, the first {bad[0][0]} "
+                                    f"({bad[0][1]}); are the paths right (relative to the csv's folder, or --data-dir)?")
+
+
+def collate(samples):
+    """default_collate, with the samples' lists of unreadable images joined into one"""
+    bad = [b for sample in samples for b in sample.pop("bad")]
+    return {**torch.utils.data.default_collate(samples), "bad": bad}
+
+
+def join(chunks, k, device):
+    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
+    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
+    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
+        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
+               else [x for p in parts for x in p[key]] for key in parts[0]}
+
+
 # -----------------------------------------------------------------------------
 # tar shards (WebDataset's layout, as img2dataset writes them), streamed
 #
@@ -676,7 +762,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             in_a_row = 0
             seed = hashlib.blake2b(f"{self.seed}/{epoch}/{shard}/{n}".encode(), digest_size=8).digest()  # 1 us
-            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as train.Seeded
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as Seeded
                 torch.default_generator.manual_seed(int.from_bytes(seed, "little"))
                 samples.append(self.transform(image, caption))
             if len(samples) == size:

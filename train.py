@@ -21,14 +21,12 @@ import argparse
 import ast
 import importlib
 import inspect
-import itertools
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -132,86 +130,6 @@ def parse_kwargs(text):
         except (ValueError, SyntaxError):
             kwargs[key.strip()] = value.strip()
     return kwargs
-
-
-@lru_cache(maxsize=1)
-def epoch_order(n, seed, epoch):
-    """The permutation of the n items that epoch `epoch` of the data stream follows."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-class Batches(torch.utils.data.Sampler):
-    """Index lists of this rank's micro-batches. The data is one endless stream: epoch e is a permutation drawn from
-    (seed, e); global micro-batch i is positions [i·G, (i+1)·G) of the stream, G = micro · world, and rank r takes
-    its r-th slice. So the global batch at a step does not depend on the world size, and a resumed run starts at
-    exactly the next batch. Each item carries its stream position, which seeds that sample's augmentation."""
-
-    def __init__(self, n, micro, rank, world, seed, start):
-        self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
-
-    def __iter__(self):
-        i = self.start
-        while True:
-            first = i * self.micro * self.world + self.rank * self.micro
-            positions = range(first, first + self.micro)
-            yield [(epoch_order(self.n, self.seed, p // self.n)[p % self.n].item(), p) for p in positions]
-            i += 1
-
-
-class Seeded(torch.utils.data.Dataset):
-    """Stream item (index, position) -> transform(image, caption) plus "bad", the (path, reason) of each unreadable
-    image passed over. Augmentations are a pure function of (run seed, stream position), and so is the replacement of
-    an unreadable image: identical whatever the world size, the number of workers, or a resume in between.
-
-    An unreadable image is replaced by the item at the same place of the following batches of its epoch, then of the
-    preceding ones: stream positions p ± k·G, G the global micro-batch. An epoch holds each item at one position only,
-    and the G places of a batch draw on disjoint sets of positions, so a replacement never repeats an item of its batch
-    (a batch that straddles two epochs can, as can the last resort, later epochs, for datasets of a few batches)."""
-
-    max_tries = 64  # reads for one sample before giving up: at most 1 in 2^64 when half the images are readable
-
-    def __init__(self, dataset, transform, seed, group):
-        self.dataset, self.transform, self.seed, self.group = dataset, transform, seed, group  # group: G
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def positions(self, position):
-        n, G = len(self.dataset), self.group
-        start = position - position % n  # of the epoch
-        after = range(position, start + n, G)  # starts with the position itself
-        return itertools.chain(after, range(position - G, start - 1, -G), itertools.count(after[-1] + G, G))
-
-    def __getitem__(self, item):
-        index, position = item
-        n, bad = len(self.dataset), []
-        for p in itertools.islice(self.positions(position), self.max_tries):
-            i = index if p == position else epoch_order(n, self.seed, p // n)[p % n].item()
-            try:
-                image, caption = self.dataset[i]
-            except data.UnreadableImage as e:
-                bad.append((e.path, e.reason))
-                continue
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed also queues a seeding of every CUDA device's (~0.1 ms)
-                torch.default_generator.manual_seed(self.seed * 1_000_003 + position)
-                return {**self.transform(image, caption), "bad": bad}
-        raise data.UnreadableImages(f"{len(bad)} images in a row are unreadable, the first {bad[0][0]} "
-                                    f"({bad[0][1]}); are the paths right (relative to the csv's folder, or --data-dir)?")
-
-
-def collate(samples):
-    """default_collate, with the samples' lists of unreadable images joined into one"""
-    bad = [b for sample in samples for b in sample.pop("bad")]
-    return {**torch.utils.data.default_collate(samples), "bad": bad}
-
-
-def join(chunks, k, device):
-    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
-    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
-    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
-               else [x for p in parts for x in p[key]] for key in parts[0]}
 
 
 def lr_at(step, peak, warmup, total):
@@ -465,8 +383,8 @@ def main(argv=None):
             shards, transform, args.seed, readers, rank * rank_readers, sizes, args.shuffle_buffer, stream_start,
             args.csv_caption_key))
     else:
-        source = dict(dataset=Seeded(dataset, transform, args.seed, micro * world), collate_fn=collate,
-                      batch_sampler=Batches(len(dataset), micro, rank, world, args.seed, start_step * args.grad_accum))
+        source = dict(dataset=data.Seeded(dataset, transform, args.seed, micro * world), collate_fn=data.collate,
+                      batch_sampler=data.Batches(len(dataset), micro, rank, world, args.seed, start_step * args.grad_accum))
     loader = torch.utils.data.DataLoader(
         **source,
         num_workers=args.workers,
@@ -474,7 +392,7 @@ def main(argv=None):
         persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
     )
-    batches = join(iter(loader), rank_readers, device) if shards else iter(loader)
+    batches = data.join(iter(loader), rank_readers, device) if shards else iter(loader)
     lanes = {}  # this rank's readers: where each stands after the batches taken so far
 
     train_model = method

@@ -19,3 +19,23 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
+@pytest.fixture
+def killed_while_saving(monkeypatch):
+    """-> run(argv, step): train.main(argv), killed (KeyboardInterrupt) right after it writes step `step`'s checkpoint
+    to ckpt.pt.tmp, before the next step's finite loss makes it ckpt.pt: a run killed in its last save."""
+    import train
+
+    def run(argv, step):
+        real_save = train.save_checkpoint
+
+        def save_then_die(path, method, optimizer, at, meta):
+            real_save(path, method, optimizer, at, meta)
+            if at == step:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(train, "save_checkpoint", save_then_die)
+            train.main([str(a) for a in argv])
+    return run

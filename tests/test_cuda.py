@@ -124,24 +124,14 @@ def deterministic():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_train_20_steps_on_cuda_and_resume_exactly(name, tmp_path, monkeypatch, deterministic):
+def test_train_20_steps_on_cuda_and_resume_exactly(name, tmp_path, killed_while_saving, deterministic):
     args = ["--method", name, "--method-args", METHOD_ARGS[name], "--steps", "20", "--save-every", "10", *TINY,
             "--eval-size", "0"]
     train.main([*args, "--out-dir", str(tmp_path / "full")])
 
     # killed while writing its last checkpoint: ckpt.pt holds step 10 (as tests/test_train.py's resume test)
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, method, optimizer, step, meta):
-        real_save(path, method, optimizer, step, meta)
-        if step == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out-dir", str(tmp_path / "resumed")])
+    killed_while_saving([*args, "--out-dir", tmp_path / "resumed"], step=20)
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 10
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
     train.main([*args, "--out-dir", str(tmp_path / "resumed"), "--resume"])
 
     full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")

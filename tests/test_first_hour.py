@@ -220,11 +220,11 @@ def index_of(image, caption):
 
 def stream(dataset, batch, world, steps, start=0, seed=0):
     """The global batches of `steps` steps: each rank's batch of the sampler, collated as the DataLoader does."""
-    seeded = train.Seeded(dataset, index_of, seed, group=batch)
-    batches = [iter(train.Batches(len(dataset), batch // world, r, world, seed, start)) for r in range(world)]
+    seeded = data.Seeded(dataset, index_of, seed, group=batch)
+    batches = [iter(data.Batches(len(dataset), batch // world, r, world, seed, start)) for r in range(world)]
     out = []
     for _ in range(steps):
-        parts = [train.collate([seeded[item] for item in next(b)]) for b in batches]
+        parts = [data.collate([seeded[item] for item in next(b)]) for b in batches]
         out.append((torch.cat([p["index"] for p in parts]).tolist(), [b for p in parts for b in p["bad"]]))
     return out
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import train
+from test_train import main_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--log-every", "1", "--eval-size", "0", "--shuffle-buffer", "6"]
@@ -195,34 +196,16 @@ def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
 
 
-def main_error(*argv):
-    with pytest.raises(SystemExit) as stopped:
-        train.main([str(a) for a in argv])
-    message = str(stopped.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-def test_training_resumes_mid_epoch_exactly(tmp_path, monkeypatch):
+def test_training_resumes_mid_epoch_exactly(tmp_path, killed_while_saving):
     shards = write_shards(tmp_path / "shards", corrupt=[(2, 3)])
     args = ["--data", str(tmp_path / "shards"), "--steps", "6", "--save-every", "2", *TINY, "--workers", "2"]
     train.main([*args, "--out-dir", str(tmp_path / "full")])
 
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, method, optimizer, step, meta):
-        real_save(path, method, optimizer, step, meta)
-        if step == 4:
-            raise KeyboardInterrupt
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out-dir", str(out)])
+    killed_while_saving([*args, "--out-dir", out], step=4)
     stream = load(out)["stream"]
     assert load(out)["step"] == 2 and stream["readers"] == 2 and stream["shards"] == len(shards)
     assert [tuple(p)[:1] for p in stream["lanes"]] == [(0,), (0,)]  # both readers mid-way through epoch 0
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
     train.main([*args, "--out-dir", str(out), "--resume"])
 
     full, resumed = load(tmp_path / "full"), load(out)

@@ -58,7 +58,7 @@ def test_every_method_trains_and_evaluates(tmp_path, method):
     assert "shape: top-1" in e.stdout and "colour: top-1" in e.stdout
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, killed_while_saving):
     import train
 
     # patch dropout's draws are seeded per step and micro-batch, like the data's: a resumed run draws the same ones
@@ -70,19 +70,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
 
     # the same run killed while writing its step-4 checkpoint: ckpt.pt holds step 2, ckpt.pt.tmp the killed save,
     # and the log has steps 1-4
-    real_save = train.save_checkpoint
-
-    def save_then_die(path, method, optimizer, step, meta):
-        real_save(path, method, optimizer, step, meta)
-        if step == 4:
-            raise KeyboardInterrupt
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*args, "--out-dir", str(out)])
+    killed_while_saving([*args, "--out-dir", out], step=4)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert (out / "ckpt.pt.tmp").exists() and [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
+
+    real_save = train.save_checkpoint
 
     def save_where_nothing_is(path, method, optimizer, step, meta):  # the stale .tmp was deleted at start
         assert not os.path.lexists(path)
