@@ -626,20 +626,20 @@ def bench_shards(args, chunk=16):
             loaders = {name: iter(torch.utils.data.DataLoader(**source, num_workers=workers, persistent_workers=True,
                                                              prefetch_factor=4)) for name, source in sources.items()}
 
-            def rates(name, n):  # both streams are endless: time n images from where they stand
-                pids = [worker.pid for worker in loaders[name]._workers]  # the DataLoader's worker processes
+            def rates(loader, n):  # both streams are endless: time n images from where they stand
+                pids = [worker.pid for worker in loader._workers]  # the DataLoader's worker processes
                 t0, cpu0, seen = time.perf_counter(), cpu_seconds(pids), 0
                 while seen < n:
-                    seen += len(next(loaders[name])["image"])
+                    seen += len(next(loader)["image"])
                 tick = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of /proc's CPU times
                 return seen / (time.perf_counter() - t0), seen / max(tick, cpu_seconds(pids) - cpu0)
 
-            for name in loaders:  # untimed: worker start-up, the page cache, the shards' first blocks
-                rates(name, len(paths))
+            for loader in loaders.values():  # untimed: worker start-up, the page cache, the shards' first blocks
+                rates(loader, len(paths))
             wall, cpu = {"files": [], "shards": []}, {"files": [], "shards": []}
             for r in range(args.rounds):
                 for name in (("files", "shards") if r % 2 == 0 else ("shards", "files")):  # ABBA, as --vs-open-clip
-                    for into, rate in zip((wall, cpu), rates(name, args.passes * len(paths))):
+                    for into, rate in zip((wall, cpu), rates(loaders[name], args.passes * len(paths))):
                         into[name].append(rate)
             parts = []
             for what, per_worker, rate in (("images/s", workers, wall), ("images per worker CPU-second", 1, cpu)):

@@ -561,14 +561,6 @@ def collate(samples):
     return {**torch.utils.data.default_collate(samples), "bad": bad}
 
 
-def join(chunks, k, device):
-    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
-    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
-    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
-               else [x for p in parts for x in p[key]] for key in parts[0]}
-
-
 # -----------------------------------------------------------------------------
 # tar shards (WebDataset's layout, as img2dataset writes them), streamed
 #
@@ -702,9 +694,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Reader k of the rank whose first lane is `first_lane` yields chunks of `sizes[k]` samples: the collated transforms,
     plus "bad", the (name, reason) of each sample passed over (unreadable image, no caption, truncated shard), and
-    "lanes", [(lane, its position after the chunk)]. train.py joins one chunk of each reader into a micro-batch."""
+    "lanes", [(lane, its position after the chunk)]. join() makes a micro-batch of one chunk from each reader."""
 
-    max_bad = 64  # unreadable samples in a row before giving up, as for image files (train.Seeded)
+    max_bad = 64  # unreadable samples in a row before giving up, as for image files (Seeded)
 
     def __init__(self, shards, transform, seed, readers, first_lane, sizes, buffer=2000, start=None, caption_key=None):
         self.shards, self.transform, self.seed, self.readers = shards, transform, seed, readers
@@ -768,3 +760,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(samples) == size:
                 yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
                 samples, bad = [], []
+
+
+def join(chunks, k, device):
+    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
+    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
+    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
+        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
+               else [x for p in parts for x in p[key]] for key in parts[0]}
