@@ -9,10 +9,11 @@ For a batch of N (image, text) pairs, embed both, L2-normalise, and score every 
 i.e. a symmetric InfoNCE: each image must pick its own caption among the N, and each caption its own image.
 
 Distributed: with W ranks each holding B = N/W pairs, every rank scores its B local rows against the N gathered
-rows (labels = own index in the global batch), the gather carrying gradient. Each rank's loss is the mean over its
-own rows, so summing over ranks gives W·L_CLIP, and DDP's gradient *averaging* divides that W back out: the
-parameter gradients equal those of one process holding the whole global batch (open_clip's ClipLoss with
-local_loss=True, gather_with_grad=True). Memory per rank is B×N logits, not N×N.
+rows (labels = own index in the global batch), the gather carrying gradient (distributed.all_gather, through which
+every method's loss gathers). Each rank's loss is the mean over its own rows, so summing over ranks gives W·L_CLIP,
+and DDP's gradient *averaging* divides that W back out: the parameter gradients equal those of one process holding
+the whole global batch (open_clip's ClipLoss with local_loss=True, gather_with_grad=True). Memory per rank is B×N
+logits, not N×N.
 
 This file is also the method interface: every method module (siglip.py, slip.py, declip.py, filip.py, defilip.py)
 subclasses `CLIP` and ends with `Method = <its class>`; train.py and eval_zeroshot.py only ever talk to that interface:
@@ -38,104 +39,32 @@ exception is a ResNet encoder's own BatchNorm, which normalises the batch it is 
 micro-batch (as in open_clip)."""
 
 import math
-import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from distributed import all_gather, rank_and_world
+
+MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Distributed helpers: the one place where features cross ranks (every method gathers through here, and BatchNorm's
-# statistics over the global batch)
+# Augmentation: one view per image, one caption
 
 
-def rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class Transform:
+    """(image, caption) -> {"image": (3, R, R), "text": (L,)}; the image is a PIL image or a uint8 (3, H, W) tensor.
+    A plain class so DataLoader workers can pickle it."""
 
+    def __init__(self, image_size, tokenizer, context_length):
+        # open_clip's CLIP recipe: RandomResizedCrop with scale 0.9-1.0, bicubic, OpenAI normalisation
+        self.image = data.train_transform(image_size, scale=(0.9, 1.0))
+        self.tokenizer = tokenizer
+        self.context_length = context_length
 
-# torch 2.14 renamed the single-tensor collectives (the old names warn); older releases have only the old names
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class AllGather(torch.autograd.Function):
-    """(B, ...) on each rank -> (W·B, ...) in rank order. The backward is a reduce-scatter: this rank's slice of the
-    gradient summed over all W ranks, since every rank's loss used this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        _all_gather_single(out, x.contiguous())
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
-        _reduce_scatter_single(out, grad.contiguous())  # op=SUM
-        return out
-
-
-@torch.compiler.disable  # the collective runs eagerly; torch.compile splits its graph here
-def all_gather(x):
-    """(B, ...) on each rank -> (W·B, ...) in rank order, differentiable: the local features receive the gradient
-    of all W ranks' losses. The identity when not distributed. (torch.distributed.nn.functional.all_gather, which
-    does the same, is deprecated and refuses to run under torch.compile.)"""
-    _, world = rank_and_world()
-    return x if world == 1 else AllGather.apply(x)
-
-
-class GlobalBatchNorm(nn.Module):
-    """BatchNorm1d over (B, C) features whose training statistics are those of the global batch, i.e. of all ranks
-    together, like torch's SyncBatchNorm: the BatchNorm of SLIP's SimCLR head and DeCLIP's SimSiam heads. It mixes the
-    samples of the batch, so it runs in a method's loss, never in its features: with train.py's --grad-accum it then
-    normalises over the whole batch too. Each rank sends (count, mean, sum of squared deviations) per channel,
-    gathered WITH gradient (all_gather), and merges them exactly (Chan et al.), so W ranks of B samples give the
-    output and gradients of one process with W·B samples. Unlike nn.SyncBatchNorm it also runs on CPU (gloo), and it
-    is no _BatchNorm, so nn.SyncBatchNorm.convert_sync_batchnorm leaves it as it is. Eval mode uses running
-    statistics (momentum 0.1, unbiased variance), as nn.BatchNorm1d."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, min_batch=32):
-        super().__init__()
-        self.eps, self.momentum, self.min_batch = eps, momentum, min_batch
-        self.weight = nn.Parameter(torch.ones(num_features))  # γ
-        self.bias = nn.Parameter(torch.zeros(num_features))  # β
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.warned = False
-
-    def forward(self, x):  # (B, C) -> (B, C)
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        B, C = x.shape
-        rank, world = rank_and_world()
-        if B * world < 2:
-            raise ValueError("BatchNorm needs more than one sample in the global batch when training")
-        if B * world < self.min_batch and not self.warned and rank == 0:  # once, from one rank
-            self.warned = True
-            warnings.warn(
-                f"BatchNorm over a global batch of only {B * world} samples (< {self.min_batch}): its statistics are "
-                f"noisy and each output leans on few other samples; SLIP saw chance-level accuracy at per-GPU batch 8 "
-                f"(SLIP issue #7). Use a larger --batch-size (with --grad-accum if it does not fit: the heads see the "
-                f"whole batch).")
-        x32 = x.float()  # statistics in float32, also under bf16 autocast
-        mean = x32.mean(dim=0)  # (C,) this rank's
-        m2 = (x32 - mean).square().sum(dim=0)  # (C,) this rank's sum of squared deviations
-        count = x32.new_full((1,), B)
-        stats = all_gather(torch.cat([count, mean, m2])[None])  # (W, 1 + 2C), with gradient
-        counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
-        N = counts.sum()
-        global_mean = (counts * means).sum(dim=0) / N  # (C,)
-        global_var = (m2s + counts * (means - global_mean).square()).sum(dim=0) / N  # (C,) biased, as BN normalises
-        with torch.no_grad():
-            self.running_mean.lerp_(global_mean, self.momentum)
-            self.running_var.lerp_(global_var * N / (N - 1), self.momentum)  # unbiased, as nn.BatchNorm1d keeps
-        y = (x32 - global_mean) * torch.rsqrt(global_var + self.eps) * self.weight + self.bias
-        return y.to(x.dtype)
+    def __call__(self, image, caption):
+        return {"image": self.image(image), "text": self.tokenizer(caption, self.context_length)[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,28 +95,7 @@ def clip_loss(image_features, text_features, logit_scale):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Augmentation: one view per image, one caption
-
-
-class Transform:
-    """(image, caption) -> {"image": (3, R, R), "text": (L,)}; the image is a PIL image or a uint8 (3, H, W) tensor.
-    A plain class so DataLoader workers can pickle it."""
-
-    def __init__(self, image_size, tokenizer, context_length):
-        # open_clip's CLIP recipe: RandomResizedCrop with scale 0.9-1.0, bicubic, OpenAI normalisation
-        self.image = data.train_transform(image_size, scale=(0.9, 1.0))
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-
-    def __call__(self, image, caption):
-        return {"image": self.image(image), "text": self.tokenizer(caption, self.context_length)[0]}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The method
-
-
-MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
 
 
 class CLIP(nn.Module):
@@ -199,52 +107,6 @@ class CLIP(nn.Module):
                     resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
     find_unused_parameters = False
-
-    @classmethod
-    def optimizer_defaults(cls, model_config):
-        """The method's defaults for a model.CONFIGS-style config: a ResNet (vision_layers a list of stage depths)
-        takes the entries of defaults["resnet"] where the method's reference sets them apart; a method whose
-        defaults have no "resnet" entry uses one setting for every encoder."""
-        hp = dict(cls.defaults)
-        resnet = hp.pop("resnet", {})
-        if isinstance(model_config["vision_layers"], (list, tuple)):
-            hp.update(resnet)
-        return hp
-
-    @classmethod
-    def learning_rate(cls, batch_size):
-        """-> (lr, how it was chosen): the peak lr for a global batch of batch_size pairs, the same rule for every
-        method. Each method's lr is its paper's, tuned at defaults["batch"] pairs (4,096 to 32,768). An Adam-type
-        optimiser's lr scales like √batch (Malladi et al. 2022), so a smaller batch B gets lr·√(B / batch), never more
-        than lr, and never less than MIN_LR, CLIP's own lr: open_clip trains these encoders at 5e-4 from 256 to 32k
-        pairs, so the rule tames the methods' large paper lrs (SLIP 3e-3, DeCLIP and SigLIP 1e-3) at small batches
-        without starving the encoders. Chosen from runs at batch 128 (README, results): SLIP reads shape at 41.5% at
-        the rule's 5.3e-4, 22.7% at its paper's 3e-3; DeCLIP and SigLIP do about as well at 5e-4 as at 1e-3."""
-        lr, tuned_at = cls.defaults["lr"], cls.defaults["batch"]
-        if lr <= MIN_LR:
-            return lr, f"{cls.__name__}'s, kept at every batch"
-        if batch_size >= tuned_at:
-            return lr, f"{cls.__name__}'s at batch {tuned_at}"
-        scaled = lr * math.sqrt(batch_size / tuned_at)
-        rule = f"{cls.__name__}'s {lr:g} at batch {tuned_at} × √({batch_size}/{tuned_at})"
-        return (scaled, rule) if scaled >= MIN_LR else (MIN_LR, f"{rule} = {scaled:.2g}, raised to {MIN_LR:g}")
-
-    @staticmethod
-    def decays(name, param):
-        """Weight decay on this parameter? The CLIP paper decays "all weights that are not gains or biases"; this is
-        open_clip_train/main.py's rule for it (SLIP's main.py has the same, DeCLIP's release nearly: see declip.py):
-        no decay for anything below 2-D (gains, biases, the class embedding, the temperature) nor for names with bn,
-        ln, bias or logit_scale in them. The token and positional embeddings ARE decayed."""
-        return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
-
-    @classmethod
-    def param_groups(cls, module, weight_decay):
-        """AdamW's two parameter groups of a module's trainable parameters (train.py and bench.py pass the method
-        itself; bench.py also open_clip's model): weight_decay where cls.decays(name, parameter), 0 elsewhere.
-        Frozen parameters (requires_grad False) are left out, so the optimiser never touches them."""
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        return [dict(params=[p for n, p in named if cls.decays(n, p)], weight_decay=weight_decay),
-                dict(params=[p for n, p in named if not cls.decays(n, p)], weight_decay=0.0)]
 
     def __init__(self, model):
         super().__init__()
@@ -302,5 +164,53 @@ class CLIP(nn.Module):
         # a fixed scale of 100, as OpenAI's zero-shot evaluation (argmax and recall do not depend on it)
         return 100.0 * image_embeddings @ text_embeddings.T  # (N, M)
 
+
+    # --- the optimiser: the method's AdamW settings and the learning-rate rule ------------------------------------
+
+    @classmethod
+    def optimizer_defaults(cls, model_config):
+        """The method's defaults for a model.CONFIGS-style config: a ResNet (vision_layers a list of stage depths)
+        takes the entries of defaults["resnet"] where the method's reference sets them apart; a method whose
+        defaults have no "resnet" entry uses one setting for every encoder."""
+        hp = dict(cls.defaults)
+        resnet = hp.pop("resnet", {})
+        if isinstance(model_config["vision_layers"], (list, tuple)):
+            hp.update(resnet)
+        return hp
+
+    @classmethod
+    def learning_rate(cls, batch_size):
+        """-> (lr, how it was chosen): the peak lr for a global batch of batch_size pairs, the same rule for every
+        method. Each method's lr is its paper's, tuned at defaults["batch"] pairs (4,096 to 32,768). An Adam-type
+        optimiser's lr scales like √batch (Malladi et al. 2022), so a smaller batch B gets lr·√(B / batch), never more
+        than lr, and never less than MIN_LR, CLIP's own lr: open_clip trains these encoders at 5e-4 from 256 to 32k
+        pairs, so the rule tames the methods' large paper lrs (SLIP 3e-3, DeCLIP and SigLIP 1e-3) at small batches
+        without starving the encoders. Chosen from runs at batch 128 (README, results): SLIP reads shape at 41.5% at
+        the rule's 5.3e-4, 22.7% at its paper's 3e-3; DeCLIP and SigLIP do about as well at 5e-4 as at 1e-3."""
+        lr, tuned_at = cls.defaults["lr"], cls.defaults["batch"]
+        if lr <= MIN_LR:
+            return lr, f"{cls.__name__}'s, kept at every batch"
+        if batch_size >= tuned_at:
+            return lr, f"{cls.__name__}'s at batch {tuned_at}"
+        scaled = lr * math.sqrt(batch_size / tuned_at)
+        rule = f"{cls.__name__}'s {lr:g} at batch {tuned_at} × √({batch_size}/{tuned_at})"
+        return (scaled, rule) if scaled >= MIN_LR else (MIN_LR, f"{rule} = {scaled:.2g}, raised to {MIN_LR:g}")
+
+    @staticmethod
+    def decays(name, param):
+        """Weight decay on this parameter? The CLIP paper decays "all weights that are not gains or biases"; this is
+        open_clip_train/main.py's rule for it (SLIP's main.py has the same, DeCLIP's release nearly: see declip.py):
+        no decay for anything below 2-D (gains, biases, the class embedding, the temperature) nor for names with bn,
+        ln, bias or logit_scale in them. The token and positional embeddings ARE decayed."""
+        return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
+
+    @classmethod
+    def param_groups(cls, module, weight_decay):
+        """AdamW's two parameter groups of a module's trainable parameters (train.py and bench.py pass the method
+        itself; bench.py also open_clip's model): weight_decay where cls.decays(name, parameter), 0 elsewhere.
+        Frozen parameters (requires_grad False) are left out, so the optimiser never touches them."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return [dict(params=[p for n, p in named if cls.decays(n, p)], weight_decay=weight_decay),
+                dict(params=[p for n, p in named if not cls.decays(n, p)], weight_decay=0.0)]
 
 Method = CLIP

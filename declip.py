@@ -30,8 +30,8 @@ and filled once per step), and the MLM mean. The random MLM masks are drawn per 
 masks the same tokens whatever the number of ranks or micro-batches (train.py --grad-accum), and on a resume.
 
 Distributed: the CLIP terms are clip.py's clip_loss (local rows against gathered features, with gradient), the NN
-term gathers the neighbours of every rank's captions, the SimSiam heads use clip.GlobalBatchNorm, and the MLM term
-is the mean over the chosen tokens of the global batch: with DDP's averaging those equal one process on the whole
+term gathers the neighbours of every rank's captions, the SimSiam heads use distributed.GlobalBatchNorm, and the MLM
+term is the mean over the chosen tokens of the global batch: with DDP's averaging those equal one process on the whole
 batch. The released code divides every term by the world size because its communication library SUMS gradients; DDP
 averages them, so we omit that division. Its MLM term is a mean per GPU. Each rank keeps its own queue (train.py's
 DDP has broadcast_buffers=False).
@@ -50,62 +50,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip import CLIP, GlobalBatchNorm, all_gather, clip_loss, rank_and_world
+from clip import CLIP, clip_loss
+from distributed import GlobalBatchNorm, all_gather, rank_and_world
 from slip import ssl_augmentation
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text augmentation: EDA (Wei & Zou 2019), one of three operations per caption, offline
 
 
-# EDA draws synonyms from WordNet. To stay offline and dependency-free we use this small built-in table instead: the
-# words of data.py's synthetic captions (colours, shapes, sizes, positions, counts, backgrounds, "picture of"...) and
-# common photo-caption (COCO-style) words. A word without an entry is never replaced; stopwords have no entry, so,
-# as in EDA, they are never replaced either. Multi-word synonyms are allowed, as WordNet's are.
-SYNONYMS = {
-    # colours
-    "red": ["crimson", "scarlet"], "green": ["emerald", "lime"], "blue": ["azure", "navy"],
-    "yellow": ["golden", "lemon"], "purple": ["violet", "lilac"], "orange": ["amber", "tangerine"],
-    "black": ["dark", "ebony"], "white": ["pale", "snowy"], "gray": ["grey", "silver"], "grey": ["gray", "silver"],
-    "brown": ["tan", "chocolate"], "pink": ["rose", "salmon"],
-    # shapes
-    "circle": ["disc", "ring", "round"], "circles": ["discs", "rings"], "square": ["box", "quadrate"],
-    "squares": ["boxes", "quadrates"], "triangle": ["trigon", "wedge"], "triangles": ["trigons", "wedges"],
-    "star": ["pentagram", "asterisk"], "stars": ["pentagrams", "asterisks"], "cross": ["plus sign", "crucifix"],
-    "crosses": ["plus signs", "crucifixes"], "hexagon": ["six-sided figure", "hexagonal shape"],
-    "hexagons": ["six-sided figures", "hexagonal shapes"], "shape": ["form", "figure"], "shapes": ["forms", "figures"],
-    "object": ["thing", "item"], "objects": ["things", "items"],
-    # sizes
-    "small": ["little", "tiny"], "large": ["big", "huge"], "big": ["large", "huge"], "little": ["small", "tiny"],
-    # positions
-    "center": ["centre", "middle"], "centre": ["center", "middle"], "middle": ["center", "centre"],
-    "left": ["left side", "left hand"], "right": ["right side", "right hand"], "top": ["upper side", "summit"],
-    "bottom": ["underside", "base"],
-    # counts
-    "one": ["1", "single"], "two": ["2", "pair of"], "three": ["3", "trio of"],
-    # backgrounds
-    "background": ["backdrop", "setting"], "striped": ["stripy", "banded"], "checkered": ["checked", "chequered"],
-    "dotted": ["spotted", "speckled"],
-    # what the caption is about
-    "picture": ["image", "photo"], "image": ["picture", "photo"], "photo": ["photograph", "picture"],
-    "photograph": ["photo", "picture"], "drawing": ["sketch", "illustration"],
-    # common photo-caption words
-    "man": ["guy", "gentleman"], "woman": ["lady", "female"], "person": ["individual", "human"],
-    "people": ["persons", "folks"], "boy": ["lad", "kid"], "girl": ["lass", "kid"], "child": ["kid", "youngster"],
-    "children": ["kids", "youngsters"], "dog": ["puppy", "hound"], "cat": ["kitten", "kitty"],
-    "car": ["automobile", "vehicle"], "street": ["road", "avenue"], "road": ["street", "roadway"],
-    "plate": ["dish", "platter"], "food": ["meal", "dish"], "sitting": ["seated", "perched"],
-    "standing": ["upright", "erect"], "walking": ["strolling", "walk"], "holding": ["carrying", "gripping"],
-    "looking": ["staring", "gazing"], "eating": ["consuming", "feeding"], "playing": ["frolicking", "sporting"],
-    "riding": ["mounting", "driving"], "group": ["bunch", "cluster"], "several": ["some", "various"],
-    "young": ["youthful", "junior"], "old": ["aged", "elderly"], "room": ["chamber", "space"],
-    "building": ["structure", "edifice"], "field": ["meadow", "grassland"], "grass": ["lawn", "turf"],
-    "sign": ["signboard", "placard"], "beach": ["shore", "seashore"], "ocean": ["sea", "seas"],
-    "sky": ["heavens", "air"], "table": ["desk", "board"], "bowl": ["dish", "basin"],
-}
-
-
 def synonym_replacement(words, n=1):
-    """Replace every occurrence of n randomly chosen words that have an entry in SYNONYMS by one of its synonyms."""
+    """Replace every occurrence of n randomly chosen words that have an entry in SYNONYMS (at the end of this file)
+    by one of its synonyms."""
     def core(word):  # "(Circle." -> ("(", "Circle", ".")
         return re.match(r"^(\W*)(.*?)(\W*)$", word).groups()
 
@@ -334,7 +289,7 @@ class DeCLIP(CLIP):
         self.queue_ptr.copy_((self.queue_ptr + B) % Q)
         self.queue_filled.copy_((self.queue_filled + B).clamp(max=Q))
 
-    # --- per sample, then the batch ------------------------------------------------------------------------------------
+    # --- per sample, then the batch ---------------------------------------------------------------------------------
 
     def features(self, batch, keep_tokens=False):
         """The step's four encoder passes, per sample -> dict: the (B, D) embeddings "text" (the masked caption, also
@@ -346,8 +301,8 @@ class DeCLIP(CLIP):
         mlm_sum, mlm_count = mlm_per_sample(self.mlm_head, tokens, batch["mlm_labels"])  # (B,), (B,)
         pooled_a, tokens_a = self.model.image_features(batch["image_a"])  # (B, Wp), (B, P, Wt)
         features = dict(text=pooled @ self.model.text_projection, text_eda=self.model.encode_text(batch["text_eda"]),
-                        image_a=self.model.image_projection(pooled_a), image_b=self.model.encode_image(batch["image_b"]),
-                        mlm_sum=mlm_sum, mlm_count=mlm_count)
+                        image_a=self.model.image_projection(pooled_a),
+                        image_b=self.model.encode_image(batch["image_b"]), mlm_sum=mlm_sum, mlm_count=mlm_count)
         if keep_tokens:
             features.update(image_a_tokens=tokens_a, text_tokens=tokens)
         return features
@@ -401,3 +356,53 @@ class DeCLIP(CLIP):
 
 
 Method = DeCLIP
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EDA's synonyms (synonym_replacement), a table kept at the end
+
+# EDA draws synonyms from WordNet. To stay offline and dependency-free we use this small built-in table instead: the
+# words of data.py's synthetic captions (colours, shapes, sizes, positions, counts, backgrounds, "picture of"...) and
+# common photo-caption (COCO-style) words. A word without an entry is never replaced; stopwords have no entry, so,
+# as in EDA, they are never replaced either. Multi-word synonyms are allowed, as WordNet's are.
+SYNONYMS = {
+    # colours
+    "red": ["crimson", "scarlet"], "green": ["emerald", "lime"], "blue": ["azure", "navy"],
+    "yellow": ["golden", "lemon"], "purple": ["violet", "lilac"], "orange": ["amber", "tangerine"],
+    "black": ["dark", "ebony"], "white": ["pale", "snowy"], "gray": ["grey", "silver"], "grey": ["gray", "silver"],
+    "brown": ["tan", "chocolate"], "pink": ["rose", "salmon"],
+    # shapes
+    "circle": ["disc", "ring", "round"], "circles": ["discs", "rings"], "square": ["box", "quadrate"],
+    "squares": ["boxes", "quadrates"], "triangle": ["trigon", "wedge"], "triangles": ["trigons", "wedges"],
+    "star": ["pentagram", "asterisk"], "stars": ["pentagrams", "asterisks"], "cross": ["plus sign", "crucifix"],
+    "crosses": ["plus signs", "crucifixes"], "hexagon": ["six-sided figure", "hexagonal shape"],
+    "hexagons": ["six-sided figures", "hexagonal shapes"], "shape": ["form", "figure"], "shapes": ["forms", "figures"],
+    "object": ["thing", "item"], "objects": ["things", "items"],
+    # sizes
+    "small": ["little", "tiny"], "large": ["big", "huge"], "big": ["large", "huge"], "little": ["small", "tiny"],
+    # positions
+    "center": ["centre", "middle"], "centre": ["center", "middle"], "middle": ["center", "centre"],
+    "left": ["left side", "left hand"], "right": ["right side", "right hand"], "top": ["upper side", "summit"],
+    "bottom": ["underside", "base"],
+    # counts
+    "one": ["1", "single"], "two": ["2", "pair of"], "three": ["3", "trio of"],
+    # backgrounds
+    "background": ["backdrop", "setting"], "striped": ["stripy", "banded"], "checkered": ["checked", "chequered"],
+    "dotted": ["spotted", "speckled"],
+    # what the caption is about
+    "picture": ["image", "photo"], "image": ["picture", "photo"], "photo": ["photograph", "picture"],
+    "photograph": ["photo", "picture"], "drawing": ["sketch", "illustration"],
+    # common photo-caption words
+    "man": ["guy", "gentleman"], "woman": ["lady", "female"], "person": ["individual", "human"],
+    "people": ["persons", "folks"], "boy": ["lad", "kid"], "girl": ["lass", "kid"], "child": ["kid", "youngster"],
+    "children": ["kids", "youngsters"], "dog": ["puppy", "hound"], "cat": ["kitten", "kitty"],
+    "car": ["automobile", "vehicle"], "street": ["road", "avenue"], "road": ["street", "roadway"],
+    "plate": ["dish", "platter"], "food": ["meal", "dish"], "sitting": ["seated", "perched"],
+    "standing": ["upright", "erect"], "walking": ["strolling", "walk"], "holding": ["carrying", "gripping"],
+    "looking": ["staring", "gazing"], "eating": ["consuming", "feeding"], "playing": ["frolicking", "sporting"],
+    "riding": ["mounting", "driving"], "group": ["bunch", "cluster"], "several": ["some", "various"],
+    "young": ["youthful", "junior"], "old": ["aged", "elderly"], "room": ["chamber", "space"],
+    "building": ["structure", "edifice"], "field": ["meadow", "grassland"], "grass": ["lawn", "turf"],
+    "sign": ["signboard", "placard"], "beach": ["shore", "seashore"], "ocean": ["sea", "seas"],
+    "sky": ["heavens", "air"], "table": ["desk", "board"], "bowl": ["dish", "basin"],
+}

@@ -20,7 +20,6 @@ per-class recall. The features are cached (--cache-dir), keyed by the checkpoint
 time), the dataset and the split, so that a second probe of the same checkpoint does not run the encoder again.
 """
 
-import argparse
 import hashlib
 import os
 
@@ -28,7 +27,9 @@ import torch
 
 import data
 import eval_zeroshot
-from eval_zeroshot import fail
+import evalsets
+from runlog import fail
+from synthetic import TASKS, SyntheticTask
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def cached_features(method, dataset, key, cache_dir, device, batch_size, workers
             return cached["features"], cached["labels"]
     try:
         x, y = features(method, dataset, device, batch_size, workers)
-    except ValueError as e:  # an unreadable image (eval_zeroshot.read_image); from a worker, with its traceback
+    except ValueError as e:  # an unreadable image (evalsets.read_image); from a worker, with its traceback
         fail(str(e).strip().splitlines()[-1] if workers else e)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
@@ -145,17 +146,17 @@ def probe_sets(name, data_dir, download, image_size, train_size):
     transform = data.eval_transform(image_size)
     if name == "synthetic":  # training images drawn apart from the held-out ones of zero-shot, which are the test
         return [(f"synthetic/{task}",
-                 eval_zeroshot.Labelled(data.SyntheticTask(task, train_size, image_size, split="train"), transform),
-                 eval_zeroshot.Labelled(data.SyntheticTask(task, 1000, image_size, split="val"), transform),
+                 evalsets.Labelled(SyntheticTask(task, train_size, image_size, split="train"), transform),
+                 evalsets.Labelled(SyntheticTask(task, 1000, image_size, split="val"), transform),
                  len(names), f"synthetic/{task}/{train_size}/{image_size}")
-                for task, (names, _) in data.SYNTHETIC_TASKS.items()]
+                for task, (names, _) in TASKS.items()]
     if name in ("folder", "imagenet"):
         if not data_dir or not all(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "val")):
             fail(f"--dataset {name} needs --data-dir holding train/ and val/, each with one folder of images per "
                  f"class (got {data_dir})")
-        train, names, _ = eval_zeroshot.classification_set(name, os.path.join(data_dir, "train"), False, None,
+        train, names, _ = evalsets.classification_set(name, os.path.join(data_dir, "train"), False, None,
                                                            image_size)
-        test, _, _ = eval_zeroshot.classification_set(name, os.path.join(data_dir, "val"), False, None, image_size)
+        test, _, _ = evalsets.classification_set(name, os.path.join(data_dir, "val"), False, None, image_size)
         if train.classes != test.classes:
             fail(f"{data_dir}/train and {data_dir}/val hold different class folders ({len(train.classes)} and "
                  f"{len(test.classes)}); the probe's classes are train's")
@@ -163,21 +164,18 @@ def probe_sets(name, data_dir, download, image_size, train_size):
         files = hashlib.sha256(repr((train.samples, test.samples)).encode()).hexdigest()
         identity = f"{name}/{os.path.abspath(data_dir)}/{files}/{image_size}"
     else:
-        train, names, _ = eval_zeroshot.classification_set(name, data_dir, download, None, image_size, split="train")
-        test, _, _ = eval_zeroshot.classification_set(name, data_dir, download, None, image_size, split="test")
+        train, names, _ = evalsets.classification_set(name, data_dir, download, None, image_size, split="train")
+        test, _, _ = evalsets.classification_set(name, data_dir, download, None, image_size, split="test")
         identity = f"{name}/{os.path.abspath(os.path.expanduser(data_dir or '~/data'))}/{image_size}"
-    return [(name, eval_zeroshot.Labelled(train, transform), eval_zeroshot.Labelled(test, transform), len(names),
+    return [(name, evalsets.Labelled(train, transform), evalsets.Labelled(test, transform), len(names),
              identity)]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a train.py ckpt.pt, an OpenAI .pt, or a CLIP state dict")
+    p = eval_zeroshot.evaluation_args(__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic",
                    help="synthetic | cifar10 | cifar100 | stl10 (torchvision) | folder | imagenet (--data-dir with "
                         "train/ and val/ class folders; imagenet: the 1,000 WordNet-id folders)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--train-size", type=int, default=5000, help="training images per synthetic task")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="the share of the training images held out to choose C")
@@ -186,21 +184,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="of the validation split")
     p.add_argument("--cache-dir", default=os.path.join("~", ".cache", "clip-pretrain", "features"),
                    help="where features are kept ('' to keep none)")
-    p.add_argument("--output", default=None, help="write the metrics to this JSON file, one object per task")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=data.default_workers(),
-                   help="DataLoader workers (default: the cores available less one, at most 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load a checkpoint that holds Python objects besides tensors (this can run its code)")
-    p.add_argument("--act", choices=("quickgelu", "gelu"), default=None, help="as in eval_zeroshot.py")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.train_size < 2 or not 0 < args.val_fraction < 1:
-        fail(f"--batch-size and --train-size must be 1 and 2 or more, --workers 0 or more, --val-fraction between 0 "
-             f"and 1 (got {args.batch_size}, {args.train_size}, {args.workers}, {args.val_fraction})")
+    if args.train_size < 2 or not 0 < args.val_fraction < 1:
+        fail(f"--train-size must be 2 or more and --val-fraction between 0 and 1 (got {args.train_size} and "
+             f"{args.val_fraction})")
 
-    method, _ = eval_zeroshot.load(args.checkpoint, args.device, args.trust_checkpoint,
-                                   None if args.act is None else args.act == "quickgelu")
+    method, _ = eval_zeroshot.load_evaluated(args)
     stat = os.stat(args.checkpoint)
     checkpoint = f"{os.path.abspath(args.checkpoint)}/{stat.st_size}/{stat.st_mtime_ns}/{args.act}"
     cache_dir = os.path.expanduser(args.cache_dir)
@@ -212,10 +201,8 @@ def main(argv=None):
         test_x, test_y = cached_features(method, test, f"{checkpoint}|{identity}|test", cache_dir, args.device,
                                          args.batch_size, args.workers)
         r = probe(train_x, train_y, test_x, test_y, classes, args.device, args.val_fraction, args.seed, args.metric)
-        results.append(dict(task="linear_probe", dataset=task, classes=classes, **r))
-        print(f"{task.removeprefix('synthetic/')}: top-1 {100 * r['top1']:.2f}%  mean per-class recall "
-              f"{100 * r['mean_per_class_recall']:.2f}%  (C = {r['C']:.3g}, validation {args.metric} "
-              f"{100 * r['validation']:.2f}%; {r['train']} train, {r['test']} test images, {r['features']} features)")
+        results.append(dict(task="linear_probe", dataset=task, classes=classes, metric=args.metric, **r))
+        print(eval_zeroshot.describe(results[-1]))
     if args.output:
         eval_zeroshot.write_results(args.output, results, args.checkpoint)
 

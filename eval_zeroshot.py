@@ -23,137 +23,15 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 """
 
 import argparse
-import importlib
 import json
-import os
-import re
-import sys
-import warnings
-import zipfile
 
 import torch
-import torchvision
-from PIL import Image
 
 import data
-from model import CLIPModel, build_model
-
-# OpenAI's prompts (openai/CLIP data/prompts.md; the CIFAR set is the same for CIFAR-10 and CIFAR-100)
-CIFAR_TEMPLATES = [
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
-    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
-    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
-    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
-]
-STL10_TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
-# OpenAI's 80 ImageNet templates, and the 7 of them that do as well as all 80 (OpenAI's prompt-engineering notebook)
-IMAGENET_TEMPLATES_80 = [
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
-    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
-    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
-    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
-    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
-    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
-    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
-]
-IMAGENET_TEMPLATES = [
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
-    "art of the {}.", "a photo of the small {}.",
-]
-# OpenAI's names of the 1,000 ImageNet classes, one per line in class-index order (the sorted WordNet ids n01440764...)
-IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
-# Karpathy's splits (caption_datasets.zip): the split file each retrieval benchmark reads from --data-dir
-KARPATHY = {"coco-5k": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
-RETRIEVAL = ("coco", "synthetic-retrieval", *KARPATHY)
-
-
-def fail(message):
-    sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading: our checkpoints, OpenAI's released files (TorchScript archives), open_clip checkpoints, plain state dicts
-
-
-def is_torchscript(path):
-    """OpenAI's released .pt files are TorchScript archives: zip files with a constants.pkl member (and code/), which
-    torch.save never writes."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
-    except zipfile.BadZipFile:  # not a zip (an older torch.save format, or not a checkpoint): torch.load says which
-        return False
-
-
-def read_checkpoint(path, trust=False):
-    """The one place a checkpoint file is read (eval_zeroshot.py and train.py --resume). -> what the file holds.
-    A .pt file is a pickle, and unpickling can call any function the file names (os.system, say). So torch.load runs
-    with weights_only=True, which rebuilds tensors and plain Python values (dicts, lists, numbers, strings) and refuses
-    anything else: our checkpoints and open_clip's hold nothing else. OpenAI's files are TorchScript archives, read by
-    torch.jit.load (their code is TorchScript, interpreted by torch, not Python), of which we keep the weights.
-    trust=True (--trust-checkpoint) reads any pickle, for a file whose source the user trusts. A file that cannot be
-    read stops the program with one line."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")  # yet the only reader of these files
-        warnings.filterwarnings("ignore", "Detected pickle protocol")  # a bare pickle, which the line below explains
-        if is_torchscript(path):
-            try:
-                return torch.jit.load(path, map_location="cpu").state_dict()
-            except RuntimeError as e:
-                fail(f"{path} is a damaged TorchScript archive ({str(e).strip().splitlines()[0]})")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=not trust)
-        except Exception as e:  # a damaged file can make the reader raise anything; none of the file's code has run
-            unsafe = re.search(r"GLOBAL (\S+)", str(e))  # torch's words for a function or class it refused to call
-            if unsafe:
-                fail(f"{path} was not loaded: it contains objects other than tensors and plain values ({unsafe[1]}), "
-                     f"which could run code. If you trust its source, pass --trust-checkpoint to load it anyway.")
-            fail(f"{path} is not a checkpoint torch can read: truncated, damaged, or not written by torch.save "
-                 f"({type(e).__name__})")
-
-
-def load(path, device="cpu", trust=False, quick_gelu=None):
-    """-> (method, tokenizer). Our checkpoints rebuild their own method; any other CLIP state dict is evaluated as CLIP.
-    quick_gelu: the activation, which a state dict cannot tell (model.build_model); None: our checkpoint's recorded
-    one, QuickGELU for any other state dict (OpenAI's weights). trust: see read_checkpoint."""
-    checkpoint = read_checkpoint(path, trust)
-    if isinstance(checkpoint, dict) and "config" in checkpoint and "method" in checkpoint:  # written by train.py
-        config = checkpoint["config"]
-        act = {} if quick_gelu is None else {"quick_gelu": quick_gelu}  # an explicit choice overrides the recorded one
-        model = CLIPModel(**{**checkpoint["model_config"], **act})
-        method = importlib.import_module(config["method"]).Method(model, **checkpoint["method_kwargs"])
-        try:
-            method.load_state_dict({**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]})
-        except RuntimeError as e:
-            fail(f"{path} does not match --model {config['model']} / --method {config['method']}: {str(e).splitlines()[0]}")
-        tokenizer = data.get_tokenizer(config.get("tokenizer", "clip"))
-    else:
-        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state_dict, dict):
-            fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip saves DDP's prefix
-        try:
-            method = importlib.import_module("clip").Method(build_model(state_dict, quick_gelu is not False))
-        except ValueError as e:
-            fail(f"{path}: {e}")
-        tokenizer = data.get_tokenizer("clip")
-    return method.to(device).eval(), tokenizer
+import evalsets
+from checkpoint import load_method
+from runlog import fail
+from synthetic import TASKS, SyntheticTask
 
 
 def cat(chunks):
@@ -208,113 +86,8 @@ def mean_per_class_recall(predictions, labels, classes):
     return (hits[counts > 0] / counts[counts > 0]).mean().item()
 
 
-class Labelled(torch.utils.data.Dataset):
-    """(image, label) dataset -> (tensor, label) with the evaluation transform; images are PIL images (converted to
-    RGB here) or tensors from data.load_image."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return self.transform(image.convert("RGB") if isinstance(image, Image.Image) else image), label
-
-
-def classification_set(name, data_dir, download, classnames_file, image_size, split="test"):
-    """-> (dataset of (image, label), classnames, templates). split: "test" or "train" for the torchvision sets (the
-    linear probe fits on train); a folder dataset is the folder given."""
-    root = os.path.expanduser(data_dir or "~/data")
-    train = split == "train"
-    try:
-        if name == "cifar10":
-            ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
-            return ds, ds.classes, CIFAR_TEMPLATES
-        if name == "cifar100":
-            ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
-            return ds, [c.replace("_", " ") for c in ds.classes], CIFAR_TEMPLATES
-        if name == "stl10":
-            ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
-            return ds, ds.classes, STL10_TEMPLATES
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
-    if name == "imagenet":  # OpenAI's class names: the folders must be the 1,000 WordNet ids, whose order they follow
-        ds = image_folder(data_dir, name)
-        if len(ds.classes) != 1000 or not all(re.fullmatch(r"n\d{8}", c) for c in ds.classes):
-            fail(f"--dataset imagenet: {data_dir} should hold the 1,000 ImageNet class folders named by WordNet id "
-                 f"(n01440764, ...), found {len(ds.classes)} folders such as {ds.classes[0]}; use --dataset folder "
-                 f"for other class folders")
-        return ds, imagenet_classnames(), IMAGENET_TEMPLATES_80
-    if name == "folder":
-        ds = image_folder(data_dir, name)
-        classnames = [c.replace("_", " ") for c in ds.classes]
-        if classnames_file:
-            with open(classnames_file) as f:
-                classnames = [line.strip() for line in f if line.strip()]
-            if len(classnames) != len(ds.classes):
-                fail(f"{classnames_file} has {len(classnames)} names but {data_dir} has {len(ds.classes)} class folders")
-        return ds, classnames, IMAGENET_TEMPLATES
-    fail(f"unknown dataset '{name}'; choose synthetic, cifar10, cifar100, stl10, imagenet, folder (classification), "
-         f"{', '.join(RETRIEVAL)} or a .csv/.tsv path (retrieval)")
-
-
-def image_folder(data_dir, name):
-    """One folder of images per class, sorted by name: the class index order."""
-    if not data_dir or not os.path.isdir(data_dir):
-        fail(f"--dataset {name} needs --data-dir pointing at a folder of class folders (got {data_dir})")
-    try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
-        ds = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
-    except FileNotFoundError as e:  # no class folder, or no image in any of them
-        fail(f"--data-dir {data_dir}: {e} (--dataset {name} expects one folder of images per class)")
-    if len(ds.classes) < 2:
-        fail(f"--data-dir {data_dir} holds one class folder, {ds.classes[0]}: classification needs at least 2 "
-             f"classes (a single class scores 100%)")
-    return ds
-
-
-def imagenet_classnames():
-    with open(IMAGENET_CLASSES) as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def templates_for(choice, default):
-    """--templates: "80" (OpenAI's ImageNet set), "7" (its subset), or one template holding {}; None: default."""
-    if choice is None:
-        return default
-    if choice in ("80", "7"):
-        return IMAGENET_TEMPLATES_80 if choice == "80" else IMAGENET_TEMPLATES
-    if "{}" not in choice:
-        fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes")
-    return [choice]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Retrieval
-
-
-class Images(torch.utils.data.Dataset):
-    """Image files, read here, or images in memory (the synthetic captions') -> evaluation tensors."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        image = self.images[i]
-        return self.transform(read_image(image) if isinstance(image, str) else image)
-
-
-def read_image(path):
-    """data.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
-    benchmark, so say which file to fix."""
-    try:
-        return data.load_image(path)
-    except OSError as e:
-        raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
 
 
 @torch.no_grad()
@@ -331,14 +104,15 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
     image_hits = {k: 0 for k in ks}
     best_scores = best_images = None  # running top-k images for every caption, over the image batches
     first = 0
-    for batch in loader(Images(images, transform), batch_size, workers):
+    for batch in loader(evalsets.Images(images, transform), batch_size, workers):
         scores = method.similarity(method.embed_images(batch.to(device)), texts).float().cpu()  # (b, K)
         top = scores.topk(min(kmax, scores.shape[1]), dim=1).indices  # (b, k) captions
         own = torch.arange(first, first + len(batch))
         for k in ks:  # a hit when any of the image's captions is among its top k
             image_hits[k] += (caption_image[top[:, :k]] == own[:, None]).any(dim=1).sum().item()
         column_scores = torch.cat([scores.T] + ([best_scores] if best_scores is not None else []), dim=1)
-        column_images = torch.cat([own.expand(len(captions), -1)] + ([best_images] if best_images is not None else []), 1)
+        column_images = torch.cat([own.expand(len(captions), -1)] + ([best_images] if best_images is not None else []),
+                                  dim=1)
         best_scores, idx = column_scores.topk(min(kmax, column_scores.shape[1]), dim=1)
         best_images = column_images.gather(1, idx)
         first += len(batch)
@@ -346,46 +120,6 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
     for k in ks:
         results[f"text->image R@{k}"] = (best_images[:, :k] == caption_image[:, None]).any(dim=1).double().mean().item()
     return results
-
-
-def karpathy_split(json_path, image_root, split="test"):
-    """One split of Karpathy's split files (dataset_coco.json, dataset_flickr30k.json, from caption_datasets.zip:
-    {"images": [{"filepath" (COCO's only), "filename", "split": train|restval|val|test, "sentences": [{"raw": ...}]}]})
-    -> (image_paths, captions, caption_image). COCO's test split is the 5,000 val2014 images of the "5k test" papers
-    quote, Flickr30k's the 1,000 images of its "1k test"; every caption of an image is kept."""
-    with open(json_path) as f:
-        entries = json.load(f)
-    try:
-        entries = [e for e in entries["images"] if e["split"] == split]
-        paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in entries]
-        pairs = [(s["raw"].strip(), i) for i, e in enumerate(entries) for s in e["sentences"]]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{json_path} is not in the format of Karpathy's split files (no {e})") from None
-    if not paths:
-        raise ValueError(f"{json_path} has no image in the '{split}' split")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {split} images of {json_path} are missing, the "
-                                f"first {missing[0]}")
-    return paths, [c for c, _ in pairs], [i for _, i in pairs]
-
-
-def retrieval_data(name, data_dir, image_size, size=1000, **csv_keys):
-    """-> (images, captions, caption_image) of a retrieval benchmark (--dataset): synthetic-retrieval (held-out
-    captions of the built-in data, drawn as train.py's), coco (val2017), coco-5k / flickr30k (Karpathy's test splits:
-    --data-dir holds the split file and the images, COCO's as val2014/..., Flickr30k's in flickr30k-images/ or
-    directly), or a .csv/.tsv."""
-    if name == "synthetic-retrieval":
-        pairs = [data.SyntheticCaptions("val", size=size, image_size=image_size)[i] for i in range(size)]
-        return [image for image, _ in pairs], [caption for _, caption in pairs], list(range(size))
-    if name in KARPATHY:
-        if not data_dir or not os.path.isfile(os.path.join(data_dir, KARPATHY[name])):
-            raise FileNotFoundError(f"--dataset {name} needs --data-dir holding {KARPATHY[name]} (Karpathy's split "
-                                    f"file, from caption_datasets.zip) and the images; got {data_dir}")
-        root = os.path.join(data_dir, "flickr30k-images")
-        root = root if name == "flickr30k" and os.path.isdir(root) else data_dir
-        return karpathy_split(os.path.join(data_dir, KARPATHY[name]), root)
-    return data.retrieval_set(name, data_dir, **csv_keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -401,17 +135,18 @@ def prepare(name, data_dir=None, image_size=224, download=False, classnames=None
     transform = data.eval_transform(image_size)
     if name == "synthetic":
         return [dict(task="zeroshot_classification", dataset=f"synthetic/{task}", classnames=names,
-                     templates=task_templates, images=Labelled(data.SyntheticTask(task, size, image_size), transform))
-                for task, (names, task_templates) in data.SYNTHETIC_TASKS.items()]
-    if name in RETRIEVAL or name.endswith((".csv", ".tsv")):
+                     templates=task_templates,
+                     images=evalsets.Labelled(SyntheticTask(task, size, image_size), transform))
+                for task, (names, task_templates) in TASKS.items()]
+    if name in evalsets.RETRIEVAL or name.endswith((".csv", ".tsv")):
         try:
-            images, captions, caption_image = retrieval_data(name, data_dir, image_size, size, **csv_keys)
+            images, captions, caption_image = evalsets.retrieval_data(name, data_dir, image_size, size, **csv_keys)
         except (ValueError, FileNotFoundError) as e:
             fail(e)
         return [dict(task="retrieval", dataset=name, images=images, captions=captions, caption_image=caption_image)]
-    dataset, names, default = classification_set(name, data_dir, download, classnames, image_size)
+    dataset, names, default = evalsets.classification_set(name, data_dir, download, classnames, image_size)
     return [dict(task="zeroshot_classification", dataset=name, classnames=names,
-                 templates=templates_for(templates, default), images=Labelled(dataset, transform))]
+                 templates=evalsets.templates_for(templates, default), images=evalsets.Labelled(dataset, transform))]
 
 
 def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
@@ -450,7 +185,7 @@ def predict(method, tokenizer, image_path, labels, templates, device):
     SigLIP's own probabilities are sigmoids of s·cos + b, one per label: this is its softmax over the labels."""
     method.eval()
     try:
-        image = data.eval_transform(method.model.image_resolution)(read_image(image_path))
+        image = data.eval_transform(method.model.image_resolution)(evalsets.read_image(image_path))
     except ValueError as e:
         fail(e)
     L = method.model.context_length
@@ -460,16 +195,24 @@ def predict(method, tokenizer, image_path, labels, templates, device):
 
 
 def describe(r):
-    """A result of `evaluate` -> the lines printed."""
+    """A result of `evaluate` (or of eval_linear.probe) -> the line printed, by eval_zeroshot.py, eval_linear.py and
+    train.py alike."""
+    name = r["dataset"].removeprefix("synthetic/")
     if r["task"] == "retrieval":
-        return [f"{r['dataset']}: {r['images']} images, {r['captions']} captions"] + \
-            [f"{k}: {100 * v:.2f}%" for k, v in r.items() if "R@" in k]
+        def recalls(way):  # "R@1 25.20%  R@5 60.40%  R@10 78.80%"
+            return "  ".join(f"R@{key.split('R@')[1]} {100 * v:.2f}%" for key, v in r.items() if key.startswith(way))
+        return (f"retrieval {name}: {r['images']} images, {r['captions']} captions | image->text "
+                f"{recalls('image->text')} | text->image {recalls('text->image')}")
+    kind = "linear probe" if r["task"] == "linear_probe" else "zero-shot"
+    line = f"{kind} {name}: top-1 {100 * r['top1']:.2f}%"
+    if r["task"] == "linear_probe":
+        return line + (f"  mean per-class recall {100 * r['mean_per_class_recall']:.2f}%  (C = {r['C']:.3g}, "
+                       f"validation {r['metric']} {100 * r['validation']:.2f}%; {r['train']} train, {r['test']} test "
+                       f"images, {r['features']} features)")
     if r["dataset"].startswith("synthetic/"):
-        return [f"{r['dataset'].removeprefix('synthetic/')}: top-1 {100 * r['top1']:.2f}%  "
-                f"top-5 {100 * r['top5']:.2f}%  (chance {100 * r['chance']:.1f}%, {r['images']} images)"]
-    return [f"{r['dataset']}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  mean per-class recall "
-            f"{100 * r['mean_per_class_recall']:.2f}%  ({r['classes']} classes, {r['images']} images, "
-            f"{r['templates']} templates)"]
+        return line + f"  top-5 {100 * r['top5']:.2f}%  (chance {100 * r['chance']:.1f}%, {r['images']} images)"
+    return line + (f"  top-5 {100 * r['top5']:.2f}%  mean per-class recall {100 * r['mean_per_class_recall']:.2f}%  "
+                   f"({r['classes']} classes, {r['images']} images, {r['templates']} templates)")
 
 
 def write_results(path, results, checkpoint):
@@ -485,23 +228,11 @@ def write_results(path, results, checkpoint):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def evaluation_args(description):
+    """The flags of both evaluation programs (eval_linear.py adds its own to this parser)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--checkpoint", required=True, help="a train.py ckpt.pt, an OpenAI .pt, or a CLIP state dict")
-    p.add_argument("--dataset", default="synthetic",
-                   help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder (classification); "
-                        "synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
-    p.add_argument("--csv-caption-key", default=None, help="as in train.py")
-    p.add_argument("--csv-separator", default=None, help="as in train.py")
-    p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
-    p.add_argument("--templates", default=None,
-                   help="80 (OpenAI's ImageNet templates: the default for imagenet and --image), 7 (their subset: "
-                        "the default for folder), or one template with {} for the class name ('{}': the names alone); "
-                        "the synthetic tasks keep their own")
-    p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
-    p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file, one object per task")
     p.add_argument("--batch-size", type=int, default=256)
@@ -514,17 +245,40 @@ def main(argv=None):
                    help="the transformers' activation, which a state dict cannot tell: quickgelu for OpenAI's weights "
                         "and open_clip's *-quickgelu ones (the default for state dicts), gelu for most open_clip "
                         "weights (LAION-2B, DataComp, names without -quickgelu). Our checkpoints record their own.")
-    args = p.parse_args(argv)
+    return p
+
+
+def load_evaluated(args):
+    """--checkpoint, read as --act, --device and --trust-checkpoint say -> (method, tokenizer)."""
     if args.batch_size < 1 or args.workers < 0:
         fail(f"--batch-size must be 1 or more and --workers 0 or more (got {args.batch_size} and {args.workers})")
+    return load_method(args.checkpoint, args.device, args.trust_checkpoint,
+                       None if args.act is None else args.act == "quickgelu")
+
+
+def main(argv=None):
+    p = evaluation_args(__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder (classification); "
+                        "synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
+    p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
+    p.add_argument("--csv-caption-key", default=None, help="as in train.py")
+    p.add_argument("--csv-separator", default=None, help="as in train.py")
+    p.add_argument("--classnames", default=None, help="for --dataset folder: a file with one class name per line")
+    p.add_argument("--templates", default=None,
+                   help="80 (OpenAI's ImageNet templates: the default for imagenet and --image), 7 (their subset: "
+                        "the default for folder), or one template with {} for the class name ('{}': the names alone); "
+                        "the synthetic tasks keep their own")
+    p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
+    p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
+    args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
     if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
         fail("--image and --labels go together, with 2 or more comma-separated labels: --image a.jpg --labels dog,cat")
 
-    method, tokenizer = load(args.checkpoint, args.device, args.trust_checkpoint,
-                              None if args.act is None else args.act == "quickgelu")
+    method, tokenizer = load_evaluated(args)
     if args.image:
-        templates = templates_for(args.templates, IMAGENET_TEMPLATES_80)
+        templates = evalsets.templates_for(args.templates, evalsets.IMAGENET_TEMPLATES_80)
         probabilities = predict(method, tokenizer, args.image, labels, templates, args.device)
         for label, probability in zip(labels, probabilities):
             print(f"{label}: {100 * probability:.2f}%")
@@ -535,7 +289,7 @@ def main(argv=None):
                         sep=args.csv_separator)
         results = evaluate(method, tokenizer, tasks, args.device, args.batch_size, args.workers)
         for r in results:
-            print("\n".join(describe(r)))
+            print(describe(r))
     if args.output:
         write_results(args.output, results, args.checkpoint)
 

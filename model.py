@@ -19,7 +19,8 @@ Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the met
 Two memory and speed options for training (train.py --grad-checkpointing, --patch-dropout), off by default:
   * activation checkpointing (set_grad_checkpointing): each transformer block and each ResNet stage (the stem is one)
     keeps only its input for the backward and runs its forward again there: the activations of one block or stage
-    instead of all of them, for one more forward (~1/3 more compute). The gradients are bit-identical to those without it.
+    instead of all of them, for one more forward (~1/3 more compute). The gradients are bit-identical to those
+    without it.
   * patch dropout (FLIP, Li et al. 2023; open_clip's patch_dropout): in training, a ViT keeps a random (1 − p) of its
     patch tokens (the class token always) after adding their positional embeddings; evaluation sees every token.
 """

@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from clip import CLIP, rank_and_world
+from clip import CLIP
+from distributed import rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Moving text chunks between neighbouring ranks, with gradient

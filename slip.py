@@ -25,7 +25,7 @@ Logs: clip (L_CLIP), ssl (L_SimCLR), ssl_acc (fraction of a-views whose most sim
 BatchNorm and small batches. The MLP's BatchNorm normalises with statistics over the batch, so both its noise and
 how much one sample's output depends on the others grow as the batch shrinks; SLIP's authors saw chance-level
 accuracy with a per-GPU batch of 8 and gradient accumulation (facebookresearch/SLIP issue #7). Our choices:
-  * clip.GlobalBatchNorm computes the statistics over the GLOBAL batch (all ranks, gathered with gradient), as
+  * distributed.GlobalBatchNorm computes the statistics over the GLOBAL batch (all ranks, gathered with gradient), as
     SLIP's nn.SyncBatchNorm does, so W ranks × B samples behave exactly like one process with W·B samples (tested).
     It runs on CPU/gloo too, where torch's SyncBatchNorm refuses, and convert_sync_batchnorm leaves it alone.
   * The head runs in the loss, on the whole batch, so train.py's --grad-accum enlarges the BatchNorm batch and the
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import data
-from clip import CLIP, GlobalBatchNorm, all_gather, rank_and_world
+from clip import CLIP
+from distributed import GlobalBatchNorm, all_gather, rank_and_world
 from model import ModifiedResNet
 
 # ---------------------------------------------------------------------------------------------------------------------

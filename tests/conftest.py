@@ -25,10 +25,11 @@ def pytest_collection_modifyitems(config, items):
 def killed_while_saving(monkeypatch):
     """-> run(argv, step): train.main(argv), killed (KeyboardInterrupt) right after it writes step `step`'s checkpoint
     to ckpt.pt.tmp, before the next step's finite loss makes it ckpt.pt: a run killed in its last save."""
+    import checkpoint
     import train
 
     def run(argv, step):
-        real_save = train.save_checkpoint
+        real_save = checkpoint.write
 
         def save_then_die(path, method, optimizer, at, meta):
             real_save(path, method, optimizer, at, meta)
@@ -36,6 +37,6 @@ def killed_while_saving(monkeypatch):
                 raise KeyboardInterrupt
 
         with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-            patch.setattr(train, "save_checkpoint", save_then_die)
+            patch.setattr(checkpoint, "write", save_then_die)
             train.main([str(a) for a in argv])
     return run

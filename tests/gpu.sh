@@ -48,24 +48,24 @@ if has tests; then
     run 300 $PYTHON -m pytest -q -m cuda -p no:cacheprovider -rA tests/test_cuda.py
 fi
 if has bench; then
-    # ours vs open_clip in one process, same weights and batch, alternating rounds; then where the time goes
+    # ours vs open_clip in one process, same weights and batch, alternating rounds
     run 90 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20
-    run 120 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --profile
+    run 120 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20
 fi
 if has data; then
     # decoding + the train transform per DataLoader worker at 224 px: the cores one GPU needs at its samples/s
     jpegs=$(mktemp -d)
-    run 60 $PYTHON bench.py --make-jpegs 1000 "$jpegs"
+    run 60 $PYTHON bench_data.py --make-jpegs 1000 "$jpegs"
     cores=$(nproc)
-    run 90 $PYTHON bench.py --data-dir "$jpegs" --model ViT-B-32 --decoders tvio \
+    run 90 $PYTHON bench_data.py --data-dir "$jpegs" --model ViT-B-32 --decoders tvio \
         --workers "1,2,4,8,$((cores > 9 ? cores - 1 : cores))"
     rm -rf "$jpegs"
 fi
 if has memory; then
-    run 90 torchrun --standalone --nproc_per_node=1 bench.py --loss-memory --batch-size 16384
+    run 90 torchrun --standalone --nproc_per_node=1 bench_loss.py --batch-size 16384
 fi
 if has compile; then  # last: compiling both models takes most of this section's time
-    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile --profile
+    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile
 fi
 if has accum; then
     # one GPU at a paper's batch: ViT-B/16 CLIP at 4,096 pairs in bf16, 32 micro-batches of 128 with checkpointing

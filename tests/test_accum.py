@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import data
+import distributed
 import train
-from distributed import assert_close_at_scale, run_distributed
 from model import create_model
+from ranks import assert_close_at_scale, run_distributed
 
 # small heads and queues, as tests/test_train.py
 METHOD_KWARGS = {"clip": {}, "siglip": {}, "slip": dict(mlp_dim=64, min_bn_batch=4),
@@ -87,7 +89,7 @@ def _rank_steps(rank, world, states, batches):
     for name, state in states.items():
         method = _method(name)
         method.load_state_dict(state)
-        ddp = train.wrap_ddp(method, "cpu")
+        ddp = distributed.wrap_ddp(method, "cpu")
         B = len(batches[name]["text"]) // world
         local = {k: v[rank * B:(rank + 1) * B] for k, v in batches[name].items()}
         results[name] = _step(method, _split(local, 2), train_model=ddp, no_sync=ddp.no_sync)
@@ -126,10 +128,10 @@ def test_two_ranks_with_accumulation_equal_one_process(two_ranks, name):
 
 def _reference(method, batches, seed):
     """The loss of the concatenated features of micro-batches run with their graph, micro-batch i after
-    torch.manual_seed(seed + i) as forward_backward draws them, and its backward."""
+    torch.manual_seed(data.seed_of(seed, i)) as forward_backward draws them, and its backward."""
     parts = []
     for i, batch in enumerate(batches):
-        torch.manual_seed(seed + i)
+        torch.manual_seed(data.seed_of(seed, i))
         parts.append(method.features(batch))
     loss, logs = method.loss({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     loss.backward()

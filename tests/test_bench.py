@@ -1,5 +1,6 @@
-"""bench.py: every method's training step runs end to end, the side-by-side and data modes work, and the FLOP
-counter matches a hand count, torch's own counter, and open_clip's published profile."""
+"""bench.py, bench_data.py, bench_loss.py: every method's training step runs end to end, the side-by-side and variant
+modes, the input pipeline's and the losses' memory benchmarks work, and the FLOP counter matches a hand count, torch's
+own counter, and open_clip's published profile."""
 
 import os
 import re
@@ -12,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_data
 from model import CONFIGS, CLIPModel
 
 # small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
@@ -83,31 +85,15 @@ def test_variants_side_by_side():
 
 def test_data_pipeline(tmp_path, capsys):
     folder = str(tmp_path / "jpegs")
-    bench.main(["--make-jpegs", "6", folder])
-    bench.main(["--data-dir", folder, "--workers", "1"])
+    bench_data.main(["--make-jpegs", "6", folder])
+    bench_data.main(["--data-dir", folder, "--workers", "1"])
     out = capsys.readouterr().out
     R = CONFIGS["tiny-vit"]["image_resolution"]
     assert "wrote 6 500x375 JPEGs" in out
     for name in ("PIL", "torchvision.io"):
         assert re.search(rf"^data clip {R}px {name} \| 6 JPEGs × 2 passes \| 1 worker [\d.]+ images/s", out, re.M), out
     with pytest.raises(SystemExit, match="no .jpg files"):
-        bench.main(["--data-dir", str(tmp_path)])
-
-
-def test_files_vs_shards(tmp_path, capsys):
-    folder = str(tmp_path / "jpegs")
-    bench.main(["--make-jpegs", "8", folder, "--jpeg-size", "160x120"])
-    bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "1,2", "--passes", "2",
-                "--rounds", "2"])
-    out = capsys.readouterr().out
-    assert re.search(r"^# reading only, per image: files \d+ us, shards \(data.tar_samples\) \d+ us", out, re.M), out
-    found = re.search(r"^data clip files vs shards \| 1 worker \| images/s: files ([\d.]+), shards ([\d.]+), "
-                      r"shards/files [\d.]+ \(rounds [\d.]+-[\d.]+\) \| images per worker CPU-second: files "
-                      r"([\d.]+), shards ([\d.]+), .* \| 2 rounds × 16 images each \| python bench.py", out, re.M)
-    assert found and all(float(x) > 0 for x in found.groups()), out
-    assert re.search(r"^data clip files vs shards \| 2 workers \| images/s per worker: files [\d.]+, shards", out, re.M)
-    with pytest.raises(SystemExit, match="fewer than one shard of 4 per worker"):
-        bench.main(["--data-dir", folder, "--vs-shards", "--shard-size", "4", "--workers", "3"])
+        bench_data.main(["--data-dir", str(tmp_path)])
 
 
 # a config of our own, so that the hand count below does not depend on model.CONFIGS
@@ -174,12 +160,12 @@ def test_flops_match_open_clip_profile(name):
 
 
 def test_loss_memory_on_two_gloo_ranks():
-    """--loss-memory under torchrun: one line per loss, our distributed loss, open_clip's and the all-gather N×N
+    """bench_loss.py under torchrun: one line per loss, our distributed loss, open_clip's and the all-gather N×N
     version each measured, and all three giving the same global loss (the memory figures are the benchmark's
     output, not asserted here)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(root, "bench.py"), "--loss-memory", "--batch-size", "64", "--embed-dim", "16"],
+                        os.path.join(root, "bench_loss.py"), "--batch-size", "64", "--embed-dim", "16"],
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     for name in ("clip", "siglip"):
@@ -190,5 +176,4 @@ def test_loss_memory_on_two_gloo_ranks():
         losses = [float(x) for x in re.findall(r"(?:ours|open_clip|all-gather N×N) ([\d.]+)(?:,| \|)",
                                                line.group(0).split("global loss")[1])]
         assert len(losses) == 3 and max(losses) - min(losses) < 1e-5, line.group(0)
-        assert line.group(0).endswith("torchrun --nproc_per_node=2 bench.py --loss-memory --batch-size 64 "
-                                      "--embed-dim 16")
+        assert line.group(0).endswith("torchrun --nproc_per_node=2 bench_loss.py --batch-size 64 --embed-dim 16")

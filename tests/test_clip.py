@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clip import clip_loss
-from distributed import run_distributed
+from ranks import run_distributed
 
 
 def features(N=12, D=16, seed=0):

@@ -16,6 +16,7 @@ import torch
 
 import bench
 import clip
+import distributed
 import eval_zeroshot
 import siglip
 import train
@@ -205,7 +206,7 @@ def test_losses_and_all_gather_on_a_nccl_group_of_one():
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         x = torch.randn(8, 4, device="cuda", requires_grad=True)
-        gathered = clip.AllGather.apply(x)  # the collectives themselves, which a group of one otherwise skips
+        gathered = distributed.AllGather.apply(x)  # the collectives themselves, which a group of one otherwise skips
         (gathered * 3).sum().backward()
         torch.testing.assert_close(gathered, x)
         torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
+import tokenizer
 
 import open_clip.tokenizer as open_clip_tokenizer  # the independent reference (requirements-dev.txt)
 OPEN_CLIP_BPE = open_clip_tokenizer.default_bpe()
@@ -22,11 +24,11 @@ def reference():
 
 
 def test_example_ids():
-    ids = data.tokenize("a photo of a Dog.")
+    ids = tokenizer.tokenize("a photo of a Dog.")
     assert ids.shape == (1, 77) and ids.dtype == torch.long
     assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 1929, 269, 49407]
     assert ids[0, 8:].eq(0).all()
-    tok = data.get_tokenizer()
+    tok = tokenizer.get_tokenizer()
     assert (tok.vocab_size, tok.sot_id, tok.eot_id, tok.pad_id) == (49408, 49406, 49407, 0)
     assert tok.decode(ids[0].tolist()) == "a photo of a dog . "
 
@@ -47,7 +49,7 @@ def parity_strings():
     texts += [t(c) for c in IMAGENET_CLASSNAMES for t in rng.sample(OPENAI_IMAGENET_TEMPLATES, 2)]
     # random concatenations of vocabulary words (as text), the case where tiktoken's "any pair whose
     # concatenation is a token" rule could differ from CLIP's "listed merges only"
-    words = [w for w in data.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
+    words = [w for w in tokenizer.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
     words = [w[:-1].decode("utf-8", "ignore") for w in words]
     for _ in range(3000):
         texts.append(" ".join("".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(4)))
@@ -62,7 +64,7 @@ def test_parity_with_open_clip(reference):
     texts = parity_strings()
     assert len(texts) > 6000
     for length in (77, 400):  # 400: compare whole encodings, not just their first 75 ids
-        ours, theirs = data.tokenize(texts, length), reference(texts, length)
+        ours, theirs = tokenizer.tokenize(texts, length), reference(texts, length)
         bad = [t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b)]
         assert not bad, f"{len(bad)} differ, e.g. {bad[:3]}"
 
@@ -70,28 +72,28 @@ def test_parity_with_open_clip(reference):
 def test_without_ftfy(reference, monkeypatch):
     # ftfy is optional: without it, text that ftfy leaves alone still gets OpenAI's ids
     import ftfy
-    monkeypatch.setattr(data, "ftfy", None)
-    monkeypatch.setattr(data, "warned_without_ftfy", True)  # test_warns_once_without_ftfy checks the warning
+    monkeypatch.setattr(tokenizer, "ftfy", None)
+    monkeypatch.setattr(tokenizer, "warned_without_ftfy", True)  # test_warns_once_without_ftfy checks the warning
     texts = ["A photo of a Dog.", "tabs\tand\nnewlines", "café naïve 日本語 😀", "&amp;lt; 3.5 it's"]
-    assert torch.equal(data.get_tokenizer.__wrapped__()(texts), reference(texts))
+    assert torch.equal(tokenizer.get_tokenizer.__wrapped__()(texts), reference(texts))
     # the README's rule: every parity string that gets other ids is one that ftfy changes, and that
     # ftfy_may_change() flags; every ASCII character and entity depth is tried in two contexts
     texts = parity_strings() + [f"a{chr(c)}b{s}" for c in range(128) for s in ("", " &amp;amp;lt; <")]
     texts += ["a photo of a dog’s bed", "ﬁne ﬂour", "cafÃ©", "&amp;amp;amp; x", "a &#38;amp;lt; b", "AT&T"]
-    ours = data.get_tokenizer.__wrapped__()(texts)
+    ours = tokenizer.get_tokenizer.__wrapped__()(texts)
     theirs = reference(texts)
     differ = [t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b)]
-    assert len(differ) > 100 and all(ftfy.fix_text(t) != t and data.ftfy_may_change(t) for t in differ)
+    assert len(differ) > 100 and all(ftfy.fix_text(t) != t and tokenizer.ftfy_may_change(t) for t in differ)
     assert "a photo of a dog’s bed" in differ and "ﬁne ﬂour" in differ and "cafÃ©" in differ
-    flagged = [t for t in texts if data.ftfy_may_change(t)]
-    assert not any(data.ftfy_may_change(t) for t in ["A photo of a Dog.", "tabs\tand\r\nnewlines", "AT&T &amp;lt;"])
+    flagged = [t for t in texts if tokenizer.ftfy_may_change(t)]
+    assert not any(tokenizer.ftfy_may_change(t) for t in ["A photo of a Dog.", "tabs\tand\r\nnewlines", "AT&T &amp;lt;"])
     print(f"{len(differ)} of {len(texts)} texts differ without ftfy, {len(flagged)} flagged")
 
 
 def test_warns_once_without_ftfy(monkeypatch, recwarn):
-    monkeypatch.setattr(data, "ftfy", None)
-    monkeypatch.setattr(data, "warned_without_ftfy", False)
-    tok = data.get_tokenizer.__wrapped__()
+    monkeypatch.setattr(tokenizer, "ftfy", None)
+    monkeypatch.setattr(tokenizer, "warned_without_ftfy", False)
+    tok = tokenizer.get_tokenizer.__wrapped__()
     tok(["a photo of a dog.", "AT&T, 3 &amp; 4", "tabs\tand\nnewlines"] * 3)
     assert not recwarn  # plain ASCII: nothing ftfy would change
     tok(["a photo of a dog’s bed", "ﬁne ﬂour", "cafÃ©"])
@@ -103,28 +105,28 @@ def test_warns_once_without_ftfy(monkeypatch, recwarn):
 
 def test_every_vocabulary_word(reference):
     # each whole word of the vocabulary must come out as the same ids (tiktoken looks whole pieces up directly)
-    words = [w[:-1] for w in data.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
+    words = [w[:-1] for w in tokenizer.get_tokenizer().encoding.token_byte_values() if w.endswith(b"\x1f")]
     texts = [w.decode("utf-8", "replace") for w in words]
     texts = [t for t in texts if "\ufffd" not in t]  # a few tokens hold part of a character
     assert len(texts) > 30000
-    tok = data.get_tokenizer()
+    tok = tokenizer.get_tokenizer()
     assert [tok.encode(t) for t in texts] == [reference.encode(t) for t in texts]
 
 
 def test_truncation_and_empty():
-    ids = data.tokenize(["word " * 200, ""], context_length=77)
+    ids = tokenizer.tokenize(["word " * 200, ""], context_length=77)
     assert ids.shape == (2, 77)
     assert ids[0, 0] == 49406 and ids[0, -1] == 49407 and ids[0].ne(0).all()
     assert ids[1, :2].tolist() == [49406, 49407] and ids[1, 2:].eq(0).all()
-    short = data.tokenize("a photo of a dog", context_length=4)
+    short = tokenizer.tokenize("a photo of a dog", context_length=4)
     assert short.tolist() == [[49406, 320, 1125, 49407]]
     assert (ids.argmax(-1) == torch.tensor([76, 1])).all()  # the text tower pools at the EOT
 
 
 def test_tokenizer_speed_and_pickle():
-    data.get_tokenizer.cache_clear()
+    tokenizer.get_tokenizer.cache_clear()
     t0 = time.perf_counter()
-    tok = data.get_tokenizer()
+    tok = tokenizer.get_tokenizer()
     build = time.perf_counter() - t0
     assert build < 1.0
     captions = [f"a photo of {n} {w} dogs playing in the park near building {n * 7}" for n, w in
@@ -140,14 +142,14 @@ def test_tokenizer_speed_and_pickle():
 
 def test_vocabulary_ships_with_the_repository_and_is_checked(tmp_path):
     # the same bytes as open_clip's copy (itself OpenAI's): nothing to find or download, offline from a fresh clone
-    assert open(data.BPE_PATH, "rb").read() == open(OPEN_CLIP_BPE, "rb").read()
-    assert os.path.dirname(data.BPE_PATH) == os.path.dirname(os.path.abspath(data.__file__))
+    assert open(tokenizer.BPE_PATH, "rb").read() == open(OPEN_CLIP_BPE, "rb").read()
+    assert os.path.dirname(tokenizer.BPE_PATH) == os.path.dirname(os.path.abspath(data.__file__))
     with pytest.raises(FileNotFoundError, match="missing.*git checkout"):
-        data.read_bpe_merges(str(tmp_path / "bpe_simple_vocab_16e6.txt.gz"))
+        tokenizer.read_bpe_merges(str(tmp_path / "bpe_simple_vocab_16e6.txt.gz"))
     pointer = tmp_path / "lfs.txt.gz"  # what a Git LFS checkout without LFS leaves
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:924691ac\nsize 1356917\n")
     with pytest.raises(ValueError, match="sha256.*git checkout"):
-        data.read_bpe_merges(str(pointer))
+        tokenizer.read_bpe_merges(str(pointer))
 
 
 def test_other_encoding():
@@ -156,7 +158,7 @@ def test_other_encoding():
         ranks[merge] = 256 + i
     enc = tiktoken.Encoding("tiny", pat_str=r"""\s?\w+|\s?[^\s\w]+|\s+""", mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": 261})
-    tok = data.get_tokenizer(enc)
+    tok = tokenizer.get_tokenizer(enc)
     assert (tok.sot_id, tok.eot_id, tok.vocab_size, tok.pad_id) == (262, 263, 264, 0)
     ids = tok(["the dog", "The  Dog", "<|endoftext|>"], context_length=10)
     assert ids[0].tolist() == [262, 257, 32, 260, 263, 0, 0, 0, 0, 0]  # "the", " ", "dog": spaces kept, never lowered
@@ -172,10 +174,10 @@ def test_tiktoken_encoding_by_name(monkeypatch):
                             special_tokens={"<|endoftext|>": 256})
     asked = []
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: asked.append(name) or enc)
-    cache_clear = getattr(data.get_tokenizer, "cache_clear", lambda: None)
+    cache_clear = getattr(tokenizer.get_tokenizer, "cache_clear", lambda: None)
     cache_clear()
     try:
-        tok = data.get_tokenizer("cl100k_base")
+        tok = tokenizer.get_tokenizer("cl100k_base")
     finally:
         cache_clear()
     assert asked == ["cl100k_base"]
@@ -194,15 +196,15 @@ def test_transforms():
 
 
 def test_synthetic_deterministic_and_fast():
-    ds = data.SyntheticCaptions("train", size=50)
-    assert len(ds) == 50 and len(data.SyntheticCaptions("val")) > 0
+    ds = synthetic.SyntheticCaptions("train", size=50)
+    assert len(ds) == 50 and len(synthetic.SyntheticCaptions("val")) > 0
     img, caption = ds[7]
     assert img.mode == "RGB" and img.size == (64, 64) and isinstance(caption, str)
-    again = data.SyntheticCaptions("train", size=50)[7]
+    again = synthetic.SyntheticCaptions("train", size=50)[7]
     assert np.array_equal(np.asarray(img), np.asarray(again[0])) and caption == again[1]
-    val = data.SyntheticCaptions("val", size=50)
+    val = synthetic.SyntheticCaptions("val", size=50)
     assert sum(ds[i][1] != val[i][1] for i in range(50)) > 25  # the held-out split draws other scenes
-    assert data.SyntheticCaptions("train", image_size=32)[0][0].size == (32, 32)
+    assert synthetic.SyntheticCaptions("train", image_size=32)[0][0].size == (32, 32)
     t0 = time.perf_counter()
     for i in range(200):
         ds[i % 50]
@@ -210,7 +212,7 @@ def test_synthetic_deterministic_and_fast():
 
 
 def test_synthetic_captions_match_attributes():
-    ds = data.SyntheticCaptions("train", size=500)
+    ds = synthetic.SyntheticCaptions("train", size=500)
     seen = set()
     for i in range(len(ds)):
         s, _ = ds.scene(i)
@@ -218,31 +220,31 @@ def test_synthetic_captions_match_attributes():
         words = caption.rstrip(".").split()
         seen.add((s["shape"], s["colour"], s["count"]))
         assert s["shape"] in caption
-        assert all(w not in words for w in data.SHAPES if w != s["shape"])
-        assert all(c not in words for c in data.COLOURS if c != s["colour"])
+        assert all(w not in words for w in synthetic.SHAPES if w != s["shape"])
+        assert all(c not in words for c in synthetic.COLOURS if c != s["colour"])
         if s["count"] != "one":
             assert s["count"] in words and s["position"] is None and s["size"] == "small"
         else:
             assert "two" not in words and "three" not in words
-        for position, phrases in data.POSITION_WORDS.items():
+        for position, phrases in synthetic.POSITION_WORDS.items():
             if any(p in caption for p in phrases):
                 assert position == s["position"]
     assert len(seen) > 60  # many combinations occur
 
 
 def test_synthetic_tasks():
-    assert set(data.SYNTHETIC_TASKS) >= {"shape", "colour", "count"}
-    for task, (classnames, templates) in data.SYNTHETIC_TASKS.items():
+    assert set(synthetic.TASKS) >= {"shape", "colour", "count"}
+    for task, (classnames, templates) in synthetic.TASKS.items():
         assert len(set(classnames)) == len(classnames) >= 2
         assert all(t.count("{}") == 1 for t in templates)
-        ds = data.SyntheticTask(task, size=60)
+        ds = synthetic.SyntheticTask(task, size=60)
         labels = [ds[i][1] for i in range(len(ds))]
         assert np.bincount(labels).tolist() == [60 // len(classnames)] * len(classnames)  # balanced
         for i in range(len(ds)):
             s, _ = ds.scene(i)
             assert s[task] == classnames[labels[i]]
             assert task == "count" or s["count"] == "one"
-    img, label = data.SyntheticTask("colour", size=6)[0]
+    img, label = synthetic.SyntheticTask("colour", size=6)[0]
     assert img.mode == "RGB" and label == 0
 
 
@@ -304,7 +306,7 @@ def test_csv_and_tsv(tmp_path):
         data.make_dataset(str(tmp_path / "nope.csv"))
     with pytest.raises(ValueError, match="synthetic"):
         data.make_dataset("imagenet")
-    assert isinstance(data.make_dataset("synthetic", split="val", image_size=32), data.SyntheticCaptions)
+    assert isinstance(data.make_dataset("synthetic", split="val", image_size=32), synthetic.SyntheticCaptions)
 
 
 def test_unreadable_images_raise_one_error_type_with_the_path(tmp_path):

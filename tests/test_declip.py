@@ -10,12 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import data
 import declip
+import distributed
+import synthetic
 from declip import MASK, DeCLIP, eda, mask_tokens, mlm_loss, mlm_per_sample, nn_loss, random_deletion, random_swap, \
     simsiam_loss, synonym_replacement
-from distributed import assert_close_at_scale, run_distributed
 from model import create_model
+from ranks import assert_close_at_scale, run_distributed
+from tokenizer import get_tokenizer
 
 SOT, EOT = 49406, 49407
 
@@ -263,11 +265,11 @@ def test_eda_operations():
 
 
 def test_synonym_table_covers_the_synthetic_captions():
-    vocabulary = (list(data.COLOURS) + data.SHAPES + list(data.SIZES) + list(data.POSITIONS) + data.COUNTS
-                  + [b for b in data.BACKGROUNDS])
-    vocabulary += [s + ("es" if s == "cross" else "s") for s in data.SHAPES]
+    vocabulary = (list(synthetic.COLOURS) + synthetic.SHAPES + list(synthetic.SIZES) + list(synthetic.POSITIONS) + synthetic.COUNTS
+                  + [b for b in synthetic.BACKGROUNDS])
+    vocabulary += [s + ("es" if s == "cross" else "s") for s in synthetic.SHAPES]
     assert not [w for w in vocabulary if w not in declip.SYNONYMS]
-    dataset = data.SyntheticCaptions("train", size=200)
+    dataset = synthetic.SyntheticCaptions("train", size=200)
     torch.manual_seed(0)
     changed = sum(synonym_replacement(dataset[i][1].split()) != dataset[i][1].split() for i in range(200))
     assert changed == 200  # every synthetic caption has a replaceable word
@@ -275,7 +277,7 @@ def test_synonym_table_covers_the_synthetic_captions():
 
 def test_transform_views_and_pickling():
     method = _method(mlm_probability=0.5)
-    tokenizer = data.get_tokenizer("clip")
+    tokenizer = get_tokenizer("clip")
     transform = pickle.loads(pickle.dumps(method.transform(tokenizer)))
     image = Image.new("RGB", (70, 70), (40, 200, 40))
     caption = "a small green triangle at the top of a large blue square"
@@ -412,10 +414,9 @@ def test_declip_distributed_equals_one_process():
 
 
 def _rank_queue_under_ddp(rank, world, state, batch):
-    import train
     method = _method()
     method.load_state_dict(state)
-    ddp = train.wrap_ddp(method, "cpu")
+    ddp = distributed.wrap_ddp(method, "cpu")
     B = batch["text"].shape[0] // world
     local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
     with warnings.catch_warnings():

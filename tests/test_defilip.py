@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from declip import DeCLIP
 from defilip import DeFILIP
-from distributed import assert_close_at_scale, run_distributed
+from ranks import assert_close_at_scale, run_distributed
 from filip import filip_loss, text_padding_mask
 from model import create_model
 from test_declip import _batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_distributed
+from ranks import run_distributed
 from filip import (FILIP, filip_loss, image_to_text_similarity, select_tokens, text_padding_mask,
                    text_to_image_similarity)
 

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import data
+import evalsets
+import runlog
 import train
 from model import create_model
 
@@ -59,7 +61,7 @@ def test_quick_start_offline_without_open_clip_ftfy_or_a_home(tmp_path):
     for check in ("import open_clip", "import ftfy", "import urllib.request as u; u.urlopen('https://github.com')"):
         p = run(None, "-c", check, cwd=tmp_path, env=env)
         assert p.returncode != 0 and ("blocked by the test" in p.stderr or "hidden by the test" in p.stderr), check
-    p = run(None, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import data; print(data.tokenize('a photo of a "
+    p = run(None, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import tokenizer; print(tokenizer.tokenize('a photo of a "
                         f"Dog.')[0, :8].tolist())", cwd=tmp_path, env=env)
     assert p.stdout.strip() == "[49406, 320, 1125, 539, 320, 1929, 269, 49407]", p.stderr  # OpenAI's ids
     # the README's quick start, shortened: the default model, data and workers
@@ -75,7 +77,7 @@ def test_quick_start_offline_without_open_clip_ftfy_or_a_home(tmp_path):
 
 
 def test_eta_format():
-    assert [train.duration(s) for s in (0, 4.4, 59.6, 61, 3599, 3600, 3 * 3600 + 125)] == \
+    assert [runlog.duration(s) for s in (0, 4.4, 59.6, 61, 3599, 3600, 3 * 3600 + 125)] == \
         ["0s", "4s", "1m00s", "1m01s", "59m59s", "1h00m", "3h02m"]
 
 
@@ -262,15 +264,14 @@ def test_skipped_counts_distinct_files(tmp_path):
 
 
 def test_folder_evaluation_decodes_as_training_with_default_workers(files, tmp_path):
-    import eval_zeroshot
     grey = np.full((40, 40), 40_000, dtype=np.uint16)  # a 16-bit PNG: PIL's convert("RGB") turned it white
     for name in ("cat", "dog"):
         (tmp_path / "grey" / name).mkdir(parents=True)
         Image.fromarray(grey).save(tmp_path / "grey" / name / "0.png")
-    ds, classnames, _ = eval_zeroshot.classification_set("folder", str(tmp_path / "grey"), False, None, 64)
+    ds, classnames, _ = evalsets.classification_set("folder", str(tmp_path / "grey"), False, None, 64)
     image, label = ds[0]
     assert torch.equal(image, data.load_image(tmp_path / "grey" / "cat" / "0.png")) and classnames == ["cat", "dog"]
-    x = eval_zeroshot.Labelled(ds, data.eval_transform(64))[0][0]
+    x = evalsets.Labelled(ds, data.eval_transform(64))[0][0]
     pixels = x * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]
     torch.testing.assert_close(pixels, torch.full_like(pixels, 40_000 / 65_535), rtol=0, atol=1e-4)
     # the default workers fit the cores this process may use: no "too many workers" warning from torch

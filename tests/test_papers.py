@@ -15,8 +15,11 @@ import clip
 import data
 import eval_linear
 import eval_zeroshot
+import evalsets
 import train
+from checkpoint import load_method
 from model import create_model
+from tokenizer import get_tokenizer
 
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
@@ -137,7 +140,8 @@ def test_linear_probe_on_folders_with_cached_features(checkpoint, tmp_path, monk
             "0", "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "r.json")]
     eval_linear.main(args)
     first = capsys.readouterr().out
-    assert first.startswith("folder: top-1 100.00%  mean per-class recall 100.00%") and "18 train, 9 test" in first
+    assert first.startswith("linear probe folder: top-1 100.00%  mean per-class recall 100.00%")
+    assert "18 train, 9 test" in first
     [r] = json.loads((tmp_path / "r.json").read_text())
     assert r["task"] == "linear_probe" and r["dataset"] == "folder" and r["checkpoint"] == str(checkpoint)
     assert r["top1"] == 1.0 and r["classes"] == 3 and r["train"] == 18 and r["test"] == 9 and r["fits"] == 15
@@ -175,14 +179,14 @@ def test_linear_probe_bad_folders_give_one_line(checkpoint, tmp_path):
 def test_imagenet_names_and_templates_are_openais():
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    names = eval_zeroshot.imagenet_classnames()
+    names = evalsets.imagenet_classnames()
     assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
     assert names[0] == "tench" and names[999] == "toilet paper"
-    assert len(eval_zeroshot.IMAGENET_TEMPLATES_80) == 80
-    assert eval_zeroshot.IMAGENET_TEMPLATES_80 == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-    assert len(eval_zeroshot.IMAGENET_TEMPLATES) == 7
-    assert eval_zeroshot.IMAGENET_TEMPLATES == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
-    assert set(eval_zeroshot.IMAGENET_TEMPLATES) < set(eval_zeroshot.IMAGENET_TEMPLATES_80)
+    assert len(evalsets.IMAGENET_TEMPLATES_80) == 80
+    assert evalsets.IMAGENET_TEMPLATES_80 == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert len(evalsets.IMAGENET_TEMPLATES) == 7
+    assert evalsets.IMAGENET_TEMPLATES == [t("{}") for t in SIMPLE_IMAGENET_TEMPLATES]
+    assert set(evalsets.IMAGENET_TEMPLATES) < set(evalsets.IMAGENET_TEMPLATES_80)
 
 
 def test_imagenet_folder_needs_no_classnames_file(tmp_path):
@@ -191,13 +195,13 @@ def test_imagenet_folder_needs_no_classnames_file(tmp_path):
         os.makedirs(tmp_path / "val" / wnid)
         Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(tmp_path / "val" / wnid / f"{wnid}.png")
     [task] = eval_zeroshot.prepare("imagenet", str(tmp_path / "val"), 64)
-    assert task["classnames"] == eval_zeroshot.imagenet_classnames()
-    assert task["templates"] == eval_zeroshot.IMAGENET_TEMPLATES_80 and len(task["images"]) == 1000
+    assert task["classnames"] == evalsets.imagenet_classnames()
+    assert task["templates"] == evalsets.IMAGENET_TEMPLATES_80 and len(task["images"]) == 1000
     samples = task["images"].dataset.samples  # (path, label): the sorted WordNet ids are the class indices
     assert [label for _, label in samples] == list(range(1000))
     assert all(path.endswith(f"{wnids[label]}.png") for path, label in samples)
     [task] = eval_zeroshot.prepare("imagenet", str(tmp_path / "val"), 64, templates="7")
-    assert task["templates"] == eval_zeroshot.IMAGENET_TEMPLATES
+    assert task["templates"] == evalsets.IMAGENET_TEMPLATES
     colour_folders(tmp_path / "pets", ("red", "blue"))
     with pytest.raises(SystemExit, match="1,000 ImageNet class folders named by WordNet id"):
         eval_zeroshot.prepare("imagenet", str(tmp_path / "pets"), 64)
@@ -240,36 +244,38 @@ def write_karpathy(tmp_path):
 
 def test_karpathy_splits_read_the_test_images_and_all_their_captions(tmp_path):
     coco, flickr = write_karpathy(tmp_path)
-    paths, captions, caption_image = eval_zeroshot.retrieval_data("coco-5k", str(coco), 64)
+    paths, captions, caption_image = evalsets.retrieval_data("coco-5k", str(coco), 64)
     assert paths == [str(coco / "val2014" / f"COCO_val2014_{i:012d}.jpg") for i in (0, 2, 4)]
     assert captions == [f"a scene {i} number {j}" for i in (0, 2, 4) for j in range(5 + (i == 2))]  # every one
     assert caption_image == [0] * 5 + [1] * 6 + [2] * 5
-    paths, captions, caption_image = eval_zeroshot.retrieval_data("flickr30k", str(flickr), 64)
+    paths, captions, caption_image = evalsets.retrieval_data("flickr30k", str(flickr), 64)
     assert paths == [str(flickr / "flickr30k-images" / f"{1000092795 + i}.jpg") for i in (1, 2)]
     assert captions[:2] == ["people 1 doing 0.", "people 1 doing 1."] and len(captions) == 10
     assert caption_image == [0] * 5 + [1] * 5
 
     os.remove(paths[1])
     with pytest.raises(FileNotFoundError, match=r"1 of the 2 test images .* missing, the first .*1000092797.jpg"):
-        eval_zeroshot.retrieval_data("flickr30k", str(flickr), 64)
+        evalsets.retrieval_data("flickr30k", str(flickr), 64)
     with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
-        eval_zeroshot.retrieval_data("coco-5k", str(tmp_path), 64)
+        evalsets.retrieval_data("coco-5k", str(tmp_path), 64)
     (tmp_path / "dataset_coco.json").write_text(json.dumps([{"file": "x.jpg"}]))
     with pytest.raises(ValueError, match="not in the format of Karpathy's split files"):
-        eval_zeroshot.retrieval_data("coco-5k", str(tmp_path), 64)
+        evalsets.retrieval_data("coco-5k", str(tmp_path), 64)
 
 
 def test_retrieval_on_coco_5k_with_output(checkpoint, tmp_path, capsys):
     coco, _ = write_karpathy(tmp_path)
     eval_zeroshot.main(["--checkpoint", str(checkpoint), "--dataset", "coco-5k", "--data-dir", str(coco), "--workers",
                         "0", "--output", str(tmp_path / "r.json")])
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == "coco-5k: 3 images, 16 captions" and len(out) == 7
+    [line] = capsys.readouterr().out.splitlines()
+    head, *directions = line.split(" | ")
+    assert head == "retrieval coco-5k: 3 images, 16 captions" and len(directions) == 2
     [r] = json.loads((tmp_path / "r.json").read_text())
     assert r["task"] == "retrieval" and r["dataset"] == "coco-5k" and r["images"] == 3 and r["captions"] == 16
-    for line in out[1:]:  # the file holds what was printed
-        name, value = line.split(": ")
-        assert f"{100 * r[name]:.2f}%" == value
+    for way, recalls in (d.split(" ", 1) for d in directions):  # the file holds what was printed
+        for recall in recalls.split("  "):
+            k, value = recall.split(" ")
+            assert f"{100 * r[f'{way} {k}']:.2f}%" == value
     assert r["image->text R@10"] == 1.0 and r["text->image R@5"] == 1.0  # 16 captions, 3 images
 
 
@@ -283,7 +289,8 @@ def test_output_json_of_zero_shot_classification(checkpoint, tmp_path, capsys):
     assert [r["dataset"] for r in results] == [f"synthetic/{t}" for t in ("shape", "colour", "size", "count")]
     for r, line in zip(results, printed):
         assert r["task"] == "zeroshot_classification" and r["images"] == 1000 and r["checkpoint"] == str(checkpoint)
-        assert line.startswith(f"{r['dataset'][10:]}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%")
+        assert line.startswith(f"zero-shot {r['dataset'][10:]}: top-1 {100 * r['top1']:.2f}%  top-5 "
+                               f"{100 * r['top5']:.2f}%")
         assert r["chance"] == pytest.approx(1 / r["classes"]) and 0 <= r["mean_per_class_recall"] <= 1
     colour_folders(tmp_path / "val", ("red", "blue"), n=3)
     eval_zeroshot.main(["--checkpoint", str(checkpoint), "--dataset", "folder", "--data-dir", str(tmp_path / "val"),
@@ -306,7 +313,7 @@ def test_one_image_inference(checkpoint, tmp_path, capsys):
     assert sum(probabilities) == pytest.approx(1.0)
     assert [line.split(": ")[1] for line in lines] == [f"{100 * p:.2f}%" for p in probabilities]
 
-    method, tokenizer = eval_zeroshot.load(str(checkpoint))  # the same, written out: softmax of s·cos
+    method, tokenizer = load_method(str(checkpoint))  # the same, written out: softmax of s·cos
     with torch.no_grad():
         image = data.eval_transform(64)(data.load_image(str(tmp_path / "a.png")))[None]
         i = F.normalize(method.model.encode_image(image), dim=-1)
@@ -329,7 +336,7 @@ def test_evaluate_leaves_modes_and_random_state_as_they_were(tmp_path):
     tasks = eval_zeroshot.prepare("folder", str(tmp_path / "val"), 64)
     before = [m.training for m in method.modules()]
     rng = torch.get_rng_state()
-    results = eval_zeroshot.evaluate(method, data.get_tokenizer(), tasks, "cpu", workers=0)
+    results = eval_zeroshot.evaluate(method, get_tokenizer(), tasks, "cpu", workers=0)
     assert results[0]["images"] == 4
     assert [m.training for m in method.modules()] == before and torch.equal(torch.get_rng_state(), rng)
 
@@ -353,7 +360,8 @@ def test_eval_every_logs_and_leaves_training_unchanged(kind, tmp_path, capsys):
     train.main([*args, "--out-dir", str(tmp_path / "plain")])
     train.main([*args, "--out-dir", str(tmp_path / "evaluated"), "--eval-every", "2", *evaluation])
     out = capsys.readouterr().out
-    assert out.count("zero-shot folder: top-1" if kind == "folder" else "pairs.csv: image->text R@1") == 3  # 2, 4, end
+    assert out.count("zero-shot folder: top-1" if kind == "folder" else "pairs.csv: 6 images, 6 captions | image->text "
+                     "R@1") == 3  # steps 2, 4, and the end
 
     plain, evaluated = read_log(tmp_path / "plain"), read_log(tmp_path / "evaluated")
     evals = [e for e in evaluated if "task" in e]
@@ -387,6 +395,6 @@ def test_eval_every_checks_its_dataset_before_training(tmp_path):
 def test_synthetic_retrieval_during_training(tmp_path, capsys):
     train.main([*TINY, "--steps", "2", "--eval-every", "1", "--eval-dataset", "synthetic-retrieval", "--eval-size",
                 "20", "--out-dir", str(tmp_path)])
-    assert capsys.readouterr().out.count("retrieval synthetic-retrieval: image->text R@1") == 2
+    assert capsys.readouterr().out.count("retrieval synthetic-retrieval: 20 images, 20 captions | image->text R@1") == 2
     evals = [e for e in read_log(tmp_path) if "task" in e]
     assert [(e["step"], e["images"], e["captions"]) for e in evals] == [(1, 20, 20), (2, 20, 20)]

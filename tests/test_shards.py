@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import train
+from shards import ShardStream, decode_sample, shard_list, tar_members, tar_samples
 from test_train import main_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,39 +74,39 @@ def take(stream, chunks):
 def test_shard_list(tmp_path):
     paths = write_shards(tmp_path / "d", sizes=[1, 1, 1])
     (tmp_path / "d" / "stats.json").write_text("{}")  # img2dataset's other files in the folder are not shards
-    assert data.shard_list(str(tmp_path / "d")) == paths
-    assert data.shard_list(str(tmp_path / "d" / "{00000..00002}.tar")) == paths
-    assert data.shard_list(f"{paths[2]}::{tmp_path}/d/{{00000..00001}}.tar") == [paths[2], *paths[:2]]
-    assert data.shard_list(str(tmp_path / "d" / "{00000,00002}.tar")) == [paths[0], paths[2]]
+    assert shard_list(str(tmp_path / "d")) == paths
+    assert shard_list(str(tmp_path / "d" / "{00000..00002}.tar")) == paths
+    assert shard_list(f"{paths[2]}::{tmp_path}/d/{{00000..00001}}.tar") == [paths[2], *paths[:2]]
+    assert shard_list(str(tmp_path / "d" / "{00000,00002}.tar")) == [paths[0], paths[2]]
     for other in ("synthetic", "coco", "pairs.tsv", "x.csv"):
-        assert data.shard_list(other) is None
+        assert shard_list(other) is None
     with pytest.raises(FileNotFoundError, match=r"2 of the 5 shards .* the first \S+00003.tar"):
-        data.shard_list(str(tmp_path / "d" / "{00000..00004}.tar"))
+        shard_list(str(tmp_path / "d" / "{00000..00004}.tar"))
     with pytest.raises(FileNotFoundError, match="holds no .tar files"):
-        data.shard_list(str(tmp_path))
+        shard_list(str(tmp_path))
 
 
 def test_tar_samples_group_by_key_and_report_a_truncated_file(tmp_path):
     path = write_shards(tmp_path, sizes=[4], truncated=[0])[0]
-    samples = list(data.tar_samples(path))
+    samples = list(tar_samples(path))
     assert [key for key, _ in samples[:3]] == ["000000000", "000000001", "000000002"]
     assert sorted(samples[0][1]) == ["jpg", "json", "txt"]
-    image, caption = data.decode_sample(samples[1][1])
+    image, caption = decode_sample(samples[1][1])
     assert caption == "sample 0 1" and image.shape == (3, 20, 25)
     assert len(samples) == 4 and samples[3] == ("", "the shard ends within 000000003.jpg (it is cut short)")
     members = dict(samples[0][1])
-    assert data.decode_sample({"png": members["jpg"], "json": members["json"]})[1] == "sample 0 0"  # json's caption
-    assert data.decode_sample(members, caption_key="key")[1] == "000000000"
+    assert decode_sample({"png": members["jpg"], "json": members["json"]})[1] == "sample 0 0"  # json's caption
+    assert decode_sample(members, caption_key="key")[1] == "000000000"
     with pytest.raises(ValueError, match="no caption"):
-        data.decode_sample({"jpg": members["jpg"], "json": b'{"key": "x"}'})
+        decode_sample({"jpg": members["jpg"], "json": b'{"key": "x"}'})
     with pytest.raises(ValueError, match="no image"):
-        data.decode_sample({"txt": b"a caption"})
-    assert list(data.tar_samples(str(tmp_path / "missing.tar")))[0][0] == ""
+        decode_sample({"txt": b"a caption"})
+    assert list(tar_samples(str(tmp_path / "missing.tar")))[0][0] == ""
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
-    """data.tar_members against the standard library's reader: long names (pax records, GNU's, ustar's prefix),
+    """tar_members against the standard library's reader: long names (pax records, GNU's, ustar's prefix),
     pax records for float mtimes (webdataset's TarWriter, which img2dataset uses, writes one per member), folders and
     links skipped; a corrupt header and a file cut short."""
     long = "c" * 90 + "/" + "d" * 60 + ".jpg" if fmt == tarfile.USTAR_FORMAT else "a/" + "é" * 120 + "/000000001.jpg"
@@ -123,22 +124,22 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
         expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
         last = [m for m in tar if m.isfile()][-1]
     with open(path, "rb") as f:
-        assert list(data.tar_members(f)) == expected and len(expected) == 3
+        assert list(tar_members(f)) == expected and len(expected) == 3
     raw = path.read_bytes()
-    cut = list(data.tar_members(io.BytesIO(raw[:last.offset_data + 100])))  # within the last member's data
+    cut = list(tar_members(io.BytesIO(raw[:last.offset_data + 100])))  # within the last member's data
     assert cut == [*expected[:2], (long, None)]
     with pytest.raises(ValueError, match="not a tar header"):  # within a header
-        list(data.tar_members(io.BytesIO(raw[:last.offset - 200])))
+        list(tar_members(io.BytesIO(raw[:last.offset - 200])))
     corrupt = raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]  # one bit of the first header's mode field
     with pytest.raises(ValueError, match="not a tar header"):
-        list(data.tar_members(io.BytesIO(corrupt)))
+        list(tar_members(io.BytesIO(corrupt)))
 
 
 def test_readers_split_the_shards_and_each_reads_every_sample_of_its_own_once_per_epoch(tmp_path):
     shards = write_shards(tmp_path)
     N, seen = 3, []
     for lane in range(N):
-        stream = data.ShardStream(shards, ids, seed=0, readers=N, first_lane=lane, sizes=[1], buffer=4)
+        stream = ShardStream(shards, ids, seed=0, readers=N, first_lane=lane, sizes=[1], buffer=4)
         mine = stream.lane_shards(lane, 0)
         epoch = sum(SIZES[s] for s in mine)
         got, _, _ = take(stream, epoch + 5)
@@ -148,24 +149,24 @@ def test_readers_split_the_shards_and_each_reads_every_sample_of_its_own_once_pe
         # a shuffle of samples within blocks of 4, reproducible, a function of the seed
         assert got[:4] != sorted(got[:4]) or got[4:8] != sorted(got[4:8])
         assert take(stream, epoch)[0] == got[:epoch]
-        other = data.ShardStream(shards, ids, seed=1, readers=N, first_lane=lane, sizes=[1], buffer=4)
+        other = ShardStream(shards, ids, seed=1, readers=N, first_lane=lane, sizes=[1], buffer=4)
         assert take(other, epoch)[0] != got[:epoch]
     assert sorted(seen) == sorted((s, i) for s, n in enumerate(SIZES) for i in range(n))  # no sample twice
 
 
 def test_a_reader_resumes_exactly_from_any_position(tmp_path):
     shards = write_shards(tmp_path, corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
-    stream = data.ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
+    stream = ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
     got, bad, positions = take(stream, 45)  # reader 1 of 2, through 2 epochs, one sample at a time
     for k in (0, 3, 4, 9, 17, 30):
         start = [None, positions[k]]
-        resumed = data.ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5, start=start)
+        resumed = ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5, start=start)
         assert take(resumed, 10)[0] == got[k + 1:k + 11], k
 
 
 def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
     shards = write_shards(tmp_path, corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
-    stream = data.ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=8)
+    stream = ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=8)
     got, bad, _ = take(stream, 10)  # an epoch's 36 good samples (3 are not), and 4 of the next
     assert len(set(got[:36])) == 36 and {(2, 3), (0, 1), (3, 6)}.isdisjoint(got)  # (3, 6): the truncated one's last
     names = dict(bad)
@@ -177,11 +178,11 @@ def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
 def test_unreadable_shards_stop_the_stream(tmp_path):
     shards = write_shards(tmp_path, sizes=[75], corrupt=[(0, i) for i in range(3, 75)])  # 3 good ones, then none
     with pytest.raises(data.UnreadableImages, match=r"64 samples in a row are unreadable, the first \S+00000.tar/0"):
-        next(iter(data.ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=1)))
+        next(iter(ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=1)))
     empty = tmp_path / "empty.tar"
     tarfile.open(empty, "w").close()
     with pytest.raises(data.UnreadableImages, match="hold no samples"):
-        next(iter(data.ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
+        next(iter(ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
 
 
 # --- train.py on shards -----------------------------------------------------------------------------------------------
@@ -284,9 +285,10 @@ def test_two_nodes_equal_one_process(tmp_path):
 STOP_AT_4 = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
+import distributed
 import train
 
-real = train.rank_state
+real = distributed.rank_state
 def rank_state(*args):
     state = real(*args)
     rank_state.calls += 1
@@ -294,7 +296,7 @@ def rank_state(*args):
         sys.exit("stopped by the test")
     return state
 rank_state.calls = 0
-train.rank_state = rank_state
+distributed.rank_state = rank_state
 train.main()
 """
 

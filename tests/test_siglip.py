@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_distributed
+from ranks import run_distributed
 from siglip import NeighbourExchange, ShiftRight, SigLIP, siglip_loss
 
 

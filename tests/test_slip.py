@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import data
-from distributed import assert_close_at_scale, run_distributed
+from distributed import GlobalBatchNorm
 from model import create_model
-from clip import GlobalBatchNorm
+from ranks import assert_close_at_scale, run_distributed
 from slip import SLIP, simclr_loss
+from tokenizer import get_tokenizer
 
 
 def _views(N=10, E=8, seed=0, dtype=torch.float32):
@@ -99,7 +99,7 @@ def test_simclr_distributed_equals_one_process():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# BatchNorm over the global batch (clip.GlobalBatchNorm, SLIP's head)
+# BatchNorm over the global batch (distributed.GlobalBatchNorm, SLIP's head)
 
 
 def test_global_batchnorm_equals_batchnorm1d_in_one_process():
@@ -191,7 +191,7 @@ def test_convert_sync_batchnorm_leaves_the_heads_alone():
 
 def test_transform_views_and_pickling():
     method = SLIP(create_model("tiny-vit"), mlp_dim=32)
-    transform = pickle.loads(pickle.dumps(method.transform(data.get_tokenizer("clip"))))
+    transform = pickle.loads(pickle.dumps(method.transform(get_tokenizer("clip"))))
     image = Image.new("RGB", (80, 60), (200, 40, 40))
     image.paste((20, 40, 220), (10, 10, 40, 40))
     torch.manual_seed(0)

@@ -75,13 +75,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert (out / "ckpt.pt.tmp").exists() and [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
 
-    real_save = train.save_checkpoint
+    import checkpoint
+    real_save = checkpoint.write
 
     def save_where_nothing_is(path, method, optimizer, step, meta):  # the stale .tmp was deleted at start
         assert not os.path.lexists(path)
         real_save(path, method, optimizer, step, meta)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_where_nothing_is)
+    monkeypatch.setattr(checkpoint, "write", save_where_nothing_is)
     train.main([*args, "--out-dir", str(out), "--resume"])
 
     full, resumed = weights(tmp_path / "full"), weights(out)
@@ -238,13 +239,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained, tmp_path):
         assert not marker.exists()
 
     # the older torch.save format and a bare pickle are refused too (in this process: nothing may run here either)
-    import eval_zeroshot
+    from checkpoint import read
 
     torch.save({"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     (tmp_path / "bare.pt").write_bytes(pickle.dumps({"model": Payload(marker)}))
     for name in ("legacy.pt", "bare.pt"):
         with pytest.raises(SystemExit) as stopped:
-            eval_zeroshot.read_checkpoint(str(tmp_path / name))
+            read(str(tmp_path / name))
         assert name in str(stopped.value.code)
     assert not marker.exists()
 
@@ -339,16 +340,16 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_while_saving(tmp_path, monkeypatch):
-    import train
+    import checkpoint
 
-    real_save = train.save_checkpoint
+    real_save = checkpoint.write
 
     def save_to_a_full_disk(path, method, optimizer, step, meta):
         if step == 2:
             os.symlink("/dev/full", path)  # every write to /dev/full fails with ENOSPC, as on a full disk
         real_save(path, method, optimizer, step, meta)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_to_a_full_disk)
+    monkeypatch.setattr(checkpoint, "write", save_to_a_full_disk)
     out = tmp_path / "o"
     message = main_error("--steps", "3", "--save-every", "1", *TINY, "--eval-size", "0", "--out-dir", out)
     assert f"could not write {out / 'ckpt.pt.tmp'}: no space left on device" in message

@@ -1,0 +1,145 @@
+"""
+The input pipeline's benchmark: images/s of decoding a folder of JPEGs and applying a method's training transform,
+per DataLoader worker, which says how many CPU cores feed a GPU that trains at R samples/s (R / images/s per core).
+
+    python bench_data.py --make-jpegs 200 /tmp/jpegs                           # a folder of COCO-sized JPEGs
+    python bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
+
+Decoders: tvio, data.load_image's (torchvision.io, what training uses), and PIL's, for comparison. Each configuration
+prints one line starting with "data", ending with the command.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import train
+from model import CONFIGS
+from runlog import fail
+from tokenizer import get_tokenizer
+
+CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",
+            "a plate of food with rice and vegetables", "a city street with cars and a bus."]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--make-jpegs", nargs=2, metavar=("N", "DIR"), help="write N synthetic JPEGs into DIR and exit")
+    p.add_argument("--jpeg-size", default="500x375", help="--make-jpegs: WIDTHxHEIGHT")
+    p.add_argument("--data-dir", default=None, help="time decoding + the method's transform on this folder of JPEGs")
+    p.add_argument("--method", default="clip", choices=train.METHODS, help="whose training transform")
+    p.add_argument("--method-args", default="", help="the method's constructor arguments, as train.py's")
+    p.add_argument("--model", default="tiny-vit", choices=CONFIGS, help="a config of model.py: its image size")
+    p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list such as "
+                   "1,4,8")
+    p.add_argument("--decoders", default="pil,tvio", help="pil and/or tvio (data.load_image)")
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
+    return args
+
+
+def decode(path, decoder):
+    if decoder == "pil":
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, what data.py's datasets return
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    def __init__(self, paths, transform, decoder):
+        self.paths, self.transform, self.decoder = paths, transform, decoder
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):  # the v2 transforms take a PIL image or a uint8 tensor alike
+        return self.transform(decode(self.paths[i], self.decoder), CAPTIONS[i % len(CAPTIONS)])
+
+
+def make_jpegs(n, folder, w=500, h=375):
+    """n photo-like JPEGs of COCO's usual 500×375 (smooth colour field + shapes + sensor-like noise, quality 90): about
+    the file size and decoding cost of COCO's images; flat synthetic images would decode unrealistically fast."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        field = Image.fromarray(rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8))
+        image = field.resize((w, h), Image.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(8):
+            x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(10, h // 3)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 10, (h, w, 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+    files = [os.path.join(folder, f) for f in os.listdir(folder)]
+    kb = sum(os.path.getsize(f) for f in files) / 1024 / max(1, len(files))
+    print(f"wrote {n} {w}x{h} JPEGs to {folder} ({kb:.0f} KiB each on average)")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.make_jpegs:
+        n, folder = args.make_jpegs
+        return make_jpegs(int(n), folder, *(int(x) for x in args.jpeg_size.lower().split("x")))
+    if not args.data_dir:
+        fail("name a folder of JPEGs with --data-dir (make one with --make-jpegs 200 DIR)")
+    paths = sorted(os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir)
+                   if f.lower().endswith((".jpg", ".jpeg")))
+    if not paths:
+        fail(f"no .jpg files in {args.data_dir} (make some with --make-jpegs 200 {args.data_dir})")
+    method = train.build_method(args.method, CONFIGS[args.model], train.parse_kwargs(args.method_args), "cpu")
+    transform = method.transform(get_tokenizer("clip"))
+    R = method.model.image_resolution
+    decoders = args.decoders.split(",")
+    names = {"pil": "PIL", "tvio": "torchvision.io"}
+    print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {R} px | "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    # one thread, per image: where the time goes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sample = paths[:50]
+    cost = {}
+    for decoder in decoders:
+        for p in sample[:5]:  # warm up: the first decodes and transforms pay one-off set-up costs
+            transform(decode(p, decoder), CAPTIONS[0])
+        t0 = time.perf_counter()
+        images = [decode(p, decoder) for p in sample]
+        t1 = time.perf_counter()
+        for image in images:
+            transform(image, CAPTIONS[0])
+        t2 = time.perf_counter()
+        cost[decoder] = (1000 * (t1 - t0) / len(sample), 1000 * (t2 - t1) / len(sample))
+    torch.set_num_threads(threads)
+    print("# per image, 1 thread: " + "; ".join(f"{names[d]} decode {a:.2f} ms + transform {b:.2f} ms"
+                                                 for d, (a, b) in cost.items()))
+
+    counts = [int(w) for w in args.workers.split(",")]
+    counts = list(range(1, counts[0] + 1)) if len(counts) == 1 else counts
+    for decoder in decoders:
+        parts = []
+        for workers in counts:
+            loader = torch.utils.data.DataLoader(JpegFolder(paths, transform, decoder), batch_size=16,
+                                                 num_workers=workers, persistent_workers=True, prefetch_factor=4)
+            for _ in loader:  # one untimed pass: worker start-up, page cache
+                pass
+            t0 = time.perf_counter()
+            for _ in range(2):  # timed passes
+                for _ in loader:
+                    pass
+            rate = 2 * len(paths) / (time.perf_counter() - t0)
+            parts.append(f"{workers} worker{'s' * (workers > 1)} {rate:.1f} images/s ({rate / workers:.1f} per worker)")
+            del loader
+        print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × 2 passes | "
+              f"{' | '.join(parts)} | python bench_data.py {shlex.join(args.argv)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""
+Checkpoints: the one reader of checkpoint files (train.py --resume, eval_zeroshot.py, eval_linear.py), and train.py's
+saving and resuming.
+
+train.py writes OUT/ckpt.pt: {"model": the OpenAI-layout state dict (loads into OpenAI's and open_clip's code),
+"method": the method's own state (heads, queue, bias), "optimizer", "step", "config" (train.py's flags),
+"model_config", "method_kwargs", "rank_buffers" (every rank's buffers, when there are several), "stream" (where the
+readers of tar shards stand)}: tensors and plain Python values only, so that torch.load(weights_only=True) reads it.
+
+A checkpoint on disk is always one that training can continue from. Finite weights are not enough for that: one huge
+step (a weight decay of 1e30, say) leaves finite weights from which every loss is NaN. So a checkpoint is written to
+ckpt.pt.tmp, and becomes ckpt.pt (an atomic rename) once the next step's loss, computed from exactly those weights, is
+finite; the run's last one, with no next step, once its weights and losses are. A .tmp found at start is either a
+killed save or one never vouched for: not a checkpoint.
+"""
+
+import importlib
+import os
+import re
+import warnings
+import zipfile
+
+import torch
+
+import distributed
+from model import CLIPModel, build_model
+from runlog import fail
+from tokenizer import get_tokenizer
+
+
+def is_torchscript(path):
+    """OpenAI's released .pt files are TorchScript archives: zip files with a constants.pkl member (and code/), which
+    torch.save never writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:  # not a zip (an older torch.save format, or not a checkpoint): torch.load says which
+        return False
+
+
+def read(path, trust=False):
+    """What a checkpoint file holds. A .pt file is a pickle, and unpickling can call any function the file names
+    (os.system, say). So torch.load runs with weights_only=True, which rebuilds tensors and plain Python values (dicts,
+    lists, numbers, strings) and refuses anything else: our checkpoints and open_clip's hold nothing else. OpenAI's
+    files are TorchScript archives, read by torch.jit.load (their code is TorchScript, interpreted by torch, not
+    Python), of which we keep the weights. trust=True (--trust-checkpoint) reads any pickle, for a file whose source
+    the user trusts. A file that cannot be read stops the program with one line."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")  # yet the only reader of these files
+        warnings.filterwarnings("ignore", "Detected pickle protocol")  # a bare pickle, which the line below explains
+        if is_torchscript(path):
+            try:
+                return torch.jit.load(path, map_location="cpu").state_dict()
+            except RuntimeError as e:
+                fail(f"{path} is a damaged TorchScript archive ({str(e).strip().splitlines()[0]})")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+        except Exception as e:  # a damaged file can make the reader raise anything; none of the file's code has run
+            unsafe = re.search(r"GLOBAL (\S+)", str(e))  # torch's words for a function or class it refused to call
+            if unsafe:
+                fail(f"{path} was not loaded: it contains objects other than tensors and plain values ({unsafe[1]}), "
+                     f"which could run code. If you trust its source, pass --trust-checkpoint to load it anyway.")
+            fail(f"{path} is not a checkpoint torch can read: truncated, damaged, or not written by torch.save "
+                 f"({type(e).__name__})")
+
+
+def load_method(path, device="cpu", trust=False, quick_gelu=None):
+    """A checkpoint to evaluate -> (method in eval mode, tokenizer). Our checkpoints rebuild their own method; any
+    other CLIP state dict (OpenAI's, open_clip's) is evaluated as CLIP. quick_gelu: the activation, which a state dict
+    cannot tell (model.build_model); None: our checkpoint's recorded one, QuickGELU for any other state dict."""
+    checkpoint = read(path, trust)
+    if isinstance(checkpoint, dict) and "config" in checkpoint and "method" in checkpoint:  # written by train.py
+        config = checkpoint["config"]
+        act = {} if quick_gelu is None else {"quick_gelu": quick_gelu}  # an explicit choice overrides the recorded one
+        model = CLIPModel(**{**checkpoint["model_config"], **act})
+        method = importlib.import_module(config["method"]).Method(model, **checkpoint["method_kwargs"])
+        try:
+            method.load_state_dict(method_state(checkpoint))
+        except RuntimeError as e:
+            fail(f"{path} does not match --model {config['model']} / --method {config['method']}: "
+                 f"{str(e).splitlines()[0]}")
+        tokenizer = get_tokenizer(config.get("tokenizer", "clip"))
+    else:
+        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state_dict, dict):
+            fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip saves DDP's prefix
+        try:
+            method = importlib.import_module("clip").Method(build_model(state_dict, quick_gelu is not False))
+        except ValueError as e:
+            fail(f"{path}: {e}")
+        tokenizer = get_tokenizer("clip")
+    return method.to(device).eval(), tokenizer
+
+
+def resume(path, method, optimizer, args):
+    """--resume: load a train.py checkpoint into the method and its optimiser, after checking it is one of this run's
+    method and model -> (its step, its record of a shard stream or None, this rank's own buffers or None). The lr
+    schedule and the weight decay stay this run's flags; AdamW's moments and step counts are the checkpoint's."""
+    checkpoint = read(path, args.trust_checkpoint)
+    if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
+        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    config = checkpoint["config"]
+    if config["method"] != args.method or config["model"] != args.model:
+        fail(f"{path} was trained with --method {config['method']} --model {config['model']}; pass those to resume it")
+    try:
+        method.load_state_dict(method_state(checkpoint))
+        decays = [group["weight_decay"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        fail(f"{path} does not fit this run's --method-args, --tokenizer or --freeze-patch-embed: {e}")
+    for group, decay in zip(optimizer.param_groups, decays):
+        group["weight_decay"] = decay
+    if checkpoint["step"] >= args.steps:
+        fail(f"{path} already trained {checkpoint['step']} steps; pass a larger --steps to train on")
+    rank, world = distributed.rank_and_world()
+    rank_buffers = checkpoint.get("rank_buffers") or ()  # each rank's own, where they differ (DeCLIP's queue)
+    if rank == 0:
+        print(f"resumed from {path} at step {checkpoint['step']}")
+    return checkpoint["step"], checkpoint.get("stream"), rank_buffers[rank] if len(rank_buffers) == world else None
+
+
+def method_state(checkpoint):
+    """A train.py checkpoint's state dict of the whole method: the model's ("model", OpenAI's layout) and the rest."""
+    return {**{"model." + k: v for k, v in checkpoint["model"].items()}, **checkpoint["method"]}
+
+
+def write(path, method, optimizer, step, meta):
+    """The checkpoint of a step, to `path`; a failed write (a full disk) stops the run and leaves no partial file."""
+    model_state = method.model.state_dict()
+    method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+    checkpoint = dict(model=model_state, method=method_state, optimizer=optimizer.state_dict(), step=step, **meta)
+    try:  # through a Python file, whose errors keep their errno (torch's own writer reports a full disk as
+        # "enforce fail ... unexpected pos")
+        with open(path, "wb") as f:
+            torch.save(checkpoint, f)
+    except OSError as e:
+        if os.path.lexists(path):
+            os.remove(path)
+        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}; removed the partial file")
+
+
+def finite(method, optimizer):
+    """Whether every parameter, buffer and optimiser state tensor is finite, on every rank."""
+    tensors = list(method.state_dict().values())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    device = next(method.parameters()).device  # one sync: AdamW keeps its step counts on the CPU unless fused
+    return distributed.all_ranks(torch.stack([torch.isfinite(t).all().to(device) for t in tensors
+                                              if t.is_floating_point()]).all())
+
+
+class Checkpoints:
+    """train.py's OUT/ckpt.pt, saved every `save_every` steps and at the last, by the rule in the module docstring.
+    Every rank calls every method (saving gathers every rank's state); rank 0 writes. resumed: (path, step) of the
+    checkpoint the run resumed from."""
+
+    def __init__(self, out_dir, steps, save_every, meta, resumed=None):
+        self.path = os.path.join(out_dir, "ckpt.pt")
+        self.tmp = self.path + ".tmp"
+        self.steps, self.save_every, self.meta = steps, save_every, meta
+        here = resumed and os.path.abspath(resumed[0]) == os.path.abspath(self.path)
+        self.on_disk = resumed[1] if here else None  # the step ckpt.pt holds, once this run has one there
+        self.waiting = None  # the step ckpt.pt.tmp holds, until a finite loss from its weights vouches for it
+        self.master = distributed.rank_and_world()[0] == 0
+        if self.master and os.path.lexists(self.tmp):
+            os.remove(self.tmp)
+
+    def due(self, step):
+        return step % self.save_every == 0 or step == self.steps
+
+    def save(self, step, method, optimizer, stream):
+        if not finite(method, optimizer):
+            self.stop(f"the weights are not finite after step {step}")
+        rank_buffers, positions = distributed.rank_state(method, stream.lanes)  # a collective: on every rank
+        if self.master:
+            record = dict(readers=stream.readers, shards=stream.shards, lanes=positions) if stream.shards else None
+            write(self.tmp, method, optimizer, step, dict(self.meta, rank_buffers=rank_buffers, stream=record))
+        self.waiting = step
+        if step == self.steps:  # no next step to vouch for it: its weights and losses are finite
+            self.vouch(step + 1)
+
+    def vouch(self, finite_through):
+        """The losses up to step `finite_through` are finite: a checkpoint of an earlier step becomes ckpt.pt."""
+        if self.waiting is not None and finite_through > self.waiting:
+            if self.master:
+                os.replace(self.tmp, self.path)  # atomic: ckpt.pt is always a whole checkpoint
+            self.on_disk, self.waiting = self.waiting, None
+
+    def stop(self, reason):
+        if self.master and self.waiting is not None:
+            os.remove(self.tmp)
+        kept = f"{self.path} holds step {self.on_disk}" if self.on_disk is not None else "no checkpoint was written"
+        fail(f"{reason}; stopped, {kept}. Lower --lr or add --grad-clip 1.0, then "
+             + ("--resume." if self.on_disk is not None else "start again."))

@@ -1,0 +1,208 @@
+"""
+The evaluation data: classification sets (CIFAR-10/100 and STL-10 from torchvision, ImageNet, any folder of class
+folders) with OpenAI's prompt templates, and retrieval sets (COCO val2017, Karpathy's COCO 5k and Flickr30k 1k test
+splits, any CSV/TSV). eval_zeroshot.prepare reads them; eval_linear.py reads the classification sets.
+"""
+
+import json
+import os
+import re
+
+import torch
+import torchvision
+from PIL import Image
+
+import data
+from runlog import fail
+from synthetic import SyntheticCaptions
+
+IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+# Karpathy's splits (caption_datasets.zip): the split file each retrieval benchmark reads from --data-dir
+KARPATHY = {"coco-5k": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
+RETRIEVAL = ("coco", "synthetic-retrieval", *KARPATHY)
+
+
+class Labelled(torch.utils.data.Dataset):
+    """(image, label) dataset -> (tensor, label) with the evaluation transform; images are PIL images (converted to
+    RGB here) or tensors from data.load_image."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image.convert("RGB") if isinstance(image, Image.Image) else image), label
+
+
+def classification_set(name, data_dir, download, classnames_file, image_size, split="test"):
+    """-> (dataset of (image, label), classnames, templates). split: "test" or "train" for the torchvision sets (the
+    linear probe fits on train); a folder dataset is the folder given."""
+    root = os.path.expanduser(data_dir or "~/data")
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+            return ds, ds.classes, CIFAR_TEMPLATES
+        if name == "cifar100":
+            ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
+            return ds, [c.replace("_", " ") for c in ds.classes], CIFAR_TEMPLATES
+        if name == "stl10":
+            ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
+            return ds, ds.classes, STL10_TEMPLATES
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
+    if name == "imagenet":  # OpenAI's class names: the folders must be the 1,000 WordNet ids, whose order they follow
+        ds = image_folder(data_dir, name)
+        if len(ds.classes) != 1000 or not all(re.fullmatch(r"n\d{8}", c) for c in ds.classes):
+            fail(f"--dataset imagenet: {data_dir} should hold the 1,000 ImageNet class folders named by WordNet id "
+                 f"(n01440764, ...), found {len(ds.classes)} folders such as {ds.classes[0]}; use --dataset folder "
+                 f"for other class folders")
+        return ds, imagenet_classnames(), IMAGENET_TEMPLATES_80
+    if name == "folder":
+        ds = image_folder(data_dir, name)
+        classnames = [c.replace("_", " ") for c in ds.classes]
+        if classnames_file:
+            with open(classnames_file) as f:
+                classnames = [line.strip() for line in f if line.strip()]
+            if len(classnames) != len(ds.classes):
+                fail(f"{classnames_file} has {len(classnames)} names but {data_dir} has {len(ds.classes)} class "
+                     f"folders")
+        return ds, classnames, IMAGENET_TEMPLATES
+    fail(f"unknown dataset '{name}'; choose synthetic, cifar10, cifar100, stl10, imagenet, folder (classification), "
+         f"{', '.join(RETRIEVAL)} or a .csv/.tsv path (retrieval)")
+
+
+def image_folder(data_dir, name):
+    """One folder of images per class, sorted by name: the class index order."""
+    if not data_dir or not os.path.isdir(data_dir):
+        fail(f"--dataset {name} needs --data-dir pointing at a folder of class folders (got {data_dir})")
+    try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
+        ds = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
+    except FileNotFoundError as e:  # no class folder, or no image in any of them
+        fail(f"--data-dir {data_dir}: {e} (--dataset {name} expects one folder of images per class)")
+    if len(ds.classes) < 2:
+        fail(f"--data-dir {data_dir} holds one class folder, {ds.classes[0]}: classification needs at least 2 "
+             f"classes (a single class scores 100%)")
+    return ds
+
+
+def imagenet_classnames():
+    with open(IMAGENET_CLASSES) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def templates_for(choice, default):
+    """--templates: "80" (OpenAI's ImageNet set), "7" (its subset), or one template holding {}; None: default."""
+    if choice is None:
+        return default
+    if choice in ("80", "7"):
+        return IMAGENET_TEMPLATES_80 if choice == "80" else IMAGENET_TEMPLATES
+    if "{}" not in choice:
+        fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes")
+    return [choice]
+
+
+class Images(torch.utils.data.Dataset):
+    """Image files, read here, or images in memory (the synthetic captions') -> evaluation tensors."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return self.transform(read_image(image) if isinstance(image, str) else image)
+
+
+def read_image(path):
+    """data.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
+    benchmark, so say which file to fix."""
+    try:
+        return data.load_image(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
+
+
+def karpathy_split(json_path, image_root, split="test"):
+    """One split of Karpathy's split files (dataset_coco.json, dataset_flickr30k.json, from caption_datasets.zip:
+    {"images": [{"filepath" (COCO's only), "filename", "split": train|restval|val|test, "sentences": [{"raw": ...}]}]})
+    -> (image_paths, captions, caption_image). COCO's test split is the 5,000 val2014 images of the "5k test" papers
+    quote, Flickr30k's the 1,000 images of its "1k test"; every caption of an image is kept."""
+    with open(json_path) as f:
+        entries = json.load(f)
+    try:
+        entries = [e for e in entries["images"] if e["split"] == split]
+        paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in entries]
+        pairs = [(s["raw"].strip(), i) for i, e in enumerate(entries) for s in e["sentences"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{json_path} is not in the format of Karpathy's split files (no {e})") from None
+    if not paths:
+        raise ValueError(f"{json_path} has no image in the '{split}' split")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {split} images of {json_path} are missing, the "
+                                f"first {missing[0]}")
+    return paths, [c for c, _ in pairs], [i for _, i in pairs]
+
+
+def retrieval_data(name, data_dir, image_size, size=1000, **csv_keys):
+    """-> (images, captions, caption_image) of a retrieval benchmark (--dataset): synthetic-retrieval (held-out
+    captions of the built-in data, drawn as train.py's), coco (val2017), coco-5k / flickr30k (Karpathy's test splits:
+    --data-dir holds the split file and the images, COCO's as val2014/..., Flickr30k's in flickr30k-images/ or
+    directly), or a .csv/.tsv."""
+    if name == "synthetic-retrieval":
+        pairs = [SyntheticCaptions("val", size=size, image_size=image_size)[i] for i in range(size)]
+        return [image for image, _ in pairs], [caption for _, caption in pairs], list(range(size))
+    if name in KARPATHY:
+        if not data_dir or not os.path.isfile(os.path.join(data_dir, KARPATHY[name])):
+            raise FileNotFoundError(f"--dataset {name} needs --data-dir holding {KARPATHY[name]} (Karpathy's split "
+                                    f"file, from caption_datasets.zip) and the images; got {data_dir}")
+        root = os.path.join(data_dir, "flickr30k-images")
+        root = root if name == "flickr30k" and os.path.isdir(root) else data_dir
+        return karpathy_split(os.path.join(data_dir, KARPATHY[name]), root)
+    return data.retrieval_set(name, data_dir, **csv_keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OpenAI's prompts (openai/CLIP data/prompts.md; the CIFAR set is the same for CIFAR-10 and CIFAR-100)
+CIFAR_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
+    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
+    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
+    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
+]
+STL10_TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
+# OpenAI's 80 ImageNet templates, and the 7 of them that do as well as all 80 (OpenAI's prompt-engineering notebook)
+IMAGENET_TEMPLATES_80 = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+]
+IMAGENET_TEMPLATES = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
+    "art of the {}.", "a photo of the small {}.",
+]
+# OpenAI's names of the 1,000 ImageNet classes, one per line in class-index order (the sorted WordNet ids n01440764...)

@@ -1,0 +1,217 @@
+"""
+Tar shards in WebDataset's layout (as img2dataset writes them), streamed: train.py --data 'dir/{00000..00331}.tar'.
+
+A sample is the run of a shard's members that share a key (the name up to the first dot): an image (jpg, jpeg, png,
+webp) and a caption (txt, else json's "caption"). The shards are never indexed: N readers (ranks × DataLoader workers)
+each stream their own shards, shuffle in blocks, and know where they stand in four integers, so that a resumed run
+reads on exactly where it stopped (ShardStream).
+
+Read with the standard library rather than the webdataset package: which shards each reader takes, a shuffle that
+resumes exactly and bad samples counted would be written here either way, through webdataset's hooks; what it would
+replace is reading a tar in order and grouping its members by key (tar_members, tar_samples: 50 lines). webdataset
+reads tars with the tarfile module, whose header parsing (every field, in Python) costs more than the rest of reading
+an image (173 us an image, against 42 us with tar_members and 15 us to read it as a file: docs/speed.md).
+"""
+
+import itertools
+import json
+import os
+import random
+import re
+
+import torch
+
+import data  # decode_image, seed_of, UnreadableImages: images from shards follow the policy of image files
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def braces(pattern):
+    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar']; '{x,y}' lists too (as braceexpand,
+    which webdataset and open_clip use)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r else \
+        m.group(1).split(",")
+    return [p for item in items for p in braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def shard_list(spec):
+    """The tar shards --data names, or None if it names none: a folder of .tar files, a brace pattern
+    ('cc3m/{00000..00331}.tar'), or several of those joined by '::' (as open_clip's --train-data)."""
+    if spec in ("synthetic", "coco"):  # names, even where a folder of that name exists
+        return None
+    if os.path.isdir(spec):
+        shards = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(".tar"))
+        if not shards:
+            raise FileNotFoundError(f"{spec} holds no .tar files")
+        return shards
+    shards = [path for part in spec.split("::") for path in braces(part)]
+    if not all(path.endswith(".tar") for path in shards):
+        return None
+    missing = [path for path in shards if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec} do not exist, the first "
+                                f"{missing[0]}")
+    return shards
+
+
+def tar_members(f):
+    """(name, bytes) of each file of an uncompressed tar, read in order: ustar headers, and the long names that pax and
+    GNU records carry; other entries (folders, links) are skipped. A file cut short ends with (name, None), the entry it
+    cuts; a header whose checksum is wrong raises ValueError."""
+    long_name = None
+    while (header := f.read(512)).strip(b"\0"):  # a block of zeros, or the file's end, ends the archive
+        checksum = sum(header) - sum(header[148:156]) + 8 * ord(" ")  # the checksum field counts as 8 spaces
+        if len(header) < 512 or int(header[148:156].strip(b"\0 ") or b"-1", 8) != checksum:
+            raise ValueError("not a tar header: the shard is cut short or corrupt")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        payload, _ = f.read(size), f.read(-size % 512)  # members are padded to 512 bytes
+        prefix = header[345:500].rstrip(b"\0") + b"/" if header[257:263] == b"ustar\0" and header[345] else b""
+        name = long_name or (prefix + header[:100].rstrip(b"\0")).decode("utf-8", "replace")
+        if len(payload) < size:
+            yield name, None
+            return
+        kind = header[156:157]
+        if kind == b"x":  # pax records, "LENGTH key=value\n", for the next entry: its name, if long
+            found = re.search(rb"\d+ path=([^\n]*)\n", payload)
+            long_name = found.group(1).decode("utf-8", "replace") if found else long_name
+            continue
+        if kind == b"L":  # GNU's record of the next entry's long name
+            long_name = payload.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"0", b"\0"):  # a regular file
+            yield name, payload
+        long_name = None
+
+
+def tar_samples(path):
+    """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the member's
+    name up to the first dot of its base name, as webdataset groups them); then ("", reason) if the file cannot be read
+    to its end, in which case the sample it was reading is dropped."""
+    key, members = None, {}
+    try:
+        with open(path, "rb") as f:
+            for name, payload in tar_members(f):
+                folder, base = os.path.split(name)
+                stem, _, ext = base.partition(".")
+                if os.path.join(folder, stem) != key and members:
+                    yield key, members
+                    members = {}
+                key = os.path.join(folder, stem)
+                if payload is None:  # after the sample before, if this member began a new one
+                    raise ValueError(f"the shard ends within {name} (it is cut short)")
+                members[ext.lower()] = payload
+    except (OSError, ValueError) as e:  # missing, cut short, corrupt
+        yield "", str(e)
+        return
+    if members:
+        yield key, members
+
+
+def decode_sample(members, caption_key=None):
+    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp), the caption from txt or
+    else the json member's "caption" (or caption_key's) field. Raises ValueError for a sample without either."""
+    image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
+    if image is None:
+        raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among its members {sorted(members)}")
+    if "txt" in members and caption_key is None:
+        caption = members["txt"].decode("utf-8")
+    elif "json" in members:
+        caption = json.loads(members["json"]).get(caption_key or "caption")
+    else:
+        caption = None
+    if not isinstance(caption, str) or not caption.strip():
+        where = f"a json field {caption_key!r}" if caption_key else "a txt member or a json field 'caption'"
+        raise ValueError(f"no caption ({where})")
+    return data.decode_image(image), caption.strip()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Tar shards as N endless streams ("lanes"), one per reader: N = ranks × DataLoader workers (a rank without
+    workers is one reader). Epoch e shuffles the shard list with (seed, e); lane l reads shards l, l + N, l + 2N, ...
+    of it, and when they are done goes on to its share of epoch e + 1: no shard is read by two lanes in an epoch, and
+    no lane runs out (unequal shards only move where each lane's epochs end).
+
+    A lane shuffles in blocks of `buffer` samples (fewer at the end of its epoch): it reads that many (bytes only),
+    permutes them with a seed drawn from the block's first position, then decodes and augments them in that order,
+    each seeded by (seed, epoch, shard, index in the shard). So lane l's stream is a function of (seed, N, l), and where
+    it stands is four integers: the position of its block's first sample (epoch, the lane's shard number in that
+    epoch, sample in the shard) and how many of the block were passed. A lane started from those four integers goes
+    on exactly where it stood, after reading again, without decoding, at most one shard and one block.
+
+    Reader k of the rank whose first lane is `first_lane` yields chunks of `sizes[k]` samples: the collated transforms,
+    plus "bad", the (name, reason) of each sample passed over (unreadable image, no caption, truncated shard), and
+    "lanes", [(lane, its position after the chunk)]. join() makes a micro-batch of one chunk from each reader."""
+
+    def __init__(self, shards, transform, seed, readers, first_lane, sizes, buffer=2000, start=None, caption_key=None):
+        self.shards, self.transform, self.seed, self.readers = shards, transform, seed, readers
+        self.first_lane, self.sizes, self.buffer, self.caption_key = first_lane, sizes, buffer, caption_key
+        self.start = start or [(0, 0, 0, 0)] * readers
+
+    def lane_shards(self, lane, epoch):
+        order = random.Random(data.seed_of(self.seed, epoch)).sample(range(len(self.shards)), len(self.shards))
+        return order[lane::self.readers]
+
+    def read(self, lane, epoch, j, i):
+        """The lane's samples from sample i of its j-th shard of `epoch` on: ((epoch, j, i), shard, key, value)."""
+        while True:
+            found = False
+            for j, shard in enumerate(self.lane_shards(lane, epoch)[j:], start=j):
+                for n, (key, value) in enumerate(tar_samples(self.shards[shard])):
+                    found = True
+                    if n >= i:
+                        yield (epoch, j, n), shard, key, value
+                i = 0
+            if not found:  # else an epoch of empty shards would loop forever
+                raise data.UnreadableImages(f"the shards of reader {lane} hold no samples, the first "
+                                            f"{self.shards[self.lane_shards(lane, epoch)[0]]}")
+            epoch, j = epoch + 1, 0
+
+    def blocks(self, lane, epoch, j, i, taken):
+        """The lane's samples in shuffled order from a position on, each with the lane's position after it."""
+        samples = self.read(lane, epoch, j, i)
+        for _, one_epoch in itertools.groupby(samples, key=lambda sample: sample[0][0]):  # no block spans two epochs
+            while block := list(itertools.islice(one_epoch, self.buffer)):
+                first = block[0][0]
+                order = random.Random(data.seed_of(self.seed, lane, *first)).sample(range(len(block)), len(block))
+                for t in range(taken, len(block)):
+                    yield block[order[t]], (*first, t + 1)
+                taken = 0
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        k = worker.id if worker else 0
+        lane, size = self.first_lane + k, self.sizes[k]
+        samples, bad, in_a_row = [], [], 0
+        for ((epoch, _, n), shard, key, value), position in self.blocks(lane, *self.start[lane]):
+            name = f"{self.shards[shard]}/{key}" if key else self.shards[shard]
+            try:
+                if not key:
+                    raise ValueError(value)  # the shard's read error
+                image, caption = decode_sample(value, self.caption_key)
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                bad.append((name, str(e) or type(e).__name__))
+                in_a_row += 1
+                if in_a_row == data.MAX_UNREADABLE:
+                    name, reason = bad[-in_a_row]
+                    raise data.UnreadableImages(f"{in_a_row} samples in a row are unreadable, the first {name} "
+                                                f"({reason})") from None
+                continue
+            in_a_row = 0
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
+                torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
+                samples.append(self.transform(image, caption))
+            if len(samples) == size:
+                yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
+                samples, bad = [], []
+
+
+def join(chunks, k, device):
+    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
+    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
+    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
+        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
+               else [x for p in parts for x in p[key]] for key in parts[0]}
