@@ -12,7 +12,7 @@ The text encoder is a causal (GPT-style) pre-LN transformer; the sequence is rep
 is the largest id in the vocabulary, so its position is text.argmax(-1).
 
 State-dict keys and shapes are those of OpenAI's released checkpoints (and of open_clip's OpenAI-layout models),
-so `build_model(torch.load(...))` loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
+so that checkpoint.build_model loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
 (in_proj_weight, in_proj_bias, out_proj) but runs through F.scaled_dot_product_attention, batch first.
 Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
 
@@ -354,7 +354,7 @@ def frozen_batchnorm_statistics(module):
 
 
 # -----------------------------------------------------------------------------
-# configurations and loading
+# configurations
 
 def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size=None,
             text=(512, 8, 12), context_length=77):
@@ -366,7 +366,8 @@ def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_pat
 
 
 # name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included,
-# in every checkpoint); build_model infers the rest from a state dict's shapes, so heads are always width // 64.
+# in every checkpoint); checkpoint.build_model infers the rest from a state dict's shapes, so heads are always
+# width // 64.
 CONFIGS = {
     # OpenAI's released models
     "RN50": _config(1024, 224, [3, 4, 6, 3], 64),
@@ -392,62 +393,3 @@ def create_model(name, **overrides):
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
     return CLIPModel(**{**CONFIGS[name], **overrides})
-
-
-def infer_config(state_dict):
-    """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does), all but
-    quick_gelu: the activation has no parameters, so the shapes cannot tell it."""
-    sd = state_dict
-    required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
-                "visual.conv1.weight"]
-    missing = [k for k in required if k not in sd]
-    if missing or ("visual.proj" not in sd and "visual.attnpool.positional_embedding" not in sd):
-        hint = ""
-        if any(k.startswith("module.") for k in sd):
-            hint = " (keys start with 'module.': strip the DDP prefix first)"
-        elif "model" in sd:
-            hint = " (this looks like a training checkpoint: pass checkpoint['model'])"
-        raise ValueError(f"not a CLIP state dict in OpenAI's layout: missing {missing or ['visual.proj']}; "
-                         f"first keys are {list(sd)[:5]}{hint}")
-
-    def count(prefix):  # number of distinct block indices under a prefix
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    def grid(key, stride):  # side of the square token grid of a positional embedding (1 extra token)
-        n = sd[key].shape[0] - 1
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"{key} has {n + 1} rows, not a square grid plus one")
-        return side * stride
-
-    if "visual.proj" in sd:  # ViT
-        vision_width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
-        vision_layers = count("visual.transformer.resblocks.")
-        image_resolution = grid("visual.positional_embedding", patch)
-    else:  # ModifiedResNet
-        patch = None
-        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        vision_layers = [count(f"visual.layer{i}.") for i in (1, 2, 3, 4)]
-        image_resolution = grid("visual.attnpool.positional_embedding", 32)
-    width = sd["ln_final.weight"].shape[0]
-    return dict(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
-                vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=patch,
-                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                transformer_width=width, transformer_heads=width // 64,
-                transformer_layers=count("transformer.resblocks."))
-
-
-def build_model(state_dict, quick_gelu=True):
-    """A CLIPModel whose architecture is read off the state dict's shapes, with the weights loaded strictly;
-    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32.
-    quick_gelu: True for OpenAI's weights (and open_clip's -quickgelu ones), False for open_clip's nn.GELU models
-    (LAION-2B, DataComp, ...): nothing in the state dict says which, and the wrong one silently degrades the model."""
-    # OpenAI's (JIT) checkpoints carry three scalars that are not parameters
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    config = infer_config(sd)
-    model = CLIPModel(**config, quick_gelu=quick_gelu)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"state dict does not fit the architecture inferred from its shapes {config}:\n{e}") from None
-    return model.eval()

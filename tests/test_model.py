@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import model as M
 
 import open_clip  # the independent reference (requirements-dev.txt)
@@ -82,7 +83,7 @@ def open_clip_small(kind, seed=0):
 @pytest.mark.parametrize("kind", ["vit", "rn"])
 def test_build_model_from_open_clip_matches_outputs(kind):
     oc = open_clip_small(kind)
-    ours = M.build_model(oc.state_dict())
+    ours = checkpoint.build_model(oc.state_dict())
     assert shapes(ours) == shapes(oc)
     assert not ours.training  # build_model returns an eval-mode model, as OpenAI's loader does
     assert_same_outputs(ours, oc)
@@ -92,7 +93,7 @@ def test_build_model_from_open_clip_matches_outputs(kind):
 def test_open_clip_loads_our_state_dict(kind):
     # the other direction: our state dict through open_clip's own OpenAI-checkpoint loader
     oc = open_clip_small(kind)
-    ours = M.build_model(oc.state_dict())
+    ours = checkpoint.build_model(oc.state_dict())
     ours.load_state_dict(perturbed(ours.state_dict(), seed=1))
     sd = ours.state_dict()
     theirs = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
@@ -106,8 +107,8 @@ def test_full_size_models_match_open_clip(name):
     torch.manual_seed(0)
     oc = open_clip.create_model(f"{name}-quickgelu", pretrained=None)
     oc.load_state_dict(perturbed(oc.state_dict()))
-    ours = M.build_model(oc.state_dict())
-    assert dict(M.infer_config(oc.state_dict()), quick_gelu=True) == M.CONFIGS[name]
+    ours = checkpoint.build_model(oc.state_dict())
+    assert dict(checkpoint.infer_config(oc.state_dict()), quick_gelu=True) == M.CONFIGS[name]
     assert_same_outputs(ours, oc, batch=2)
 
 
@@ -132,7 +133,7 @@ def test_parameter_counts(name, millions):
 def test_infer_config_round_trips_every_config(name):
     with torch.device("meta"):
         sd = M.create_model(name).state_dict()
-    assert dict(M.infer_config(sd), quick_gelu=True) == M.CONFIGS[name]  # shapes cannot tell the activation
+    assert dict(checkpoint.infer_config(sd), quick_gelu=True) == M.CONFIGS[name]  # shapes cannot tell the activation
 
 
 # -----------------------------------------------------------------------------
@@ -235,37 +236,37 @@ def test_create_model_overrides():
 
 def test_build_model_rejects_garbage():
     with pytest.raises(ValueError, match="not a CLIP state dict"):
-        M.build_model({"weight": torch.zeros(3), "bias": torch.zeros(3)})
+        checkpoint.build_model({"weight": torch.zeros(3), "bias": torch.zeros(3)})
     sd = M.create_model("tiny-vit").state_dict()
     with pytest.raises(ValueError, match="module."):
-        M.build_model({f"module.{k}": v for k, v in sd.items()})
+        checkpoint.build_model({f"module.{k}": v for k, v in sd.items()})
     with pytest.raises(ValueError, match=r"checkpoint\['model'\]"):
-        M.build_model({"model": sd, "step": 3})
+        checkpoint.build_model({"model": sd, "step": 3})
 
 
 def test_build_model_is_strict():
     torch.manual_seed(0)
     m = M.create_model("tiny-vit")
     sd = m.state_dict()
-    rebuilt = M.build_model(sd)  # round trip
+    rebuilt = checkpoint.build_model(sd)  # round trip
     for k, v in rebuilt.state_dict().items():
         assert torch.equal(v, sd[k]), k
     # OpenAI's JIT checkpoints carry these scalars; they are dropped, not an error
-    M.build_model({**sd, "input_resolution": torch.tensor(64), "context_length": torch.tensor(32)})
+    checkpoint.build_model({**sd, "input_resolution": torch.tensor(64), "context_length": torch.tensor(32)})
     missing = {k: v for k, v in sd.items() if k != "visual.ln_pre.weight"}
     with pytest.raises(ValueError, match="visual.ln_pre.weight"):
-        M.build_model(missing)
+        checkpoint.build_model(missing)
     with pytest.raises(ValueError, match="unexpected_head"):
-        M.build_model({**sd, "unexpected_head.weight": torch.zeros(2)})
+        checkpoint.build_model({**sd, "unexpected_head.weight": torch.zeros(2)})
     bad = dict(sd)
     bad["visual.positional_embedding"] = torch.zeros(50, 192)  # 49 is a square but 7*8=56 != 64 px
     bad["visual.conv1.weight"] = torch.zeros(192, 3, 8, 9)
     with pytest.raises(ValueError, match="does not fit"):
-        M.build_model(bad)
+        checkpoint.build_model(bad)
     bad = dict(sd)
     bad["visual.positional_embedding"] = torch.zeros(51, 192)
     with pytest.raises(ValueError, match="square grid"):
-        M.build_model(bad)
+        checkpoint.build_model(bad)
 
 
 # -----------------------------------------------------------------------------
