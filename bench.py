@@ -230,7 +230,7 @@ def setup(args):
     method = train.build_method(args.method, CONFIGS[args.model], train.parse_kwargs(args.method_args), device).train()
     optimizer, _, _ = train.make_optimizer(method, CONFIGS[args.model], args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return (method, torch.compile(method) if args.compile else method, optimizer,
+    return (method, train.compiled(method) if args.compile else method, optimizer,
             synthetic_batch(method, args.batch_size, device, seed=0), device, autocast)
 
 

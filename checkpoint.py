@@ -14,6 +14,7 @@ finite; the run's last one, with no next step, once its weights and losses are. 
 killed save or one never vouched for: not a checkpoint.
 """
 
+import fcntl
 import importlib
 import math
 import os
@@ -163,8 +164,10 @@ def resume(path, method, optimizer, args):
     if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
         fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
     config = checkpoint["config"]
-    if config["method"] != args.method or config["model"] != args.model:
-        fail(f"{path} was trained with --method {config['method']} --model {config['model']}; pass those to resume it")
+    for flag in ("method", "model", "batch_size", "seed"):  # another batch size or seed: other samples in the stream
+        if config[flag] != getattr(args, flag):
+            fail(f"{path} was trained with --{flag.replace('_', '-')} {config[flag]}, this run has "
+                 f"{getattr(args, flag)}: pass the checkpoint's to resume it")
     try:
         method.load_state_dict(method_state(checkpoint))
         decays = [group["weight_decay"] for group in optimizer.param_groups]
@@ -188,18 +191,36 @@ def method_state(checkpoint):
 
 
 def write(path, method, optimizer, step, meta):
-    """The checkpoint of a step, to `path`; a failed write (a full disk) stops the run and leaves no partial file."""
+    """The checkpoint of a step, to `path`; a failed write (a full disk) raises OSError and leaves no partial file."""
     model_state = method.model.state_dict()
     method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
     checkpoint = dict(model=model_state, method=method_state, optimizer=optimizer.state_dict(), step=step, **meta)
-    try:  # through a Python file, whose errors keep their errno (torch's own writer reports a full disk as
-        # "enforce fail ... unexpected pos")
-        with open(path, "wb") as f:
-            torch.save(checkpoint, f)
-    except OSError as e:
-        if os.path.lexists(path):
+    with open(path, "wb") as f:
+        writes = Writes(f)
+        try:
+            torch.save(checkpoint, writes)
+        except (OSError, RuntimeError) as e:
             os.remove(path)
-        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}; removed the partial file")
+            if writes.error or isinstance(e, OSError):
+                raise writes.error or e from None
+            raise
+
+
+class Writes:
+    """A file that keeps the error of its failed write: torch.save reports one only as "unexpected pos ..."."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def finite(method, optimizer):
@@ -230,15 +251,21 @@ class Checkpoints:
     def due(self, step):
         return step % self.save_every == 0 or step == self.steps
 
-    def save(self, step, method, optimizer, stream):
+    def save(self, step, method, optimizer, stream, last=False):
+        """last: the run's last step, or the step at which a signal stops it (RunLog.stopping): with no next step to
+        vouch for it, it becomes ckpt.pt once its weights and losses (synced at this step) are finite."""
         if not finite(method, optimizer):
             self.stop(f"the weights are not finite after step {step}")
         rank_buffers, positions = distributed.rank_state(method, stream.lanes)  # a collective: on every rank
         if self.master:
             record = dict(readers=stream.readers, shards=stream.shards, lanes=positions) if stream.shards else None
-            write(self.tmp, method, optimizer, step, dict(self.meta, rank_buffers=rank_buffers, stream=record))
+            try:
+                write(self.tmp, method, optimizer, step, dict(self.meta, rank_buffers=rank_buffers, stream=record))
+            except OSError as e:
+                self.stop(f"could not write {self.tmp}: {(e.strerror or str(e)).lower()}; removed the partial file",
+                          then="Free some space, then")
         self.waiting = step
-        if step == self.steps:  # no next step to vouch for it: its weights and losses are finite
+        if last or step == self.steps:
             self.vouch(step + 1)
 
     def vouch(self, finite_through):
@@ -248,9 +275,37 @@ class Checkpoints:
                 os.replace(self.tmp, self.path)  # atomic: ckpt.pt is always a whole checkpoint
             self.on_disk, self.waiting = self.waiting, None
 
-    def stop(self, reason):
-        if self.master and self.waiting is not None:
+    def stop(self, reason, then="Lower --lr or add --grad-clip 1.0, then"):
+        if self.master and self.waiting is not None and os.path.lexists(self.tmp):
             os.remove(self.tmp)
         kept = f"{self.path} holds step {self.on_disk}" if self.on_disk is not None else "no checkpoint was written"
-        fail(f"{reason}; stopped, {kept}. Lower --lr or add --grad-clip 1.0, then "
-             + ("--resume." if self.on_disk is not None else "start again."))
+        fail(f"{reason}; stopped, {kept}. {then} " + ("--resume." if self.on_disk is not None else "start again."))
+
+
+held = {}  # out_dir -> the descriptor of this process's lock there (claim), open while the process lives
+
+
+def claim(out_dir, fresh):
+    """Make OUT this run's, or stop with one line: OUT is created if need be and locked (OUT/.lock, released when the
+    process ends), so that a second run there stops instead of mixing its log and checkpoints with this one's; and a
+    fresh run (no --resume) does not start where a run's log or checkpoint would be overwritten."""
+    for fd in held.values():  # an earlier run of this process (tests call train.main repeatedly)
+        os.close(fd)
+    held.clear()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"another run (process {os.read(fd, 20).decode().strip() or '?'}) is training in {out_dir}; wait for it "
+             f"or pass another --out-dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    held[out_dir] = fd
+    found = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    if fresh and found:
+        fail(f"{out_dir} holds a run ({' and '.join(found)}): pass --resume to continue it, or another --out-dir "
+             f"(or remove it) to start a new one")

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import warnings
 from functools import lru_cache
 
@@ -53,16 +54,26 @@ def load_image(path):
 
 
 def decode_image(raw):
-    """load_image on the bytes of an image file (a member of a tar shard)."""
+    """load_image on the bytes of an image file (a member of a tar shard). Refuses an image of more pixels than PIL's
+    decompression-bomb limit (~89M, a 9,459 px square) before decoding it: a 400M-pixel PNG can be 389 KB on disk and
+    2.7 GB in memory. Of an animated image, the first frame."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+        with Image.open(io.BytesIO(raw)) as img:  # reads the header only: ~1% of decoding a JPEG
+            width, height = img.size
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pixels, over the {Image.MAX_IMAGE_PIXELS:,} of PIL's decompression-bomb "
+                         f"limit")
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            return tvio.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+            image = tvio.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+        return image[0] if image.ndim == 4 else image  # an animated GIF: (frames, 3, H, W)
     except RuntimeError:  # an unsupported format, or a broken file: PIL reads the one and names the other
         with Image.open(io.BytesIO(raw)) as img:
             if img.mode.startswith("I;16"):  # 16-bit grey, as torchvision.io gives it (PIL's RGB would clip at 255)
                 return torch.from_numpy(np.array(img).astype(np.uint16)).expand(3, -1, -1)
-            return img.convert("RGB")
+            return img.convert("RGB")  # of an animated image, the first frame, as PIL opens it
 
 
 class UnreadableImage(Exception):
@@ -140,9 +151,12 @@ class CsvCaptions(ImageCaptions):
         sep = "\t" if sep == "\\t" else sep or ("\t" if path.endswith(".tsv") else ",")  # \t typed in a shell: a tab
         if len(sep) != 1:
             raise ValueError(f"--csv-separator {sep!r}: a separator is one character")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            rows, columns = list(reader), reader.fieldnames or []
+        try:  # utf-8-sig: a file saved with a byte-order mark (Excel, Notepad) reads as one without
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f, delimiter=sep)
+                rows, columns = list(reader), reader.fieldnames or []
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
         keys = []
         for given, options in ((img_key, self.IMAGE_KEYS), (caption_key, self.CAPTION_KEYS)):
             found = [k for k in ([given] if given else options) if k in columns]
@@ -304,7 +318,8 @@ class TrainingStream:
             source = dict(dataset=Seeded(dataset, transform, seed, micro * world), collate_fn=collate,
                           batch_sampler=Batches(len(dataset), micro, rank, world, seed, start))
         loader = torch.utils.data.DataLoader(**source, num_workers=workers, pin_memory=device.startswith("cuda"),
-                                             persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                             worker_init_fn=ignore_interrupts)
         self.batches = shards.join(iter(loader), k, device) if self.shards else iter(loader)
         self.unreadable, self.reads, self.failed, self.lanes = {}, 0, 0, {}
 
@@ -324,6 +339,12 @@ class TrainingStream:
         start)"""
         taken, self.unreadable = self.unreadable, {}
         return taken, self.reads, self.failed
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process (which stops the run: runlog.stop_on_signals), instead of
+    each printing its traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers(ranks_per_node=1):

@@ -42,7 +42,8 @@ def cat(chunks):
 
 
 def loader(dataset, batch_size, workers):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                       worker_init_fn=data.ignore_interrupts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,4 +296,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        raise SystemExit("interrupted") from None

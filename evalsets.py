@@ -124,7 +124,7 @@ def read_image(path):
     benchmark, so say which file to fix."""
     try:
         return data.load_image(path)
-    except OSError as e:
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
 
 

@@ -149,8 +149,9 @@ def drop_patches(x, p):
     """(B, 1+P, width) tokens, the class token first -> (B, 1+P', width): the class token and a random
     P' = max(1, ⌊(1 − p)·P⌋) of the P patch tokens of each image (as open_clip's PatchDropout), drawn from torch's
     generator on x's device, which train.py seeds per step and micro-batch so that a resumed run, and the two passes
-    of gradient accumulation, draw the same patches. The kept tokens come in random order: their positions are
-    already in them, and nothing downstream depends on the order (FILIP's max and mean over tokens included)."""
+    of gradient accumulation, draw the same patches (compiled too: train.compiled). The kept tokens come in random
+    order: their positions are already in them, and nothing downstream depends on the order (FILIP's max and mean
+    over tokens included)."""
     B, L, width = x.shape
     keep = max(1, int((L - 1) * (1 - p)))
     index = torch.rand(B, L - 1, device=x.device).topk(keep, dim=1).indices + 1  # (B, P') patch positions
@@ -251,8 +252,12 @@ class ModifiedResNet(nn.Module):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # the stage's forward runs again in the backward, without updating the running statistics of its
                 # BatchNorm layers a second time
-                x = checkpoint(stage, x, use_reentrant=False,
-                               context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
+                if torch.compiler.is_compiling():  # Dynamo refuses a context_fn; and the compiled backward's
+                    # recomputation updates no running statistics (tests/test_accum.py checks both)
+                    x = checkpoint(stage, x, use_reentrant=False)
+                else:
+                    x = checkpoint(stage, x, use_reentrant=False,
+                                   context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
             else:
                 x = stage(x)
         return self.attnpool(x), x.flatten(2).transpose(1, 2)

@@ -11,12 +11,27 @@ policy for unreadable samples).
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import torch
 
 import distributed
+
+
+signals = []  # the stopping signals this process received (stop_on_signals)
+
+
+def stop_on_signals():
+    """SIGTERM (how clusters preempt a job, and torchrun's way to stop its ranks) and SIGINT (Ctrl-C) stop a training
+    run at the end of its step, saved there (RunLog.stopping); the same signal again stops it at once."""
+    def handler(signum, frame):
+        if signum in signals:
+            sys.exit(f"stopped by {signal.Signals(signum).name}, without saving")
+        signals.append(signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def fail(message):
@@ -50,6 +65,7 @@ class RunLog:
         self.path = os.path.join(out_dir, "log.jsonl")
         if self.master:
             keep_log(self.path, start_step)
+        self.stopping = None  # the signal that stops the run (stop_on_signals), once every rank knows of it
         self.pending = []  # (step, lr, logs names, values on the device) of the steps not synced yet
         self.unreadable = {}  # {path: reason} of every rank's unreadable samples, each file once
         self.synced = start_step
@@ -59,12 +75,16 @@ class RunLog:
         """Step `step` trained at `lr` with this loss and these logs (the method's components, 0-d tensors). Synced
         at the first step, every --log-every steps, at the last, and when `sync` asks."""
         self.pending.append((step, lr, list(logs), torch.stack([loss.float()] + [v.float() for v in logs.values()])))
-        if not (step == self.start_step + 1 or step % self.log_every == 0 or step == self.steps or sync):
+        alone = distributed.rank_and_world()[1] == 1  # then a signal needs no other rank's word: sync at once
+        if not (step == self.start_step + 1 or step % self.log_every == 0 or step == self.steps or sync
+                or (alone and signals)):
             return
         values = distributed.average(torch.stack([v for *_, v in self.pending])).tolist()  # (steps, 1 + components)
-        ranks = distributed.gather_objects(stream.take_unreadable())  # on every rank: all of them stop together
+        # on every rank, so that all of them stop together: what each could not read, and the signals each received
+        ranks = distributed.gather_objects((*stream.take_unreadable(), signals[:1]))
+        self.stopping = next((s[0] for *_, s in ranks if s), None)
         first_unreadable = not self.unreadable
-        for unreadable, _, _ in ranks:  # a file met twice, or by two ranks, counts once
+        for unreadable, _, _, _ in ranks:  # a file met twice, or by two ranks, counts once
             for path, reason in unreadable.items():
                 self.unreadable.setdefault(path, reason)
         dt, self.t_last = time.perf_counter() - self.t_last, time.perf_counter()
@@ -76,7 +96,7 @@ class RunLog:
         if path and first_unreadable:
             self.print(f"warning: cannot read {path} ({reason}); unreadable images are replaced by others from the "
                        f"data and counted in the log as skipped")
-        reads, failed = sum(r for _, r, _ in ranks), sum(f for _, _, f in ranks)  # since the run started
+        reads, failed = sum(r for _, r, _, _ in ranks), sum(f for _, _, f, _ in ranks)  # since the run started
         if failed > reads / 2:
             fail(f"{failed} of {reads} image reads failed, the first {path} ({reason}); are the paths right (relative "
                  f"to the csv's folder, or --data-dir)?")
@@ -99,8 +119,18 @@ class RunLog:
 
     def write(self, entries):  # the file is opened for each write, so that no exit can leave it open or unflushed
         if self.master:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps(entry) + "\n" for entry in entries)
+            try:
+                with open(self.path, "a") as f:
+                    f.writelines(json.dumps(entry) + "\n" for entry in entries)
+            except OSError as e:
+                reason = (e.strerror or str(e)).lower()
+                self.stop(f"could not write {self.path}: {reason}", then="Free some space, then")
+
+    def end(self, step, path):
+        """The run stopped on a signal at `step`, saved to `path`: exit as killed by it (128 + its number)."""
+        name = signal.Signals(self.stopping).name
+        self.print(f"stopped by {name} at step {step}; {path} holds it: continue with --resume")
+        sys.exit(128 + self.stopping)
 
     def restart_clock(self):  # after a save or an evaluation: samples/s measures training
         self.t_last = time.perf_counter()

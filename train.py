@@ -28,7 +28,8 @@ import torch
 import data
 import distributed
 import eval_zeroshot
-from checkpoint import Checkpoints, resume
+import runlog
+from checkpoint import Checkpoints, claim, resume
 from model import CONFIGS, CLIPModel, frozen_batchnorm_statistics
 from runlog import RunLog, fail
 from tokenizer import get_tokenizer
@@ -162,6 +163,14 @@ def lr_at(step, peak, warmup, total):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def compiled(module):
+    """torch.compile(module), with the random numbers of eager mode: inductor otherwise draws torch.rand (patch
+    dropout) from its own generator, so that accumulation's compiled second pass would drop other patches than its
+    eager first pass did, and the gradients would be wrong."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)
+
+
 def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
     """The loss of the whole local batch, given as K micro-batches, with its gradients added to the parameters' .grad
     -> (loss, logs). train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`).
@@ -249,6 +258,8 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = "
              f"{world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
+    if rank == 0:
+        claim(args.out_dir, fresh=not args.resume)  # OUT is this run's: locked, and no older run overwritten
     workers = data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
 
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
@@ -274,14 +285,13 @@ def main(argv=None):
     if args.resume:
         start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args)
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what evaluation rebuilds
-    os.makedirs(args.out_dir, exist_ok=True)
     checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step))
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
                                  args.csv_caption_key)
     train_model = distributed.wrap_ddp(method, device, own_buffers) if world > 1 else method
     if args.compile:
-        train_model = torch.compile(train_model)  # compiling DDP lets it split the graph at its gradient buckets
+        train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     no_sync = train_model.no_sync if world > 1 else nullcontext
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop)
@@ -309,9 +319,11 @@ def main(argv=None):
         # run on a loss that is not finite, or when most images are unreadable
         log.add(done, step_lr, loss, logs, stream, sync=checkpoints.waiting is not None or checkpoints.due(done))
         checkpoints.vouch(log.synced)  # ckpt.pt.tmp becomes ckpt.pt once a loss from its weights is finite
-        if checkpoints.due(done):
-            checkpoints.save(done, method, optimizer, stream)
+        if checkpoints.due(done) or log.stopping:  # stopping: a signal (SIGTERM, Ctrl-C) stops the run here
+            checkpoints.save(done, method, optimizer, stream, last=log.stopping)
             log.restart_clock()
+        if log.stopping:
+            log.end(done, checkpoints.path)
         if rank == 0 and tasks and args.eval_every and done % args.eval_every == 0 and done != args.steps:
             evaluate(method, tokenizer, tasks, device, workers, done, log)
             log.restart_clock()
@@ -326,4 +338,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    runlog.stop_on_signals()
     main()

@@ -63,8 +63,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
 
     # patch dropout's draws are seeded per step and micro-batch, like the data's: a resumed run draws the same ones
     args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0", "--grad-accum", "2", "--patch-dropout", "0.5"]
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "log.jsonl").write_text('{"step": 9, "loss": 0.0}\n')  # an earlier run's: a fresh run starts anew
     train.main([*args, "--out-dir", str(tmp_path / "full")])
     assert [e["step"] for e in read_log(tmp_path / "full")] == [1, 2, 3, 4]
 
