@@ -258,8 +258,6 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = "
              f"{world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
-    if rank == 0:
-        claim(args.out_dir, fresh=not args.resume)  # OUT is this run's: locked, and no older run overwritten
     workers = data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
 
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
@@ -270,6 +268,8 @@ def main(argv=None):
                                     img_key=args.csv_img_key, caption_key=args.csv_caption_key, sep=args.csv_separator)
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(e)
+    if rank == 0:
+        claim(args.out_dir, fresh=not args.resume)  # OUT is this run's: locked, and no older run overwritten
     tasks = evaluation_tasks(args, model_config["image_resolution"])
     torch.manual_seed(args.seed)
     method_kwargs = parse_kwargs(args.method_args)

@@ -171,9 +171,10 @@ BAD_INPUT = [
 
 
 def test_bad_input_gives_one_line(files):
-    def check(case):
+    def check(i, case):
         script, args, words = case
-        p = run(script, *args.format(d=files).split(), cwd=files)
+        (files / f"case{i}").mkdir()  # its own folder: two training runs in one OUT would stop at its lock
+        p = run(script, *args.format(d=files).split(), cwd=files / f"case{i}")
         lines = p.stderr.strip().splitlines()
         last = lines[-1] if lines else ""
         missing = [w for w in words if w.format(d=files) not in last]
@@ -181,7 +182,7 @@ def test_bad_input_gives_one_line(files):
             return f"{script} {args}: exit {p.returncode}, missing {missing} in the last line of:\n{p.stderr[-2000:]}"
 
     with ThreadPoolExecutor(2) as pool:  # ~4 s of imports each
-        failures = [f for f in pool.map(check, BAD_INPUT) if f]
+        failures = [f for f in pool.map(check, range(len(BAD_INPUT)), BAD_INPUT) if f]
     assert not failures, "\n\n".join(failures)
 
 

@@ -162,3 +162,17 @@ def test_a_signal_saves_at_the_step_reached_and_resume_is_exact(tmp_path, send, 
     resumed, whole = weights(tmp_path / "out"), weights(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert [e["loss"] for e in read_log(tmp_path / "out")] == [e["loss"] for e in read_log(tmp_path / "whole")]
+
+
+def test_torchrun_stopped_by_sigterm_saves_on_every_rank_at_one_step(tmp_path):
+    """A preempted torchrun job: torchrun passes SIGTERM to its ranks, which agree on the step at their next log sync,
+    save it, and stop without a traceback."""
+    args = [*QUIET, "--steps", "400", "--save-every", "1000", "--out-dir", tmp_path / "out"]
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    stopped = train_until(args, tmp_path, 3, signal.SIGTERM, launcher=launcher)
+    step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
+    assert f"stopped by SIGTERM at step {step}; " in stopped.stdout, stopped.stdout + stopped.stderr
+    assert 3 <= step < 400 and "Traceback" not in stopped.stdout
+    run("train.py", *args[:-2], "--steps", step + 1, "--out-dir", tmp_path / "out", "--resume", cwd=tmp_path,
+        launcher=launcher)
+    assert [e["step"] for e in read_log(tmp_path / "out")] == list(range(1, step + 2))
