@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import bench_data
+import cli
 from model import CONFIGS, CLIPModel
 
 # small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
@@ -67,8 +68,7 @@ def test_variants_side_by_side():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--batch-size", "32", "--grad-accum", "4", "--patch-dropout", "0.5", "--warmup", "1", "--steps", "2",
             "--rounds", "2", "--variants", "plain,accum,ckpt,ckpt+accum,pd"]
-    p = subprocess.run([sys.executable, os.path.join(root, "bench.py"), *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       capture_output=True, text=True, timeout=300)
+    p = cli.run("bench.py", *args, cwd=root, timeout=300)
     assert p.returncode == 0, p.stderr
     memory = {}
     for name, detail in [("plain", ""), ("accum", " = 4 × 8"), ("ckpt", ""), ("ckpt+accum", " = 4 × 8"),

@@ -3,8 +3,6 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import cli
 import clip
 import data
 import eval_zeroshot
@@ -80,16 +79,14 @@ def test_classification_top_k_matches_a_direct_computation(method):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny-vit", "--steps", "1",
-                    "--batch-size", "4", "--workers", "0", "--eval-size", "0", "--out-dir", str(out)],
-                   check=True, capture_output=True, cwd=out)
+    p = cli.run("train.py", "--model", "tiny-vit", "--steps", "1", "--batch-size", "4", "--workers", "0",
+                "--eval-size", "0", "--out-dir", out, cwd=out)
+    assert p.returncode == 0, p.stderr
     return out / "ckpt.pt"
 
 
 def evaluate(*args, cwd):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_zeroshot.py"), *map(str, args), "--workers", "0"],
-                       capture_output=True, text=True, cwd=cwd, timeout=300)
-    return p
+    return cli.run("eval_zeroshot.py", *args, "--workers", "0", cwd=cwd, timeout=300)
 
 
 def test_folder_classification(checkpoint, tmp_path):

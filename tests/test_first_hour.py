@@ -3,8 +3,6 @@ with one line that names the problem, unreadable images replaced without repeati
 lines from the first step on, each with an ETA."""
 
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import evalsets
 import runlog
@@ -47,9 +46,7 @@ socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
 
 
 def run(script, *args, cwd, env=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default", **(env or {}))
-    return subprocess.run([sys.executable, *([os.path.join(ROOT, script)] if script else []), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return cli.run(script, *args, cwd=cwd, env=env)  # with env: a fresh interpreter, which reads it at start
 
 
 def test_quick_start_offline_without_open_clip_ftfy_or_a_home(tmp_path):

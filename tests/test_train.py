@@ -9,21 +9,19 @@ import pickle
 import random
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
+
+import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "24"]
 
 
 def run(script, *args, cwd, check=True, launcher=()):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
-    p = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = cli.run(script, *args, cwd=cwd, launcher=launcher)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
