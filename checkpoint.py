@@ -168,9 +168,10 @@ def clip_state_dict(checkpoint, path):
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
         fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
-    # open_clip saves DDP's prefix; OpenAI's (JIT) files carry three scalars that are not parameters
+    # open_clip saves DDP's prefix; OpenAI's (JIT) files carry three scalars that are not parameters, a TorchScript
+    # archive of open_clip's model its causal mask (a buffer it does not save in its state dicts)
     return {k.removeprefix("module."): v for k, v in state_dict.items()
-            if k not in ("input_resolution", "context_length", "vocab_size")}
+            if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
 
 
 def resume(path, method, optimizer, args):

@@ -61,6 +61,22 @@ def add_args(p):
                    "stay trainable, with ln_final and text_projection")
 
 
+def check_args(args):
+    """train.py's flags of this file, checked before anything is built; --model's default (tiny-rn, or none: the
+    weights' architecture)."""
+    if args.pretrained and args.resume:
+        fail("--pretrained starts a run, --resume continues one from its own checkpoint: pass one of them")
+    if args.pretrained and args.tokenizer != "clip":
+        fail(f"--pretrained weights were trained with CLIP's BPE tokenizer; --tokenizer {args.tokenizer} would feed "
+             f"their token embedding other ids")
+    if args.lock_image_unlocked_groups < 0 or args.lock_text_unlocked_layers < 0:
+        fail("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be 0 or more")
+    if (args.lock_image_unlocked_groups and not args.lock_image) or (args.lock_text_unlocked_layers
+                                                                     and not args.lock_text):
+        fail("--lock-image-unlocked-groups needs --lock-image, --lock-text-unlocked-layers needs --lock-text")
+    args.model = args.model or (None if args.pretrained else "tiny-rn")
+
+
 def lr_and_warmup(args):
     """-> (peak lr or None for the method's rule, how it was chosen, warmup steps): the flags'; with --pretrained and
     no --lr, FINETUNE_LR and FINETUNE_WARMUP; a default warmup is at most 10% of --steps (10k at most otherwise)."""
@@ -123,11 +139,6 @@ def model_config(args, vocab_size):
     if not args.pretrained:
         act = {} if args.act is None else {"quick_gelu": args.act == "quickgelu"}
         return dict(CONFIGS[args.model], vocab_size=vocab_size, **act), None
-    if args.resume:
-        fail("--pretrained starts a run, --resume continues one from its own checkpoint: pass one of them")
-    if args.tokenizer != "clip":
-        fail(f"--pretrained weights were trained with CLIP's BPE tokenizer; --tokenizer {args.tokenizer} would feed "
-             f"their token embedding other ids")
     path = resolve(args.pretrained)
     loaded = checkpoint.read(path, args.trust_checkpoint)
     if isinstance(loaded, dict) and "config" in loaded and "model_config" in loaded:  # our ckpt.pt
@@ -188,11 +199,6 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
 def lock(model, args):
     """--lock-image / --lock-text and their unlocked groups: requires_grad False on the locked parameters; the
     BatchNorm layers of a locked ResNet group normalise with their running statistics and keep them."""
-    if args.lock_image_unlocked_groups < 0 or args.lock_text_unlocked_layers < 0:
-        fail("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be 0 or more")
-    if (args.lock_image_unlocked_groups and not args.lock_image) or (args.lock_text_unlocked_layers
-                                                                     and not args.lock_text):
-        fail("--lock-image-unlocked-groups needs --lock-image, --lock-text-unlocked-layers needs --lock-text")
     if args.lock_image:
         groups = image_groups(model.visual)
         n = len(groups) - args.lock_image_unlocked_groups

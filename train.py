@@ -112,7 +112,7 @@ def get_args(argv=None):
     if args.batch_size < 2:
         fail(f"--batch-size {args.batch_size}: contrastive losses need at least 2 image-text pairs per batch (each "
              f"pair's negatives are the other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
-    args.model = args.model or (None if args.pretrained else "tiny-rn")
+    pretrained.check_args(args)  # its flags; --model's default, tiny-rn or the weights'
     if args.model not in (None, *CONFIGS):
         fail(f"unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
     for flag, on in (("--patch-dropout", args.patch_dropout), ("--freeze-patch-embed", args.freeze_patch_embed)):
