@@ -188,14 +188,6 @@ def parameters(group):
         yield from item.parameters() if isinstance(item, nn.Module) else [item]
 
 
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm layer that stays in eval mode: it normalises with its running statistics, never updates them, and
-    method.train() (or evaluation restoring the training mode) does not change that. Its state dict is unchanged."""
-
-    def train(self, mode=True):
-        return super().train(False)
-
-
 def lock(model, args):
     """--lock-image / --lock-text and their unlocked groups: requires_grad False on the locked parameters; the
     BatchNorm layers of a locked ResNet group normalise with their running statistics and keep them."""
@@ -207,9 +199,8 @@ def lock(model, args):
                 p.requires_grad_(False)
             for item in group:
                 for m in item.modules() if isinstance(item, nn.Module) else ():
-                    if isinstance(m, nn.BatchNorm2d):
-                        m.__class__ = FrozenBatchNorm2d
-                        m.eval()
+                    if isinstance(m, nn.BatchNorm2d):  # as open_clip's FrozenBatchNorm2d: the running statistics,
+                        m.eval()  # kept; train.py never calls .train(), evaluation restores each module's own mode
     if args.lock_text:
         blocks = list(model.transformer.resblocks)
         unlocked = args.lock_text_unlocked_layers

@@ -1,5 +1,6 @@
 """train.py --pretrained, the lock flags, OpenAI's model names and eval_zeroshot.py --interpolate (WiSE-FT), on
 weights built and saved by open_clip (an independent implementation), in every file format users have."""
+import functools
 import hashlib
 import io
 import json
@@ -194,6 +195,7 @@ def fake_name(monkeypatch, tmp_path, content):
 def test_openai_names(files, tmp_path, monkeypatch, capsys):
     import eval_zeroshot
 
+    monkeypatch.setattr(eval_zeroshot, "prepare", functools.partial(eval_zeroshot.prepare, size=24))  # a short eval
     _, paths = files
     content = open(paths[3], "rb").read()
     path = fake_name(monkeypatch, tmp_path, content)
@@ -219,9 +221,10 @@ def test_openai_names(files, tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_wise_ft_interpolates_the_weights(files, tmp_path):
+def test_wise_ft_interpolates_the_weights(files, tmp_path, monkeypatch):
     import eval_zeroshot
 
+    monkeypatch.setattr(eval_zeroshot, "prepare", functools.partial(eval_zeroshot.prepare, size=48))  # a short eval
     oc, paths = files
     trained = run(tmp_path, "--pretrained", paths[0], "--steps", "3", "--lr", "1e-3")
 
@@ -231,6 +234,7 @@ def test_wise_ft_interpolates_the_weights(files, tmp_path):
         return [{k: v for k, v in r.items() if k != "checkpoint"} for r in json.loads(out.read_text())]
 
     a, b = paths[0], tmp_path / "out" / "ckpt.pt"
+    assert results("--checkpoint", a) != results("--checkpoint", b)  # so that the two ends tell A from B
     assert results("--interpolate", a, b, "--alpha", "0") == results("--checkpoint", a)
     assert results("--interpolate", a, b, "--alpha", "1") == results("--checkpoint", b)
     sd = oc.state_dict()
