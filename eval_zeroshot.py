@@ -260,7 +260,8 @@ def load_evaluated(args):
         fail(f"--batch-size must be 1 or more and --workers 0 or more (got {args.batch_size} and {args.workers})")
     pair = getattr(args, "interpolate", None)
     if bool(pair) == bool(args.checkpoint):
-        fail("pass --checkpoint" + (", or --interpolate A B (WiSE-FT), not both" if hasattr(args, "interpolate") else ""))
+        fail("pass --checkpoint" + (", or --interpolate A B (WiSE-FT), not both" if hasattr(args, "interpolate")
+                                    else ""))
     paths = [pretrained.resolve(path) for path in pair or [args.checkpoint]]
     load = [load_method(path, args.device, args.trust_checkpoint, None if args.act is None else args.act == "quickgelu")
             for path in paths]
@@ -272,9 +273,9 @@ def load_evaluated(args):
 
 
 def interpolate(method_a, method_b, tokenizer, alpha):
-    """WiSE-FT (Wortsman et al. 2022): the model with weights (1 - alpha)·θ_A + alpha·θ_B (every float tensor, BatchNorm
-    statistics included), evaluated as B's method -> (method, tokenizer). A and B must be one architecture: typically
-    the pretrained model and its fine-tuned copy; the paper's mixing coefficient alpha is 0.5 unless tuned."""
+    """WiSE-FT (Wortsman et al. 2022): the model with weights (1 - alpha)·θ_A + alpha·θ_B (every float tensor,
+    BatchNorm statistics included), evaluated as B's method -> (method, tokenizer). A and B: one architecture,
+    typically the pretrained model and its fine-tuned copy; the paper reports alpha = 0.5 besides a tuned alpha."""
     a, b = method_a.model.state_dict(), method_b.model.state_dict()
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
         fail("--interpolate: the two checkpoints are not of the same architecture")

@@ -168,7 +168,8 @@ def start(method, state_dict, args):
     if state_dict is not None:
         keep = {} if type(method).pretrained_temperature else {"logit_scale": method.model.logit_scale.detach()}
         method.model.load_state_dict({**state_dict, **keep}, strict=True)
-    lock(method.model, args)
+    lock(method.model, args.lock_image_unlocked_groups if args.lock_image else None,
+         args.lock_text_unlocked_layers if args.lock_text else None)
 
 
 def image_groups(visual):
@@ -188,12 +189,13 @@ def parameters(group):
         yield from item.parameters() if isinstance(item, nn.Module) else [item]
 
 
-def lock(model, args):
-    """--lock-image / --lock-text and their unlocked groups: requires_grad False on the locked parameters; the
-    BatchNorm layers of a locked ResNet group normalise with their running statistics and keep them."""
-    if args.lock_image:
+def lock(model, image=None, text=None):
+    """Lock the image tower but its last `image` groups (None: no lock), the text tower but its last `text` blocks
+    (--lock-text-unlocked-layers; None: no lock): requires_grad False on the locked parameters; the BatchNorm layers
+    of a locked ResNet group normalise with their running statistics and keep them."""
+    if image is not None:
         groups = image_groups(model.visual)
-        n = len(groups) - args.lock_image_unlocked_groups
+        n = len(groups) - image
         for group in groups[:max(n, 0)]:
             for p in parameters(group):
                 p.requires_grad_(False)
@@ -201,11 +203,10 @@ def lock(model, args):
                 for m in item.modules() if isinstance(item, nn.Module) else ():
                     if isinstance(m, nn.BatchNorm2d):  # as open_clip's FrozenBatchNorm2d: the running statistics,
                         m.eval()  # kept; train.py never calls .train(), evaluation restores each module's own mode
-    if args.lock_text:
+    if text is not None:
         blocks = list(model.transformer.resblocks)
-        unlocked = args.lock_text_unlocked_layers
-        locked = [model.token_embedding, model.positional_embedding, *blocks[:max(len(blocks) - unlocked, 0)]]
-        if not unlocked:
+        locked = [model.token_embedding, model.positional_embedding, *blocks[:max(len(blocks) - text, 0)]]
+        if not text:
             locked += [model.ln_final, model.text_projection]
         for p in parameters(locked):
             p.requires_grad_(False)

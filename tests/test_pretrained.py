@@ -31,7 +31,8 @@ def open_clip_model(name, seed=0):
     perturbed so that freezing them is visible), a temperature unlike any method's init."""
     cfg = CONFIGS[name]
     vision = open_clip.model.CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"], head_width=64,
-                                           patch_size=cfg["vision_patch_size"] or 16, image_size=cfg["image_resolution"])
+                                           patch_size=cfg["vision_patch_size"] or 16,  # ResNet: unused
+                                           image_size=cfg["image_resolution"])
     text = open_clip.model.CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
                                        width=cfg["transformer_width"], heads=cfg["transformer_heads"],
                                        layers=cfg["transformer_layers"])
