@@ -105,6 +105,8 @@ def resolve(source):
     OpenAI's loader), downloaded if absent; a file whose SHA-256 is not the one in its URL is never used. Anything
     else is a path, returned as is."""
     if source not in OPENAI:
+        if not os.path.exists(source):
+            fail(f"no checkpoint at {source}, nor is it one of OpenAI's model names ({', '.join(OPENAI)})")
         return source
     url, path = cache_path(source)
     expected = url.split("/")[-2]
@@ -142,6 +144,8 @@ def model_config(args, vocab_size):
     path = resolve(args.pretrained)
     loaded = checkpoint.read(path, args.trust_checkpoint)
     if isinstance(loaded, dict) and "config" in loaded and "model_config" in loaded:  # our ckpt.pt
+        if loaded["config"].get("tokenizer", "clip") != "clip":
+            fail(f"{path} was trained with --tokenizer {loaded['config']['tokenizer']}; --pretrained needs CLIP's BPE")
         state_dict, quick_gelu = loaded["model"], loaded["model_config"].get("quick_gelu", True)
     else:  # OpenAI's and open_clip's files do not record the activation: OpenAI's is QuickGELU
         state_dict, quick_gelu = checkpoint.clip_state_dict(loaded, path), True

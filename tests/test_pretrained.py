@@ -98,6 +98,17 @@ def test_every_format_loads_and_both_locked_towers_stay_bit_identical(files, tmp
         assert_encodes_like(trained, oc)
 
 
+def test_our_checkpoint_is_a_source_too(files, tmp_path):
+    oc, paths = files
+    first = run(tmp_path, "--pretrained", paths[0], "--steps", "2", "--lr", "1e-3", name="first")
+    second = run(tmp_path, "--pretrained", tmp_path / "first" / "ckpt.pt", "--lock-image", "--lock-text",
+                 "--steps", "1", name="second")
+    assert not torch.equal(first["visual.proj"], oc.state_dict()["visual.proj"])
+    for k in first:
+        if k != "logit_scale":
+            torch.testing.assert_close(second[k], first[k], rtol=0, atol=0, msg=k)
+
+
 def test_every_method_starts_from_the_same_file(files):
     oc, paths = files
     sd = oc.state_dict()
@@ -175,6 +186,7 @@ def test_refusals(files, tmp_path, monkeypatch):
     _, paths = files
     out = ["--out-dir", tmp_path / "out", *TINY]
     assert "architecture" in one_line("--pretrained", paths[0], "--model", "tiny-rn", *out)
+    assert "OpenAI's model names (RN50, RN101" in one_line("--pretrained", "ViT-B-32", *out)  # open_clip's spelling
     assert "--resume" in one_line("--pretrained", paths[0], "--resume", *out)
     assert "BPE" in one_line("--pretrained", paths[0], "--tokenizer", "cl100k_base", *out)
     assert "ResNet" in one_line("--pretrained", str(tmp_path / "none.pt"), "--model", "tiny-rn", "--patch-dropout",
