@@ -43,8 +43,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="clip", choices=METHODS)
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512")
-    p.add_argument("--model", default=None, help="a config of model.py (default: tiny-rn; with --pretrained, read "
-                   "from the weights): " + ", ".join(CONFIGS))
+    p.add_argument("--model", default=None, help="a config of model.py (default: tiny-rn): " + ", ".join(CONFIGS))
     p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and "
                    "captions | tar shards: a folder, 'dir/{00000..00331}.tar', a::b")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, annotations/), or image root of a csv")
@@ -282,9 +281,8 @@ def main(argv=None):
     pretrained.start(method, weights, args)  # the file's weights, if any; --lock-image, --lock-text
     if args.freeze_patch_embed:  # then no optimiser group holds it (Method.param_groups)
         method.model.visual.conv1.weight.requires_grad_(False)
-    lr, lr_source, warmup = pretrained.lr_and_warmup(args)  # the flags', else fine-tuning's or pre-training's
-    optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, lr, args.weight_decay,
-                                                   lr_source)
+    lr, source, warmup = pretrained.lr_and_warmup(args)  # the flags', else fine-tuning's or pre-training's
+    optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, lr, args.weight_decay, source)
 
     start_step, resumed_stream, own_buffers = 0, None, None
     path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
