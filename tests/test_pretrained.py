@@ -168,13 +168,32 @@ def test_unlocked_text_layers(files, tmp_path):
 
 def test_a_locked_resnet_keeps_its_batchnorm_statistics(tmp_path):
     oc = open_clip_model("tiny-rn")
-    torch.save(oc.state_dict(), tmp_path / "rn.bin")
+    sd = oc.state_dict()
+    torch.save(sd, tmp_path / "rn.bin")
     trained = run(tmp_path, "--pretrained", tmp_path / "rn.bin", "--lock-image", "--steps", "2", "--lr", "1e-3",
                   "--eval-every", "1", "--eval-size", "6")  # evaluation restores the training mode in between
-    for k, v in oc.state_dict().items():
+    for k, v in sd.items():
         if k.startswith("visual."):
             torch.testing.assert_close(trained[k], v, rtol=0, atol=0, msg=k)
-    assert not torch.equal(trained["text_projection"], oc.state_dict()["text_projection"])
+    assert not torch.equal(trained["text_projection"], sd["text_projection"])
+    # the last of a ResNet's groups is its attention pool (with the projection): it alone changes
+    trained = run(tmp_path, "--pretrained", tmp_path / "rn.bin", "--lock-image", "--lock-image-unlocked-groups", "1",
+                  "--steps", "2", "--lr", "1e-3", name="last")
+    for k in (k for k in sd if k.startswith("visual.")):
+        assert torch.equal(trained[k], sd[k]) != k.startswith("visual.attnpool."), k
+
+
+def test_a_locked_tower_builds_no_graph(files):
+    _, paths = files
+    args = train.get_args(["--pretrained", paths[0], "--lock-image"])
+    config, weights = pretrained.model_config(args, 49408)
+    method = train.build_method("clip", config, {}, "cpu")
+    pretrained.start(method, weights, args)
+    features = method.features({"image": torch.randn(2, 3, 64, 64), "text": random_text(2, 24, 49408)})
+    assert features["image"].grad_fn is None and features["text"].grad_fn is not None
+    optimizer, _, _ = train.make_optimizer(method, config, 8)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in held for p in method.model.visual.parameters())  # no AdamW state for it
 
 
 def one_line(*argv):
