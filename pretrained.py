@@ -40,9 +40,9 @@ OPENAI = {name: _URL + path for name, path in [
     ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt"),
     ("ViT-L/14@336px", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt")]}
 
-# Fine-tuning defaults (--pretrained without --lr / --warmup): ITRA's recipe for fine-tuning OpenAI's CLIP on MS-COCO
-# captions (itra.readthedocs.io, "Fine-tuning CLIP for MS-COCO Retrieval": AdamW, lr 1e-5, 100 warmup steps, batch
-# 256, 10 epochs). Their weight decay of 0.5 is not taken: the method's stays (--weight-decay to change it).
+# Fine-tuning defaults (--pretrained without --lr / --warmup): ITRA's recipe for fine-tuning OpenAI's RN50 CLIP on
+# MS-COCO captions (itra.readthedocs.io, "Fine-tuning CLIP for MS-COCO Retrieval": AdamW, lr 1e-5, 100 warmup steps,
+# batch 256, 10 epochs). Their weight decay of 0.5 is not taken: the method's stays (--weight-decay to change it).
 FINETUNE_LR, FINETUNE_WARMUP = 1e-5, 100
 FINETUNE_SOURCE = "fine-tuning: ITRA's COCO recipe"
 
