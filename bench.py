@@ -36,6 +36,7 @@ from contextlib import nullcontext
 import torch
 
 import distributed
+import pretrained
 import train
 from model import CONFIGS
 from runlog import fail
@@ -64,6 +65,8 @@ def get_args(argv=None):
                    "into this many alternating rounds (A B B A ...)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both, with --vs-open-clip)")
+    p.add_argument("--lock-image", action="store_true", help="as train.py's (LiT); the MFU still counts its backward")
+    p.add_argument("--lock-text", action="store_true", help="as train.py's")
     p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss "
                    "(clip only)")
     p.add_argument("--variants", default=None, help="alternate steps with these features on, comma-separated: "
@@ -228,6 +231,7 @@ def setup(args):
     device = torch.device(distributed.setup(args.device)[2])  # as train.py: TF32 matmuls on CUDA
     torch.manual_seed(0)
     method = train.build_method(args.method, CONFIGS[args.model], train.parse_kwargs(args.method_args), device).train()
+    pretrained.lock(method.model, 0 if args.lock_image else None, 0 if args.lock_text else None)  # LiT's step
     optimizer, _, _ = train.make_optimizer(method, CONFIGS[args.model], args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     return (method, train.compiled(method) if args.compile else method, optimizer,

@@ -1,6 +1,6 @@
 """
-Checkpoints: the one reader of checkpoint files (train.py --resume, eval_zeroshot.py, eval_linear.py), and train.py's
-saving and resuming.
+Checkpoints: the one reader of checkpoint files (train.py --resume and --pretrained, eval_zeroshot.py, eval_linear.py),
+and train.py's saving and resuming.
 
 train.py writes OUT/ckpt.pt: {"model": the OpenAI-layout state dict (loads into OpenAI's and open_clip's code),
 "method": the method's own state (heads, queue, bias), "optimizer", "step", "config" (train.py's flags),
@@ -49,6 +49,15 @@ def read(path, trust=False):
     the user trusts. A file that cannot be read stops the program with one line."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
+    if path.endswith(".safetensors"):  # open_clip's hub format: tensors only, no pickle, so safe by design
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            fail(f"{path}: reading .safetensors files needs the safetensors package: pip install safetensors")
+        try:
+            return load_file(path)
+        except Exception as e:  # the reader's errors for a damaged file are its own types
+            fail(f"{path} is not a safetensors file that can be read ({str(e).strip().splitlines()[0]})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")  # yet the only reader of these files
         warnings.filterwarnings("ignore", "Detected pickle protocol")  # a bare pickle, which the line below explains
@@ -144,16 +153,25 @@ def load_method(path, device="cpu", trust=False, quick_gelu=None):
                  f"{str(e).splitlines()[0]}")
         tokenizer = get_tokenizer(config.get("tokenizer", "clip"))
     else:
-        state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state_dict, dict):
-            fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip saves DDP's prefix
+        state_dict = clip_state_dict(checkpoint, path)
         try:
             method = importlib.import_module("clip").Method(build_model(state_dict, quick_gelu is not False))
         except ValueError as e:
             fail(f"{path}: {e}")
         tokenizer = get_tokenizer("clip")
     return method.to(device).eval(), tokenizer
+
+
+def clip_state_dict(checkpoint, path):
+    """The CLIP state dict in what read() returned for a file that is not ours: OpenAI's or open_clip's state dict,
+    or open_clip's epoch_N.pt (its "state_dict", with DDP's "module." prefix)."""
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        fail(f"{path} holds neither a train.py checkpoint nor a CLIP state dict")
+    # open_clip saves DDP's prefix; OpenAI's (JIT) files carry three scalars that are not parameters, a TorchScript
+    # archive of open_clip's model its causal mask (a buffer it does not save in its state dicts)
+    return {k.removeprefix("module."): v for k, v in state_dict.items()
+            if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
 
 
 def resume(path, method, optimizer, args):

@@ -107,6 +107,8 @@ class CLIP(nn.Module):
                     resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
     find_unused_parameters = False
+    # train.py --pretrained: start from the file's temperature (pretrained.py), as it has CLIP's meaning here
+    pretrained_temperature = True
 
     def __init__(self, model):
         super().__init__()

@@ -11,6 +11,8 @@ state dicts.
     python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset coco-5k --data-dir ~/coco2014   # Karpathy's 5k test
     python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset flickr30k --data-dir ~/flickr30k  # Karpathy's 1k test
     python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset my_pairs.tsv            # retrieval on any csv/tsv
+    python eval_zeroshot.py --checkpoint ViT-B/32 --dataset coco-5k --data-dir ~/coco2014  # OpenAI's, downloaded
+    python eval_zeroshot.py --interpolate ViT-B/32 out/ckpt.pt --alpha 0.5 --dataset coco-5k --data-dir ~/coco2014
     python eval_zeroshot.py --checkpoint ViT-B-32.pt --image dog.jpg --labels "dog,cat,car"   # one image
     ... --output results.json                                                          # metrics, one object per task
 
@@ -29,6 +31,7 @@ import torch
 
 import data
 import evalsets
+import pretrained
 from checkpoint import load_method
 from runlog import fail
 from synthetic import TASKS, SyntheticTask
@@ -232,7 +235,8 @@ def write_results(path, results, checkpoint):
 def evaluation_args(description):
     """The flags of both evaluation programs (eval_linear.py adds its own to this parser)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--checkpoint", required=True, help="a train.py ckpt.pt, an OpenAI .pt, or a CLIP state dict")
+    p.add_argument("--checkpoint", default=None, help="a train.py ckpt.pt, an OpenAI .pt or model name (ViT-B/32, "
+                   "RN50, ...: downloaded to $CLIP_CACHE, default ~/.cache/clip), or a CLIP state dict")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file, one object per task")
@@ -250,11 +254,34 @@ def evaluation_args(description):
 
 
 def load_evaluated(args):
-    """--checkpoint, read as --act, --device and --trust-checkpoint say -> (method, tokenizer)."""
+    """--checkpoint (or --interpolate's two), read as --act, --device and --trust-checkpoint say -> (method,
+    tokenizer). An OpenAI model name becomes the path of its downloaded file (pretrained.resolve)."""
     if args.batch_size < 1 or args.workers < 0:
         fail(f"--batch-size must be 1 or more and --workers 0 or more (got {args.batch_size} and {args.workers})")
-    return load_method(args.checkpoint, args.device, args.trust_checkpoint,
-                       None if args.act is None else args.act == "quickgelu")
+    pair = getattr(args, "interpolate", None)
+    if bool(pair) == bool(args.checkpoint):
+        fail("pass --checkpoint" + (", or --interpolate A B (WiSE-FT), not both" if hasattr(args, "interpolate")
+                                    else ""))
+    paths = [pretrained.resolve(path) for path in pair or [args.checkpoint]]
+    load = [load_method(path, args.device, args.trust_checkpoint, None if args.act is None else args.act == "quickgelu")
+            for path in paths]
+    if pair:
+        args.checkpoint = f"{pair[0]} + {args.alpha:g} * ({pair[1]} - {pair[0]})"  # how --output names it
+        return interpolate(load[0][0], *load[1], args.alpha)
+    args.checkpoint = paths[0]
+    return load[0]
+
+
+def interpolate(method_a, method_b, tokenizer, alpha):
+    """WiSE-FT (Wortsman et al. 2022): the model with weights (1 - alpha)·θ_A + alpha·θ_B (every float tensor,
+    BatchNorm statistics included), evaluated as B's method -> (method, tokenizer). A and B: one architecture,
+    typically the pretrained model and its fine-tuned copy; the paper reports alpha = 0.5 besides a tuned alpha."""
+    a, b = method_a.model.state_dict(), method_b.model.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        fail("--interpolate: the two checkpoints are not of the same architecture")
+    method_b.model.load_state_dict({k: (1 - alpha) * a[k] + alpha * b[k] if b[k].is_floating_point() else b[k]
+                                    for k in b})
+    return method_b, tokenizer
 
 
 def main(argv=None):
@@ -272,6 +299,9 @@ def main(argv=None):
                         "the synthetic tasks keep their own")
     p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
     p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
+    p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="instead of --checkpoint: WiSE-FT, "
+                   "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
+    p.add_argument("--alpha", type=float, default=0.5, help="--interpolate's weight of B")
     args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
     if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):

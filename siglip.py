@@ -156,6 +156,8 @@ class SigLIP(CLIP):
     # eps 1e-8 is optax's scale_by_adam default. The larger models of the paper use Adafactor; we use AdamW for all.
     # One setting for every encoder (big_vision trains ViTs only; no "resnet" entry). The paper's batch: 32k.
     defaults = dict(lr=1e-3, batch=32768, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, logit_scale_init=10.0)
+    # --pretrained: a CLIP file's s ≈ 100 would scale sigmoid logits (with a bias of -10) far from SigLIP's init of 10
+    pretrained_temperature = False
 
     @staticmethod
     def decays(name, param):

@@ -28,6 +28,7 @@ import torch
 import data
 import distributed
 import eval_zeroshot
+import pretrained
 import runlog
 from checkpoint import Checkpoints, claim, resume
 from model import CONFIGS, CLIPModel, frozen_batchnorm_statistics
@@ -42,7 +43,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="clip", choices=METHODS)
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512")
-    p.add_argument("--model", default="tiny-rn", help="a config of model.py: " + ", ".join(CONFIGS))
+    p.add_argument("--model", default=None, help="a config of model.py (default: tiny-rn): " + ", ".join(CONFIGS))
     p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and "
                    "captions | tar shards: a folder, 'dir/{00000..00331}.tar', a::b")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, annotations/), or image root of a csv")
@@ -87,6 +88,7 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    pretrained.add_args(p)  # --pretrained, --act, --lock-image, --lock-text, ...
     args = p.parse_args(argv)
 
     # checked here, so that a bad value stops with one line before anything is built
@@ -109,10 +111,11 @@ def get_args(argv=None):
     if args.batch_size < 2:
         fail(f"--batch-size {args.batch_size}: contrastive losses need at least 2 image-text pairs per batch (each "
              f"pair's negatives are the other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
-    if args.model not in CONFIGS:
+    pretrained.check_args(args)  # its flags; --model's default, tiny-rn or the weights'
+    if args.model not in (None, *CONFIGS):
         fail(f"unknown model '{args.model}'; choose one of: {', '.join(CONFIGS)}")
     for flag, on in (("--patch-dropout", args.patch_dropout), ("--freeze-patch-embed", args.freeze_patch_embed)):
-        if on and not isinstance(CONFIGS[args.model]["vision_layers"], int):
+        if on and args.model and not isinstance(CONFIGS[args.model]["vision_layers"], int):
             fail(f"{flag}: {args.model} is a ResNet, which has no patch tokens or patch embedding")
     return args
 
@@ -144,11 +147,11 @@ def build_method(name, model_config, method_kwargs, device, patch_dropout=0.0):
         fail(f"--method-args: {e}")
 
 
-def make_optimizer(method, model_config, batch_size, lr=None, weight_decay=None):
+def make_optimizer(method, model_config, batch_size, lr=None, weight_decay=None, lr_source="--lr"):
     """AdamW with the method's settings for this encoder, weight decay where the method's rule says, and the peak lr
     of the method's rule at this batch unless given -> (optimizer, peak lr, what it was given, for the log)."""
     hp = type(method).optimizer_defaults(model_config)
-    lr, lr_source = (lr, "--lr") if lr is not None else type(method).learning_rate(batch_size)
+    lr, lr_source = (lr, lr_source) if lr is not None else type(method).learning_rate(batch_size)
     weight_decay = hp["weight_decay"] if weight_decay is None else weight_decay
     optimizer = torch.optim.AdamW(type(method).param_groups(method, weight_decay), lr=lr, betas=hp["betas"],
                                   eps=hp["eps"], fused=next(method.parameters()).is_cuda)
@@ -263,7 +266,7 @@ def main(argv=None):
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
     try:
         tokenizer = get_tokenizer(args.tokenizer)
-        model_config = dict(CONFIGS[args.model], vocab_size=tokenizer.vocab_size)  # other tokenizers resize the table
+        model_config, weights = pretrained.model_config(args, tokenizer.vocab_size)  # and --pretrained's weights
         dataset = data.make_dataset(args.data, args.data_dir, "train", model_config["image_resolution"],
                                     img_key=args.csv_img_key, caption_key=args.csv_caption_key, sep=args.csv_separator)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -275,10 +278,11 @@ def main(argv=None):
     method_kwargs = parse_kwargs(args.method_args)
     method = build_method(args.method, model_config, method_kwargs, device, args.patch_dropout)
     method.model.set_grad_checkpointing(args.grad_checkpointing)
+    pretrained.start(method, weights, args)  # the file's weights, if any; --lock-image, --lock-text
     if args.freeze_patch_embed:  # then no optimiser group holds it (Method.param_groups)
         method.model.visual.conv1.weight.requires_grad_(False)
-    optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, args.lr, args.weight_decay)
-    warmup = args.warmup if args.warmup is not None else min(10_000, args.steps // 10)
+    lr, source, warmup = pretrained.lr_and_warmup(args)  # the flags', else fine-tuning's or pre-training's
+    optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, lr, args.weight_decay, source)
 
     start_step, resumed_stream, own_buffers = 0, None, None
     path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
@@ -295,7 +299,7 @@ def main(argv=None):
     no_sync = train_model.no_sync if world > 1 else nullcontext
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop)
-    log.print(f"{args.method} | {args.model} ({sum(p.numel() for p in method.parameters()) / 1e6:.1f}M params) | "
+    log.print(f"{args.method} | {args.model} ({pretrained.trainable(method)}) | "
               f"{args.data}: {len(dataset)} {'shards' if stream.shards else 'samples'} | {world} rank(s) on {device} | "
               f"batch {args.batch_size} = {world} × {args.grad_accum} × {micro} | {optimizer_line} warmup {warmup} | "
               f"{args.steps} steps")

@@ -1,0 +1,223 @@
+"""
+Starting from weights users already have: train.py --pretrained (fine-tuning, and LiT with --lock-image), and OpenAI's
+model names for train.py, eval_zeroshot.py and eval_linear.py.
+
+    python train.py --pretrained ViT-B/32 --data coco --data-dir ~/coco          # fine-tune OpenAI's ViT-B/32
+    python train.py --pretrained ViT-B/32 --lock-image --data my_pairs.tsv       # LiT: train the text tower only
+    python eval_zeroshot.py --checkpoint ViT-B/32 --dataset coco-5k --data-dir ~/coco2014
+
+--pretrained reads a file with checkpoint.read (the one reader: OpenAI's TorchScript .pt, open_clip's state dicts and
+epoch_N.pt, .safetensors, our ckpt.pt); the architecture is read off its shapes (checkpoint.infer_config). Both
+encoders and their projections are loaded, for every method; what the file does not have (SLIP's and DeCLIP's heads,
+FILIP's token projections, SigLIP's bias) keeps the method's init. The temperature is the file's, except for a method
+whose temperature means something else (Method.pretrained_temperature: SigLIP's s = exp(t') multiplies a sigmoid's
+logits, with a bias of -10; CLIP's s ≈ 100 there would start it far from its init).
+
+Locking (open_clip's flag names): a locked parameter has requires_grad False, so autograd records nothing for a locked
+tower (no graph, no activations kept: LiT costs a text tower's backward) and the optimiser holds no state for it.
+"""
+
+import hashlib
+import os
+import urllib.request
+
+import torch.nn as nn
+
+import checkpoint
+from model import CONFIGS, VisionTransformer
+from runlog import fail
+
+# OpenAI's published weights, as openai/CLIP's clip/clip.py lists them; the SHA-256 of each file is in its URL path
+_URL = "https://openaipublic.azureedge.net/clip/models/"
+OPENAI = {name: _URL + path for name, path in [
+    ("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt"),
+    ("RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt"),
+    ("RN50x4", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt"),
+    ("RN50x16", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt"),
+    ("RN50x64", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt"),
+    ("ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"),
+    ("ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt"),
+    ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt"),
+    ("ViT-L/14@336px", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt")]}
+
+# Fine-tuning defaults (--pretrained without --lr / --warmup): ITRA's recipe for fine-tuning OpenAI's RN50 CLIP on
+# MS-COCO captions (itra.readthedocs.io, "Fine-tuning CLIP for MS-COCO Retrieval": AdamW, lr 1e-5, 100 warmup steps,
+# batch 256, 10 epochs). Their weight decay of 0.5 is not taken: the method's stays (--weight-decay to change it).
+FINETUNE_LR, FINETUNE_WARMUP = 1e-5, 100
+FINETUNE_SOURCE = "fine-tuning: ITRA's COCO recipe"
+
+
+def add_args(p):
+    p.add_argument("--pretrained", default=None, help="start from these weights: an OpenAI name (" + ", ".join(OPENAI)
+                   + "), OpenAI's .pt, an open_clip .bin/.pt/.safetensors, or a ckpt.pt (see docs/finetune.md)")
+    p.add_argument("--act", choices=("quickgelu", "gelu"), default=None, help="the transformers' activation (default: "
+                   "the config's; for --pretrained, what the file records, else quickgelu as OpenAI's weights: pass "
+                   "gelu for open_clip's LAION/DataComp weights)")
+    p.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT); a ResNet's BatchNorm too")
+    p.add_argument("--lock-image-unlocked-groups", type=int, default=0, help="with --lock-image: the last N groups of "
+                   "the image tower stay trainable (docs/finetune.md)")
+    p.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    p.add_argument("--lock-text-unlocked-layers", type=int, default=0, help="with --lock-text: the last N text blocks "
+                   "stay trainable, with ln_final and text_projection")
+
+
+def check_args(args):
+    """train.py's flags of this file, checked before anything is built; --model's default (tiny-rn, or none: the
+    weights' architecture)."""
+    if args.pretrained and args.resume:
+        fail("--pretrained starts a run, --resume continues one from its own checkpoint: pass one of them")
+    if args.pretrained and args.tokenizer != "clip":
+        fail(f"--pretrained weights were trained with CLIP's BPE tokenizer; --tokenizer {args.tokenizer} would feed "
+             f"their token embedding other ids")
+    if args.lock_image_unlocked_groups < 0 or args.lock_text_unlocked_layers < 0:
+        fail("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be 0 or more")
+    if (args.lock_image_unlocked_groups and not args.lock_image) or (args.lock_text_unlocked_layers
+                                                                     and not args.lock_text):
+        fail("--lock-image-unlocked-groups needs --lock-image, --lock-text-unlocked-layers needs --lock-text")
+    args.model = args.model or (None if args.pretrained else "tiny-rn")
+
+
+def lr_and_warmup(args):
+    """-> (peak lr or None for the method's rule, how it was chosen, warmup steps): the flags'; with --pretrained and
+    no --lr, FINETUNE_LR and FINETUNE_WARMUP; a default warmup is at most 10% of --steps (10k at most otherwise)."""
+    finetune = args.pretrained is not None and args.lr is None
+    lr, source = (FINETUNE_LR, FINETUNE_SOURCE) if finetune else (args.lr, "--lr")
+    warmup = min(FINETUNE_WARMUP if finetune else 10_000, args.steps // 10) if args.warmup is None else args.warmup
+    return lr, source, warmup
+
+
+def cache_path(name):
+    url = OPENAI[name]
+    folder = os.path.expanduser(os.environ.get("CLIP_CACHE", os.path.join("~", ".cache", "clip")))
+    return url, os.path.join(folder, os.path.basename(url))
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(source):
+    """An OpenAI model name -> the path of its file in the cache folder ($CLIP_CACHE, default ~/.cache/clip, as
+    OpenAI's loader), downloaded if absent; a file whose SHA-256 is not the one in its URL is never used. Anything
+    else is a path, returned as is."""
+    if source not in OPENAI:
+        if not os.path.exists(source):
+            fail(f"no checkpoint at {source}, nor is it one of OpenAI's model names ({', '.join(OPENAI)})")
+        return source
+    url, path = cache_path(source)
+    expected = url.split("/")[-2]
+    if not os.path.isfile(path):
+        part = f"{path}.{os.getpid()}.part"  # one per process: ranks that download at once do not mix their bytes
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            print(f"downloading {url} to {path}", flush=True)
+            with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+        except OSError as e:  # no network (urllib's URLError is an OSError), a full disk, a read-only folder
+            if os.path.exists(part):
+                os.remove(part)
+            fail(f"could not download {source} from {url} ({getattr(e, 'reason', None) or e}); download it elsewhere "
+                 f"and place it at {path} (or set CLIP_CACHE to the folder that holds {os.path.basename(path)})")
+        if sha256(part) != expected:
+            os.remove(part)
+            fail(f"the download of {url} does not have the SHA-256 in its URL; removed it, not loaded")
+        os.replace(part, path)
+    found = sha256(path)
+    if found != expected:
+        fail(f"{path} has SHA-256 {found[:16]}..., not {expected} as {url} says: a damaged or other file, not loaded; "
+             f"delete it to download it again")
+    return path
+
+
+def model_config(args, vocab_size):
+    """train.py's model config and the weights to start from -> (config, state dict or None). Without --pretrained:
+    --model's config. With it: the file's architecture, its activation (OpenAI's QuickGELU, or what our checkpoint
+    records; --act overrides), and args.model set to the CONFIGS name of that architecture, if there is one."""
+    if not args.pretrained:
+        act = {} if args.act is None else {"quick_gelu": args.act == "quickgelu"}
+        return dict(CONFIGS[args.model], vocab_size=vocab_size, **act), None
+    path = resolve(args.pretrained)
+    loaded = checkpoint.read(path, args.trust_checkpoint)
+    if isinstance(loaded, dict) and "config" in loaded and "model_config" in loaded:  # our ckpt.pt
+        if loaded["config"].get("tokenizer", "clip") != "clip":
+            fail(f"{path} was trained with --tokenizer {loaded['config']['tokenizer']}; --pretrained needs CLIP's BPE")
+        state_dict, quick_gelu = loaded["model"], loaded["model_config"].get("quick_gelu", True)
+    else:  # OpenAI's and open_clip's files do not record the activation: OpenAI's is QuickGELU
+        state_dict, quick_gelu = checkpoint.clip_state_dict(loaded, path), True
+    try:
+        config = dict(checkpoint.infer_config(state_dict), quick_gelu=quick_gelu if args.act is None
+                      else args.act == "quickgelu")
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    shape = {k: v for k, v in config.items() if k != "quick_gelu"}
+    same = [name for name, c in CONFIGS.items() if {k: v for k, v in c.items() if k != "quick_gelu"} == shape]
+    if args.model is not None and args.model not in same:
+        fail(f"--model {args.model} is not the architecture of {args.pretrained} "
+             f"({same[0] if same else 'no config of model.py'}); leave --model out, it is read from the weights")
+    args.model = args.model or (same[0] if same else "pretrained")
+    vit = isinstance(config["vision_layers"], int)
+    for flag, on in (("--patch-dropout", args.patch_dropout), ("--freeze-patch-embed", args.freeze_patch_embed)):
+        if on and not vit:
+            fail(f"{flag}: {args.pretrained} is a ResNet, which has no patch tokens or patch embedding")
+    return config, state_dict
+
+
+def start(method, state_dict, args):
+    """Load the pretrained weights into the method's model (when there are any), then lock what the flags say."""
+    if state_dict is not None:
+        keep = {} if type(method).pretrained_temperature else {"logit_scale": method.model.logit_scale.detach()}
+        method.model.load_state_dict({**state_dict, **keep}, strict=True)
+    lock(method.model, args.lock_image_unlocked_groups if args.lock_image else None,
+         args.lock_text_unlocked_layers if args.lock_text else None)
+
+
+def image_groups(visual):
+    """The image tower in groups, first to last. A ViT as open_clip groups it: [patch embedding, class and position
+    embeddings, ln_pre], each block but the last, [last block, ln_post], [proj]. A ResNet (open_clip locks only the
+    whole tower): [stem], each of the 4 stages, [attention pool] (which holds the projection)."""
+    if isinstance(visual, VisionTransformer):
+        blocks = list(visual.transformer.resblocks)
+        return [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
+                *[[block] for block in blocks[:-1]], [blocks[-1], visual.ln_post], [visual.proj]]
+    stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
+    return [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
+
+
+def parameters(group):
+    for item in group:
+        yield from item.parameters() if isinstance(item, nn.Module) else [item]
+
+
+def lock(model, image=None, text=None):
+    """Lock the image tower but its last `image` groups (None: no lock), the text tower but its last `text` blocks
+    (--lock-text-unlocked-layers; None: no lock): requires_grad False on the locked parameters; the BatchNorm layers
+    of a locked ResNet group normalise with their running statistics and keep them."""
+    if image is not None:
+        groups = image_groups(model.visual)
+        n = len(groups) - image
+        for group in groups[:max(n, 0)]:
+            for p in parameters(group):
+                p.requires_grad_(False)
+            for item in group:
+                for m in item.modules() if isinstance(item, nn.Module) else ():
+                    if isinstance(m, nn.BatchNorm2d):  # as open_clip's FrozenBatchNorm2d: the running statistics,
+                        m.eval()  # kept; train.py never calls .train(), evaluation restores each module's own mode
+    if text is not None:
+        blocks = list(model.transformer.resblocks)
+        locked = [model.token_embedding, model.positional_embedding, *blocks[:max(len(blocks) - text, 0)]]
+        if not text:
+            locked += [model.ln_final, model.text_projection]
+        for p in parameters(locked):
+            p.requires_grad_(False)
+
+
+def trainable(method):
+    """The log's count of what is trained: '12.2M params' or '151.3M params, 63.4M trained'."""
+    total = sum(p.numel() for p in method.parameters())
+    trained = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    return f"{total / 1e6:.1f}M params" + ("" if trained == total else f", {trained / 1e6:.1f}M trained")
