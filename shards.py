@@ -111,9 +111,10 @@ def tar_samples(path):
         yield key, members
 
 
-def decode_sample(members, caption_key=None):
-    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp), the caption from txt or
-    else the json member's "caption" (or caption_key's) field. Raises ValueError for a sample without either."""
+def decode_sample(members, caption_key=None, name=None):
+    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp; a JPEG as a data.Jpeg
+    named `name`, decoded by the transform), the caption from txt or else the json member's "caption" (or
+    caption_key's) field. Raises ValueError for a sample without either."""
     image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
     if image is None:
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among its members {sorted(members)}")
@@ -126,7 +127,7 @@ def decode_sample(members, caption_key=None):
     if not isinstance(caption, str) or not caption.strip():
         where = f"a json field {caption_key!r}" if caption_key else "a txt member or a json field 'caption'"
         raise ValueError(f"no caption ({where})")
-    return data.decode_image(image), caption.strip()
+    return data.decode_image(image, lazy_name=name), caption.strip()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -191,9 +192,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 if not key:
                     raise ValueError(value)  # the shard's read error
-                image, caption = decode_sample(value, self.caption_key)
+                image, caption = decode_sample(value, self.caption_key, name)
+                with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
+                    torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
+                    sample = self.transform(image, caption)  # a data.Jpeg is decoded here
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                bad.append((name, str(e) or type(e).__name__))
+                bad.append((name, e.reason if isinstance(e, data.UnreadableImage) else str(e) or type(e).__name__))
                 in_a_row += 1
                 if in_a_row == data.MAX_UNREADABLE:
                     name, reason = bad[-in_a_row]
@@ -201,9 +205,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                                 f"({reason})") from None
                 continue
             in_a_row = 0
-            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
-                torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
-                samples.append(self.transform(image, caption))
+            samples.append(sample)
             if len(samples) == size:
                 yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
                 samples, bad = [], []

@@ -58,8 +58,10 @@ def write_shards(folder, sizes=SIZES, corrupt=(), uncaptioned=(), truncated=()):
 
 
 def ids(image, caption):
-    """A transform that keeps which sample this is, (S, I), and the decoded image's width."""
+    """A transform that keeps which sample this is, (S, I), and the decoded image's width (a JPEG comes as a data.Jpeg,
+    decoded by the transform, as the training transforms' crop does)."""
     s, i = map(int, caption.split()[1:])
+    image = image.decode() if isinstance(image, data.Jpeg) else image
     return {"id": torch.tensor([s, i]), "width": torch.tensor(image.shape[-1])}
 
 
@@ -92,7 +94,7 @@ def test_tar_samples_group_by_key_and_report_a_truncated_file(tmp_path):
     assert [key for key, _ in samples[:3]] == ["000000000", "000000001", "000000002"]
     assert sorted(samples[0][1]) == ["jpg", "json", "txt"]
     image, caption = decode_sample(samples[1][1])
-    assert caption == "sample 0 1" and image.shape == (3, 20, 25)
+    assert caption == "sample 0 1" and image.shape == (3, 20, 25)  # no name: decoded here
     assert len(samples) == 4 and samples[3] == ("", "the shard ends within 000000003.jpg (it is cut short)")
     members = dict(samples[0][1])
     assert decode_sample({"png": members["jpg"], "json": members["json"]})[1] == "sample 0 0"  # json's caption
