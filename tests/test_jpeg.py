@@ -1,0 +1,134 @@
+"""The cheaper image path (issue 22): a JPEG decoded by the training crop at 1/r of its size (data.RandomResizedCrop on
+a data.Jpeg), the crop boxes torchvision's, uint8 out of the workers and normalised on the device (data.normalise)."""
+
+import io
+import math
+
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image  # two real photos, 640x427, shipped with scikit-learn (requirements-dev)
+from torchvision.transforms import v2
+
+import data
+from clip import Transform
+from tokenizer import get_tokenizer
+
+BICUBIC = dict(interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def photo(name, quality=90):
+    """A real photo as JPEG bytes, cut to 640x424 (sides divisible by 8: every reduced decode is exact)"""
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_image(name)[:424]).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def psnr(a, b):
+    return 10 * math.log10(255 ** 2 / max((a.float() - b.float()).pow(2).mean().item(), 1e-10))
+
+
+def crop_and_box(crop, image, monkeypatch):
+    """crop(image), and the (r, top, left, h, w) it cut, in source pixels (r: the decode's reduction)"""
+    calls, resized_crop = [], v2.functional.resized_crop
+    with monkeypatch.context() as m:
+        m.setattr(v2.functional, "resized_crop", lambda img, *box, **kw: calls.append(box) or
+                  resized_crop(img, *box, **kw))
+        out = crop(image)
+    r = min(image.decoded) if isinstance(image, data.Jpeg) else 1
+    return out, (r, *(r * v for v in calls[0][:4]))
+
+
+@pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
+def test_reduced_decode_matches_full_decoding_of_the_same_box(name, monkeypatch):
+    # The tolerance: every crop within 30 dB PSNR of the full decoding's, the mean over crops above 33 dB. What
+    # differs is the low-pass filter before subsampling (libjpeg's DCT-domain reduction, then bicubic, against one
+    # bicubic reduction): differences of the size JPEG compression itself makes: re-encoding these photos' 224 px
+    # reductions at quality 90 costs them 35-37 dB, and web images (LAION's, COCO's) are stored at quality ~75-95.
+    # Measured (16 crops per size): means 34-44 dB, minimum 31.8 dB. Boxes too small for a reduction are exact.
+    raw = photo(name)
+    full = data.decode_image(raw)
+    for size, scale, expected_r in ((200, (0.6, 1.0), {1, 2}), (96, (0.3, 1.0), {2, 4}), (48, (0.08, 1.0), {2, 4, 8})):
+        crop, values, rs = data.RandomResizedCrop(size, scale), [], set()
+        for seed in range(16):
+            torch.manual_seed(seed)
+            fast, (r, top, left, h, w) = crop_and_box(crop, data.Jpeg(raw, (640, 424), name), monkeypatch)
+            slow = v2.functional.resized_crop(full, top, left, h, w, [size, size], **BICUBIC)
+            assert fast.dtype == slow.dtype == torch.uint8 and fast.shape == slow.shape == (3, size, size)
+            assert r > 1 or torch.equal(fast, slow)
+            values += [psnr(fast, slow)] if r > 1 else []
+            rs.add(r)
+        assert rs == expected_r and min(values) > 30 and sum(values) / len(values) > 33, (size, rs, values)
+
+
+def test_a_jpeg_too_small_for_a_reduction_is_decoded_in_full_to_torchvisions_pixels():
+    raw = photo("china.jpg")
+    torch.manual_seed(0)
+    ours = data.RandomResizedCrop(224, (0.9, 1.0))(data.Jpeg(raw, (640, 424), "x"))  # a side < 2 x 224: r = 1
+    torch.manual_seed(0)
+    assert torch.equal(ours, v2.RandomResizedCrop(224, (0.9, 1.0), **BICUBIC)(data.decode_image(raw)))
+
+
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
+def test_boxes_are_torchvisions_draws(scale, monkeypatch):
+    # The same draws of torch's RNG as torchvision's RandomResizedCrop for a seed, so the same boxes (a reduced decode
+    # rounds each edge to its grid: within r/2 source pixels) and the same RNG state after it, for the draws of the
+    # augmentations that follow (SLIP's and DeCLIP's colour jitter, blur, flips).
+    raw, image = photo("flower.jpg"), Image.new("RGB", (640, 424))
+    reference = v2.RandomResizedCrop(48, scale, **BICUBIC)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        top, left, h, w = v2.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        reference(image)
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        _, (r, *box) = crop_and_box(data.RandomResizedCrop(48, scale), data.Jpeg(raw, (640, 424), "x"), monkeypatch)
+        edges, expected = (box[0], box[1], box[0] + box[2], box[1] + box[3]), (top, left, top + h, left + w)
+        assert r > 1 and all(abs(a - b) <= r / 2 for a, b in zip(edges, expected)), (seed, r, box, (top, left, h, w))
+        assert torch.equal(torch.get_rng_state(), after)
+        for x in (image, v2.functional.pil_to_tensor(image)):  # decoded images: exactly torchvision's crop
+            torch.manual_seed(seed)
+            ours = data.RandomResizedCrop(48, scale)(x)
+            torch.manual_seed(seed)
+            theirs = reference(x)
+            assert torch.equal(v2.functional.pil_to_tensor(ours) if isinstance(ours, Image.Image) else ours,
+                               v2.functional.pil_to_tensor(theirs) if isinstance(theirs, Image.Image) else theirs)
+
+
+def test_uint8_normalised_on_the_device_equals_the_float_transform():
+    # before issue 22 the workers made the float image: crop, ToDtype(float32, scale=True), Normalize
+    before = v2.Compose([v2.RandomResizedCrop(32, scale=(0.5, 1.0), **BICUBIC), v2.ToImage(),
+                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.MEAN, data.STD)])
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8, generator=g)
+    for x in (tensor, Image.fromarray(tensor.permute(1, 2, 0).numpy())):
+        torch.manual_seed(1)
+        old = before(x)
+        torch.manual_seed(1)
+        new = data.train_transform(32, scale=(0.5, 1.0))(x)
+        assert new.dtype == torch.uint8
+        torch.testing.assert_close(data.normalise(new), old, rtol=0, atol=1e-6)
+    transform = Transform(32, get_tokenizer("clip"), 77)
+    batch = torch.utils.data.default_collate([transform(tensor, "a caption") for _ in range(3)])
+    on_device = data.to_device(batch, torch.device("cpu"))
+    assert on_device["image"].dtype == torch.float32 and torch.equal(on_device["text"], batch["text"])
+    torch.testing.assert_close(on_device["image"], data.normalise(batch["image"]), rtol=0, atol=0)
+
+
+def test_an_unreadable_jpeg_is_found_by_the_crop_and_passed_over(tmp_path):
+    # a JPEG cut short has a readable header: the dataset hands on a Jpeg and its decoding, in the training transform,
+    # fails; data.Seeded counts it as unreadable (with its path) and replaces it, as it does a file PIL cannot open
+    raw = photo("china.jpg")
+    (tmp_path / "good.jpg").write_bytes(raw)
+    (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) // 2])
+    paths = [str(tmp_path / "cut.jpg"), str(tmp_path / "good.jpg")]
+    dataset = data.ImageCaptions(paths, ["cut", "good"])
+    assert isinstance(dataset[0][0], data.Jpeg)  # no error yet
+    seeded = data.Seeded(dataset, Transform(64, get_tokenizer("clip"), 77), seed=0, group=1)
+    for size in (64, 224):  # a reduced decode (r = 4) and a full one
+        seeded.transform.image = data.train_transform(size)
+        out = seeded[(0, 0)]
+        assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.uint8
+        assert out["bad"] and all(path == paths[0] for path, _ in out["bad"])
+        assert out["bad"][0][1].startswith("image file is truncated")
