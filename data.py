@@ -51,9 +51,15 @@ class RandomResizedCrop:
             # finer r (another view of the image) is reused.
             r = next((r for r in (8, 4, 2) if min(h, w) >= r * self.size), 1)
             r = max([k for k in image.decoded if k <= r], default=r)
-            bottom, right = round((top + h) / r), round((left + w) / r)
-            top, left = round(top / r), round(left / r)
-            image, h, w = image.decode(r), bottom - top, right - left
+            if r > 1:
+                bottom, right = round((top + h) / r), round((left + w) / r)
+                top, left = round(top / r), round(left / r)
+                # cut out and copied channels-last (the decode's layout): torch's uint8 antialiased resize takes 0.29
+                # ms on that against 0.48 on a strided view of it (a 300x228 crop to 224)
+                image = image.decode(r)[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+                return v2.functional.resize(image, [self.size, self.size], interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True)
+            image = image.decode(1)
         return v2.functional.resized_crop(image, top, left, h, w, [self.size, self.size],
                                           interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 

@@ -28,32 +28,32 @@ def psnr(a, b):
     return 10 * math.log10(255 ** 2 / max((a.float() - b.float()).pow(2).mean().item(), 1e-10))
 
 
-def crop_and_box(crop, image, monkeypatch):
-    """crop(image), and the (r, top, left, h, w) it cut, in source pixels (r: the decode's reduction)"""
-    calls, resized_crop = [], v2.functional.resized_crop
-    with monkeypatch.context() as m:
-        m.setattr(v2.functional, "resized_crop", lambda img, *box, **kw: calls.append(box) or
-                  resized_crop(img, *box, **kw))
-        out = crop(image)
-    r = min(image.decoded) if isinstance(image, data.Jpeg) else 1
-    return out, (r, *(r * v for v in calls[0][:4]))
+def fast_crop(crop, raw, seed):
+    """crop of a data.Jpeg of raw (640x424), and the r and (top, left, h, w) in source pixels it cut: torchvision's
+    draw for the seed, at r > 1 its edges rounded to multiples of r (data.RandomResizedCrop's rule)"""
+    torch.manual_seed(seed)
+    top, left, h, w = v2.RandomResizedCrop.get_params(torch.empty(0, 424, 640), crop.scale, crop.ratio)
+    r = next((r for r in (8, 4, 2) if min(h, w) >= r * crop.size), 1)
+    edges = [r * round(x / r) for x in (top, left, top + h, left + w)]
+    torch.manual_seed(seed)
+    return crop(data.Jpeg(raw, (640, 424), "x")), r, (*edges[:2], edges[2] - edges[0], edges[3] - edges[1])
 
 
 @pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
-def test_reduced_decode_matches_full_decoding_of_the_same_box(name, monkeypatch):
+def test_reduced_decode_matches_full_decoding_of_the_same_box(name):
     # The tolerance: every crop within 30 dB PSNR of the full decoding's, the mean over crops above 33 dB. What
     # differs is the low-pass filter before subsampling (libjpeg's DCT-domain reduction, then bicubic, against one
     # bicubic reduction): differences of the size JPEG compression itself makes: re-encoding these photos' 224 px
     # reductions at quality 90 costs them 35-37 dB, and web images (LAION's, COCO's) are stored at quality ~75-95.
-    # Measured (16 crops per size): means 34-44 dB, minimum 31.8 dB. Boxes too small for a reduction are exact.
+    # A box other than the one drawn would score ~15-25 dB. Measured (16 crops per size): means 34-44 dB, minimum
+    # 31.8 dB. Boxes too small for a reduction are decoded in full: exact.
     raw = photo(name)
     full = data.decode_image(raw)
     for size, scale, expected_r in ((200, (0.6, 1.0), {1, 2}), (96, (0.3, 1.0), {2, 4}), (48, (0.08, 1.0), {2, 4, 8})):
         crop, values, rs = data.RandomResizedCrop(size, scale), [], set()
         for seed in range(16):
-            torch.manual_seed(seed)
-            fast, (r, top, left, h, w) = crop_and_box(crop, data.Jpeg(raw, (640, 424), name), monkeypatch)
-            slow = v2.functional.resized_crop(full, top, left, h, w, [size, size], **BICUBIC)
+            fast, r, box = fast_crop(crop, raw, seed)
+            slow = v2.functional.resized_crop(full, *box, [size, size], **BICUBIC)
             assert fast.dtype == slow.dtype == torch.uint8 and fast.shape == slow.shape == (3, size, size)
             assert r > 1 or torch.equal(fast, slow)
             values += [psnr(fast, slow)] if r > 1 else []
@@ -70,29 +70,23 @@ def test_a_jpeg_too_small_for_a_reduction_is_decoded_in_full_to_torchvisions_pix
 
 
 @pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
-def test_boxes_are_torchvisions_draws(scale, monkeypatch):
-    # The same draws of torch's RNG as torchvision's RandomResizedCrop for a seed, so the same boxes (a reduced decode
-    # rounds each edge to its grid: within r/2 source pixels) and the same RNG state after it, for the draws of the
-    # augmentations that follow (SLIP's and DeCLIP's colour jitter, blur, flips).
-    raw, image = photo("flower.jpg"), Image.new("RGB", (640, 424))
-    reference = v2.RandomResizedCrop(48, scale, **BICUBIC)
+def test_boxes_are_torchvisions_draws(scale):
+    # The same draws of torch's RNG as torchvision's RandomResizedCrop for a seed: on a decoded image exactly its
+    # crop, and on a Jpeg (whose box the test above checks by its pixels) the same RNG state after it, for the draws
+    # of the augmentations that follow (SLIP's and DeCLIP's colour jitter, blur, flips)
+    raw, image = photo("flower.jpg"), Image.fromarray(load_sample_image("china.jpg")[:424])
+    reference, ours = v2.RandomResizedCrop(48, scale, **BICUBIC), data.RandomResizedCrop(48, scale)
     for seed in range(40):
-        torch.manual_seed(seed)
-        top, left, h, w = v2.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
         torch.manual_seed(seed)
         reference(image)
         after = torch.get_rng_state()
-        torch.manual_seed(seed)
-        _, (r, *box) = crop_and_box(data.RandomResizedCrop(48, scale), data.Jpeg(raw, (640, 424), "x"), monkeypatch)
-        edges, expected = (box[0], box[1], box[0] + box[2], box[1] + box[3]), (top, left, top + h, left + w)
-        assert r > 1 and all(abs(a - b) <= r / 2 for a, b in zip(edges, expected)), (seed, r, box, (top, left, h, w))
-        assert torch.equal(torch.get_rng_state(), after)
-        for x in (image, v2.functional.pil_to_tensor(image)):  # decoded images: exactly torchvision's crop
+        assert fast_crop(ours, raw, seed)[1] > 1 and torch.equal(torch.get_rng_state(), after)
+        for x in (image, v2.functional.pil_to_tensor(image)):
             torch.manual_seed(seed)
-            ours = data.RandomResizedCrop(48, scale)(x)
+            mine = ours(x)
             torch.manual_seed(seed)
             theirs = reference(x)
-            assert torch.equal(v2.functional.pil_to_tensor(ours) if isinstance(ours, Image.Image) else ours,
+            assert torch.equal(v2.functional.pil_to_tensor(mine) if isinstance(mine, Image.Image) else mine,
                                v2.functional.pil_to_tensor(theirs) if isinstance(theirs, Image.Image) else theirs)
 
 

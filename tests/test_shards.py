@@ -235,7 +235,7 @@ def test_a_failing_command_or_url_is_a_bad_shard_named_in_one_line(tmp_path, htt
     failing = {f"pipe:cat {tmp_path}/missing.tar": "the command exited with status 1: cat: ",
                f"pipe:head -c 4300 {good}; echo out of credit >&2; exit 3": "the command exited with status 3: out of "
                                                                           "credit",  # the why, not the cut
-               f"pipe:exit 4": "the command exited with status 4",
+               "pipe:exit 4": "the command exited with status 4",
                f"{url}/missing.tar": "HTTP Error 404",
                "http://127.0.0.1:9/00000.tar": "Connection refused"}
     assert shard_list("::".join(failing)) == list(failing)  # remote shards are looked at when read
