@@ -95,7 +95,8 @@ def vs_open_clip(args):
     time) of reading a JPEG file and applying CLIP's train transform at the model's size, three ways: open_clip's
     (PIL decoding, its RandomResizedCrop(0.9-1) and normalisation), ours before issue 22 (torchvision.io decoding of
     the full image, the float transform) and ours (data.ImageCaptions' lazy JPEG, decoded by the crop at the size it
-    needs, uint8 out: normalised on the GPU). Pipelines alternate within each round."""
+    needs, uint8 out: normalised on the GPU); and decoding alone at 1/1 to 1/8 of the size. Pipelines alternate within
+    each round."""
     try:
         import open_clip
     except ImportError:
@@ -112,9 +113,14 @@ def vs_open_clip(args):
     def read(path):
         with open(path, "rb") as f:
             return f.read()
+    def decode_only(path, r):  # libjpeg at 1/r (PIL's draft), the floor of a reduced decode
+        with Image.open(path) as img:
+            img.draft("RGB", (img.size[0] // r, img.size[1] // r))
+            img.load()
     pipelines = {"open_clip": lambda path: theirs(Image.open(path)),  # as open_clip's CsvDataset
                  "before": lambda path: before(data.load_image(path)),
-                 "ours": lambda path: ours(data.decode_image(read(path), lazy_name=path))}
+                 "ours": lambda path: ours(data.decode_image(read(path), lazy_name=path)),
+                 **{f"decode 1/{r}": lambda path, r=r: decode_only(path, r) for r in (1, 2, 4, 8)}}
     torch.set_num_threads(1)
     print(f"# CLIP's train transform at {R} px, images per CPU-second (1 thread), median of {args.rounds} rounds "
           f"(min-max) | load average {os.getloadavg()[0]:.2f}")
@@ -124,7 +130,7 @@ def vs_open_clip(args):
         paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
         rates = {name: [] for name in pipelines}
         for k in range(args.rounds + 1):  # round 0 warms up (first decodes, page cache) and is not counted
-            for name in list(pipelines)[k % 3:] + list(pipelines)[:k % 3]:
+            for name in list(pipelines)[k % 7:] + list(pipelines)[:k % 7]:
                 torch.manual_seed(k)
                 t0 = time.process_time()
                 for path in paths:
@@ -133,11 +139,13 @@ def vs_open_clip(args):
         median = {name: float(np.median(r)) for name, r in rates.items()}
         ratios = [a / b for a, b in zip(rates["ours"], rates["open_clip"])]
         print(f"data-vs-open_clip {w}x{h} -> {R}px | " + " | ".join(
-            f"{name} {median[name]:.0f} ({min(r):.0f}-{max(r):.0f})" for name, r in rates.items()) +
+            f"{name} {median[name]:.0f} ({min(r):.0f}-{max(r):.0f})" for name, r in rates.items() if "/" not in name) +
             f" | ours/open_clip {median['ours'] / median['open_clip']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
             f" | ours/before {median['ours'] / median['before']:.2f}x")
+        print(f"decode-only {w}x{h} | " + " | ".join(f"{name} {1000 / median[name]:.2f} ms" for name in median
+                                                         if "/" in name))
         print(f"cores-per-gpu {w}x{h} at {args.gpu_rate:,.0f} samples/s | " + " | ".join(
-            f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items()) +
+            f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items() if "/" not in name) +
             f" | python bench_data.py {shlex.join(args.argv)}")
 
 

@@ -145,7 +145,9 @@ class Jpeg:
                 else:
                     with Image.open(io.BytesIO(self.raw)) as img:
                         img.draft("RGB", (self.size[0] // r, self.size[1] // r))  # picks 1/r: the size is >= this
-                        self.decoded[r] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+                        img.load()
+                        self.decoded[r] = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
+                        self.decoded[r] = self.decoded[r].permute(2, 0, 1)
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
                 raise UnreadableImage(self.name, str(e) or type(e).__name__) from e
         return self.decoded[r]
