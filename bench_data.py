@@ -6,8 +6,9 @@ per DataLoader worker, which says how many CPU cores feed a GPU that trains at R
     python bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
     python bench_data.py --vs-open-clip --model ViT-B-32  # images per CPU-second, ours against open_clip's
 
-Decoders: tvio, data.load_image's (torchvision.io, what training uses), and PIL's, for comparison. Each configuration
-prints one line starting with "data", ending with the command.
+Decoders: crop (what training does: a JPEG decoded by the training crop at the size it needs), tvio (data.load_image's
+torchvision.io, in full) and PIL's, for comparison. Each configuration prints one line starting with "data", ending
+with the command.
 """
 
 import argparse
@@ -41,7 +42,8 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny-vit", choices=CONFIGS, help="a config of model.py: its image size")
     p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list such as "
                    "1,4,8")
-    p.add_argument("--decoders", default="pil,tvio", help="pil and/or tvio (data.load_image)")
+    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (data.load_image), crop (training's: the "
+                   "JPEG decoded by the crop at the size it needs)")
     p.add_argument("--vs-open-clip", action="store_true", help="images per CPU-second of CLIP's train transform, ours "
                    "against open_clip's, on generated 640x480 and 256x256 JPEGs, and the cores a GPU needs")
     p.add_argument("--images", type=int, default=100, help="--vs-open-clip: JPEGs of each size")
@@ -57,7 +59,10 @@ def decode(path, decoder):
     if decoder == "pil":
         with Image.open(path) as img:
             return img.convert("RGB")
-    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, what data.py's datasets return
+    if decoder == "crop":  # what data.py's datasets return: a JPEG's bytes, decoded by the training crop
+        with open(path, "rb") as f:
+            return data.decode_image(f.read(), lazy_name=path)
+    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, evaluation's decoding
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -125,17 +130,17 @@ def vs_open_clip(args):
     print(f"# CLIP's train transform at {R} px, images per CPU-second (1 thread), median of {args.rounds} rounds "
           f"(min-max) | load average {os.getloadavg()[0]:.2f}")
     for w, h in ((640, 480), (256, 256)):
-        folder = tempfile.mkdtemp(prefix=f"jpegs{w}x{h}-")
-        make_jpegs(args.images, folder, w, h)
-        paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
         rates = {name: [] for name in pipelines}
-        for k in range(args.rounds + 1):  # round 0 warms up (first decodes, page cache) and is not counted
-            for name in list(pipelines)[k % 7:] + list(pipelines)[:k % 7]:
-                torch.manual_seed(k)
-                t0 = time.process_time()
-                for path in paths:
-                    pipelines[name](path)
-                rates[name] += [len(paths) / (time.process_time() - t0)] if k else []
+        with tempfile.TemporaryDirectory() as folder:
+            make_jpegs(args.images, folder, w, h)
+            paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+            for k in range(args.rounds + 1):  # round 0 warms up (first decodes, page cache) and is not counted
+                for name in list(pipelines)[k % 7:] + list(pipelines)[:k % 7]:
+                    torch.manual_seed(k)
+                    t0 = time.process_time()
+                    for path in paths:
+                        pipelines[name](path)
+                    rates[name] += [len(paths) / (time.process_time() - t0)] if k else []
         median = {name: float(np.median(r)) for name, r in rates.items()}
         ratios = [a / b for a, b in zip(rates["ours"], rates["open_clip"])]
         print(f"data-vs-open_clip {w}x{h} -> {R}px | " + " | ".join(
@@ -166,7 +171,7 @@ def main(argv=None):
     transform = method.transform(get_tokenizer("clip"))
     R = method.model.image_resolution
     decoders = args.decoders.split(",")
-    names = {"pil": "PIL", "tvio": "torchvision.io"}
+    names = {"pil": "PIL", "tvio": "torchvision.io", "crop": "decoded by the crop"}
     print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {R} px | "
           f"load average {os.getloadavg()[0]:.2f}")
 
