@@ -228,14 +228,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         for ((epoch, _, n), shard, key, value), position in self.blocks(lane, *self.start[lane]):
             name = f"{self.shards[shard]}/{key}" if key else self.shards[shard]
             try:
-                if not key:
-                    raise ValueError(value)  # the shard's read error
-                image, caption = decode_sample(value, self.caption_key, name)
+                try:
+                    if not key:
+                        raise ValueError(value)  # the shard's read error
+                    image, caption = decode_sample(value, self.caption_key, name)
+                except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                    raise data.UnreadableImage(name, str(e) or type(e).__name__) from e
                 with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
                     torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
-                    sample = self.transform(image, caption)  # a data.Jpeg is decoded here
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                bad.append((name, e.reason if isinstance(e, data.UnreadableImage) else str(e) or type(e).__name__))
+                    sample = self.transform(image, caption)  # a data.Jpeg is decoded here: UnreadableImage
+            except data.UnreadableImage as e:  # not other errors of the transform: those are bugs, not bad data
+                bad.append((name, e.reason))
                 in_a_row += 1
                 if in_a_row == data.MAX_UNREADABLE:
                     name, reason = bad[-in_a_row]
