@@ -255,7 +255,8 @@ class CsvCaptions(ImageCaptions):
 def make_dataset(data, data_dir=None, split="train", image_size=64, img_key=None, caption_key=None, sep=None):
     """"synthetic", "coco" (data_dir = COCO root), a .csv/.tsv path (data_dir = root of relative paths; the file is
     the split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions), or tar shards (shards.py: a
-    folder of .tar files, 'dir/{00000..00331}.tar', a::b), which are streamed, never indexed: their list of paths."""
+    folder of .tar files, 'dir/{00000..00331}.tar', pipe:, http(s)://, a::b), which are streamed, never indexed: their
+    list of paths."""
     if data == "synthetic":
         return SyntheticCaptions(split, image_size=image_size)
     tar_shards = shards.shard_list(data)
