@@ -35,6 +35,7 @@ from contextlib import nullcontext
 
 import torch
 
+import data
 import distributed
 import pretrained
 import train
@@ -172,7 +173,7 @@ def synthetic_batch(method, batch_size, device, seed):
         samples = [transform(*dataset[i]) for i in range(min(batch_size, 32))]
     batch = torch.utils.data.default_collate(samples)
     repeat = math.ceil(batch_size / len(samples))
-    return {k: v.repeat(repeat, *[1] * (v.ndim - 1))[:batch_size].to(device) for k, v in batch.items()}
+    return data.to_device({k: v.repeat(repeat, *[1] * (v.ndim - 1))[:batch_size] for k, v in batch.items()}, device)
 
 
 def split(batch, k):  # -> k micro-batches

@@ -4,9 +4,11 @@ per DataLoader worker, which says how many CPU cores feed a GPU that trains at R
 
     python bench_data.py --make-jpegs 200 /tmp/jpegs                           # a folder of COCO-sized JPEGs
     python bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
+    python bench_data.py --vs-open-clip --model ViT-B-32  # images per CPU-second, ours against open_clip's
 
-Decoders: tvio, data.load_image's (torchvision.io, what training uses), and PIL's, for comparison. Each configuration
-prints one line starting with "data", ending with the command.
+Decoders: crop (what training does: a JPEG decoded by the training crop at the size it needs), tvio (data.load_image's
+torchvision.io, in full) and PIL's, for comparison. Each configuration prints one line starting with "data", ending
+with the command.
 """
 
 import argparse
@@ -40,7 +42,14 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny-vit", choices=CONFIGS, help="a config of model.py: its image size")
     p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list such as "
                    "1,4,8")
-    p.add_argument("--decoders", default="pil,tvio", help="pil and/or tvio (data.load_image)")
+    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (data.load_image), crop (training's: the "
+                   "JPEG decoded by the crop at the size it needs)")
+    p.add_argument("--vs-open-clip", action="store_true", help="images per CPU-second of CLIP's train transform, ours "
+                   "against open_clip's, on generated 640x480 and 256x256 JPEGs, and the cores a GPU needs")
+    p.add_argument("--images", type=int, default=100, help="--vs-open-clip: JPEGs of each size")
+    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip: timed passes over them, per pipeline")
+    p.add_argument("--gpu-rate", type=float, default=4862, help="--vs-open-clip: the GPU's samples/s (default: one "
+                   "H100, compiled ViT-B/32, docs/speed.md)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
     return args
@@ -50,7 +59,10 @@ def decode(path, decoder):
     if decoder == "pil":
         with Image.open(path) as img:
             return img.convert("RGB")
-    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, what data.py's datasets return
+    if decoder == "crop":  # what data.py's datasets return: a JPEG's bytes, decoded by the training crop
+        with open(path, "rb") as f:
+            return data.decode_image(f.read(), lazy_name=path)
+    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, evaluation's decoding
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -83,8 +95,69 @@ def make_jpegs(n, folder, w=500, h=375):
     print(f"wrote {n} {w}x{h} JPEGs to {folder} ({kb:.0f} KiB each on average)")
 
 
+def vs_open_clip(args):
+    """Images per CPU-second (one thread, this process's CPU time: the machine's other users disturb it less than wall
+    time) of reading a JPEG file and applying CLIP's train transform at the model's size, three ways: open_clip's
+    (PIL decoding, its RandomResizedCrop(0.9-1) and normalisation), ours before issue 22 (torchvision.io decoding of
+    the full image, the float transform) and ours (data.ImageCaptions' lazy JPEG, decoded by the crop at the size it
+    needs, uint8 out: normalised on the GPU); and decoding alone at 1/1 to 1/8 of the size. Pipelines alternate within
+    each round."""
+    try:
+        import open_clip
+    except ImportError:
+        fail("--vs-open-clip needs open_clip: pip install open_clip_torch")
+    import tempfile
+    from torchvision.transforms import v2
+    R = CONFIGS[args.model]["image_resolution"]
+    theirs = open_clip.image_transform(R, is_train=True, mean=data.MEAN, std=data.STD)
+    before = v2.Compose([v2.RandomResizedCrop(R, scale=(0.9, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                              antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                         v2.Normalize(data.MEAN, data.STD)])
+    ours = data.train_transform(R, scale=(0.9, 1.0))  # CLIP's (clip.Transform)
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+    def decode_only(path, r):  # libjpeg at 1/r (PIL's draft), the floor of a reduced decode
+        with Image.open(path) as img:
+            img.draft("RGB", (img.size[0] // r, img.size[1] // r))
+            img.load()
+    pipelines = {"open_clip": lambda path: theirs(Image.open(path)),  # as open_clip's CsvDataset
+                 "before": lambda path: before(data.load_image(path)),
+                 "ours": lambda path: ours(data.decode_image(read(path), lazy_name=path)),
+                 **{f"decode 1/{r}": lambda path, r=r: decode_only(path, r) for r in (1, 2, 4, 8)}}
+    torch.set_num_threads(1)
+    print(f"# CLIP's train transform at {R} px, images per CPU-second (1 thread), median of {args.rounds} rounds "
+          f"(min-max) | load average {os.getloadavg()[0]:.2f}")
+    for w, h in ((640, 480), (256, 256)):
+        rates = {name: [] for name in pipelines}
+        with tempfile.TemporaryDirectory() as folder:
+            make_jpegs(args.images, folder, w, h)
+            paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+            for k in range(args.rounds + 1):  # round 0 warms up (first decodes, page cache) and is not counted
+                for name in list(pipelines)[k % 7:] + list(pipelines)[:k % 7]:
+                    torch.manual_seed(k)
+                    t0 = time.process_time()
+                    for path in paths:
+                        pipelines[name](path)
+                    rates[name] += [len(paths) / (time.process_time() - t0)] if k else []
+        median = {name: float(np.median(r)) for name, r in rates.items()}
+        ratios = [a / b for a, b in zip(rates["ours"], rates["open_clip"])]
+        print(f"data-vs-open_clip {w}x{h} -> {R}px | " + " | ".join(
+            f"{name} {median[name]:.0f} ({min(r):.0f}-{max(r):.0f})" for name, r in rates.items() if "/" not in name) +
+            f" | ours/open_clip {median['ours'] / median['open_clip']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+            f" | ours/before {median['ours'] / median['before']:.2f}x")
+        print(f"decode-only {w}x{h} | " + " | ".join(f"{name} {1000 / median[name]:.2f} ms" for name in median
+                                                         if "/" in name))
+        print(f"cores-per-gpu {w}x{h} at {args.gpu_rate:,.0f} samples/s | " + " | ".join(
+            f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items() if "/" not in name) +
+            f" | python bench_data.py {shlex.join(args.argv)}")
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.vs_open_clip:
+        return vs_open_clip(args)
     if args.make_jpegs:
         n, folder = args.make_jpegs
         return make_jpegs(int(n), folder, *(int(x) for x in args.jpeg_size.lower().split("x")))
@@ -98,7 +171,7 @@ def main(argv=None):
     transform = method.transform(get_tokenizer("clip"))
     R = method.model.image_resolution
     decoders = args.decoders.split(",")
-    names = {"pil": "PIL", "tvio": "torchvision.io"}
+    names = {"pil": "PIL", "tvio": "torchvision.io", "crop": "decoded by the crop"}
     print(f"# {len(paths)} JPEGs in {args.data_dir}, {args.method} transform at {R} px | "
           f"load average {os.getloadavg()[0]:.2f}")
 

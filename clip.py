@@ -54,7 +54,8 @@ MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
 
 
 class Transform:
-    """(image, caption) -> {"image": (3, R, R), "text": (L,)}; the image is a PIL image or a uint8 (3, H, W) tensor.
+    """(image, caption) -> {"image": uint8 (3, R, R), "text": (L,)}; the image is a PIL image, a uint8 (3, H, W) tensor
+    or a data.Jpeg. The image is normalised on the device (data.to_device).
     A plain class so DataLoader workers can pickle it."""
 
     def __init__(self, image_size, tokenizer, context_length):

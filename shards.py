@@ -1,5 +1,6 @@
 """
-Tar shards in WebDataset's layout (as img2dataset writes them), streamed: train.py --data 'dir/{00000..00331}.tar'.
+Tar shards in WebDataset's layout (as img2dataset writes them), streamed: train.py --data 'dir/{00000..00331}.tar',
+or from anywhere a command or URL reaches: 'pipe:aws s3 cp s3://bucket/{00000..00331}.tar -', 'https://host/{0..9}.tar'.
 
 A sample is the run of a shard's members that share a key (the name up to the first dot): an image (jpg, jpeg, png,
 webp) and a caption (txt, else json's "caption"). The shards are never indexed: N readers (ranks × DataLoader workers)
@@ -13,11 +14,16 @@ reads tars with the tarfile module, whose header parsing (every field, in Python
 an image (173 us an image, against 42 us with tar_members and 15 us to read it as a file: docs/speed.md).
 """
 
+import http.client
 import itertools
 import json
 import os
 import random
 import re
+import signal
+import subprocess
+import tempfile
+import urllib.request
 
 import torch
 
@@ -38,9 +44,14 @@ def braces(pattern):
     return [p for item in items for p in braces(pattern[:m.start()] + item + pattern[m.end():])]
 
 
+REMOTE = ("pipe:", "http://", "https://")
+
+
 def shard_list(spec):
     """The tar shards --data names, or None if it names none: a folder of .tar files, a brace pattern
-    ('cc3m/{00000..00331}.tar'), or several of those joined by '::' (as open_clip's --train-data)."""
+    ('cc3m/{00000..00331}.tar'), 'pipe:COMMAND' (its standard output is the shard: 'pipe:aws s3 cp
+    s3://b/{00000..00331}.tar -'), an http(s):// URL, or several of those joined by '::' (as open_clip's --train-data).
+    Only local paths are checked here: a remote shard that cannot be read is a bad sample when it is read."""
     if spec in ("synthetic", "coco"):  # names, even where a folder of that name exists
         return None
     if os.path.isdir(spec):
@@ -49,9 +60,9 @@ def shard_list(spec):
             raise FileNotFoundError(f"{spec} holds no .tar files")
         return shards
     shards = [path for part in spec.split("::") for path in braces(part)]
-    if not all(path.endswith(".tar") for path in shards):
+    if not all(path.endswith(".tar") or path.startswith(REMOTE) for path in shards):
         return None
-    missing = [path for path in shards if not os.path.isfile(path)]
+    missing = [path for path in shards if not path.startswith(REMOTE) and not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec} do not exist, the first "
                                 f"{missing[0]}")
@@ -87,33 +98,61 @@ def tar_members(f):
         long_name = None
 
 
+def open_shard(path):
+    """-> (a binary file of the shard's bytes, failure): failure(), once the file is closed, is why its source failed
+    (a command's exit status and last line of standard error) or None. As open_clip's and WebDataset's `pipe:`, the
+    command runs in a shell; its standard error goes to a temporary file, which no amount of it can block."""
+    if path.startswith("pipe:"):
+        errors = tempfile.TemporaryFile()
+        command = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE, stderr=errors)
+
+        def failure():
+            # stdout is closed: a command still writing ends on SIGPIPE (as itself, or as a shell's 128 + 13), which
+            # is no failure of its own (the reader stopped: a corrupt shard)
+            if command.wait() not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):
+                errors.seek(0)
+                last = (errors.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
+                return f"the command exited with status {command.returncode}" + (f": {last}" if last else "")
+        return command.stdout, failure
+    if path.startswith(REMOTE):
+        return urllib.request.urlopen(path, timeout=60), lambda: None  # HTTPError, URLError: OSErrors
+    return open(path, "rb"), lambda: None
+
+
 def tar_samples(path):
     """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the member's
-    name up to the first dot of its base name, as webdataset groups them); then ("", reason) if the file cannot be read
-    to its end, in which case the sample it was reading is dropped."""
+    name up to the first dot of its base name, as webdataset groups them); then ("", reason) if the shard cannot be
+    read to its end (a file, URL or command: open_shard), in which case the sample it was reading is dropped."""
     key, members = None, {}
     try:
-        with open(path, "rb") as f:
-            for name, payload in tar_members(f):
-                folder, base = os.path.split(name)
-                stem, _, ext = base.partition(".")
-                if os.path.join(folder, stem) != key and members:
-                    yield key, members
-                    members = {}
-                key = os.path.join(folder, stem)
-                if payload is None:  # after the sample before, if this member began a new one
-                    raise ValueError(f"the shard ends within {name} (it is cut short)")
-                members[ext.lower()] = payload
-    except (OSError, ValueError) as e:  # missing, cut short, corrupt
-        yield "", str(e)
+        f, failure = open_shard(path)
+        try:
+            with f:
+                for name, payload in tar_members(f):
+                    folder, base = os.path.split(name)
+                    stem, _, ext = base.partition(".")
+                    if os.path.join(folder, stem) != key and members:
+                        yield key, members
+                        members = {}
+                    key = os.path.join(folder, stem)
+                    if payload is None:  # after the sample before, if this member began a new one
+                        raise ValueError(f"the shard ends within {name} (it is cut short)")
+                    members[ext.lower()] = payload
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            raise ValueError(failure() or str(e)) from e  # a failed command's output ends early: say why it failed
+        if reason := failure():
+            raise ValueError(reason)
+    except (OSError, ValueError) as e:  # missing, cut short, corrupt, a URL or command that fails
+        yield "", str(e) or type(e).__name__
         return
     if members:
         yield key, members
 
 
-def decode_sample(members, caption_key=None):
-    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp), the caption from txt or
-    else the json member's "caption" (or caption_key's) field. Raises ValueError for a sample without either."""
+def decode_sample(members, caption_key=None, name=None):
+    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp; a JPEG as a data.Jpeg
+    named `name`, decoded by the transform), the caption from txt or else the json member's "caption" (or
+    caption_key's) field. Raises ValueError for a sample without either."""
     image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
     if image is None:
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among its members {sorted(members)}")
@@ -126,7 +165,7 @@ def decode_sample(members, caption_key=None):
     if not isinstance(caption, str) or not caption.strip():
         where = f"a json field {caption_key!r}" if caption_key else "a txt member or a json field 'caption'"
         raise ValueError(f"no caption ({where})")
-    return data.decode_image(image), caption.strip()
+    return data.decode_image(image, lazy_name=name), caption.strip()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -189,11 +228,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         for ((epoch, _, n), shard, key, value), position in self.blocks(lane, *self.start[lane]):
             name = f"{self.shards[shard]}/{key}" if key else self.shards[shard]
             try:
-                if not key:
-                    raise ValueError(value)  # the shard's read error
-                image, caption = decode_sample(value, self.caption_key)
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                bad.append((name, str(e) or type(e).__name__))
+                try:
+                    if not key:
+                        raise ValueError(value)  # the shard's read error
+                    image, caption = decode_sample(value, self.caption_key, name)
+                except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                    raise data.UnreadableImage(name, str(e) or type(e).__name__) from e
+                with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
+                    torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
+                    sample = self.transform(image, caption)  # a data.Jpeg is decoded here: UnreadableImage
+            except data.UnreadableImage as e:  # not other errors of the transform: those are bugs, not bad data
+                bad.append((name, e.reason))
                 in_a_row += 1
                 if in_a_row == data.MAX_UNREADABLE:
                     name, reason = bad[-in_a_row]
@@ -201,9 +246,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                                 f"({reason})") from None
                 continue
             in_a_row = 0
-            with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
-                torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
-                samples.append(self.transform(image, caption))
+            samples.append(sample)
             if len(samples) == size:
                 yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
                 samples, bad = [], []

@@ -49,21 +49,20 @@ from model import ModifiedResNet
 
 
 def ssl_augmentation(image_size, scale):
-    """SimCLR's (and MoCo v2's) augmentation: image (PIL or uint8 tensor) -> normalised (3, R, R) tensor. Two deliberate
-    differences from SLIP's datasets: bicubic crops (SLIP: torchvision's bilinear default) and OpenAI's
-    normalisation constants (SLIP: ImageNet's), so every view matches what the CLIP model sees at evaluation."""
+    """SimCLR's (and MoCo v2's) augmentation: image (PIL, uint8 tensor or data.Jpeg) -> uint8 (3, R, R) tensor, which
+    the training process normalises on the device (data.normalise). Two deliberate differences from SLIP's datasets:
+    bicubic crops (SLIP: torchvision's bilinear default) and OpenAI's normalisation constants (SLIP: ImageNet's), so
+    every view matches what the CLIP model sees at evaluation."""
     # SimCLR sets the blur kernel to ~10% of the image side (odd); SLIP blurs with PIL's radius-σ filter at 224 px.
     # σ stays in pixels (0.1-2), so at small resolutions (7 px kernel at 64 px) the largest σ are truncated.
     kernel_size = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        data.RandomResizedCrop(image_size, scale),  # torchvision's, bicubic; a JPEG decoded at the size it needs
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=0.5),
         v2.RandomHorizontalFlip(),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(data.MEAN, data.STD),
+        *data.TO_UINT8,  # normalised on the device (data.normalise)
     ])
 
 

@@ -45,7 +45,7 @@ def get_args(argv=None):
     p.add_argument("--method-args", default="", help="the method's constructor arguments, e.g. mlp_dim=512")
     p.add_argument("--model", default=None, help="a config of model.py (default: tiny-rn): " + ", ".join(CONFIGS))
     p.add_argument("--data", default="synthetic", help="synthetic | coco | path to a .csv/.tsv of image paths and "
-                   "captions | tar shards: a folder, 'dir/{00000..00331}.tar', a::b")
+                   "captions | tar shards: a folder, 'dir/{00000..00331}.tar', 'pipe:CMD', an http(s) URL, a::b")
     p.add_argument("--data-dir", default=None, help="COCO root (train2017/, annotations/), or image root of a csv")
     p.add_argument("--csv-img-key", default=None, help="the csv's image-path column (default: filepath, image, "
                    "image_path or file_name)")

@@ -90,10 +90,20 @@ def test_data_pipeline(tmp_path, capsys):
     out = capsys.readouterr().out
     R = CONFIGS["tiny-vit"]["image_resolution"]
     assert "wrote 6 500x375 JPEGs" in out
-    for name in ("PIL", "torchvision.io"):
+    for name in ("PIL", "torchvision.io", "decoded by the crop"):
         assert re.search(rf"^data clip {R}px {name} \| 6 JPEGs × 2 passes \| 1 worker [\d.]+ images/s", out, re.M), out
     with pytest.raises(SystemExit, match="no .jpg files"):
         bench_data.main(["--data-dir", str(tmp_path)])
+    bench_data.main(["--vs-open-clip", "--images", "2", "--rounds", "1", "--gpu-rate", "1000"])  # against open_clip
+    out = capsys.readouterr().out
+    for size in ("640x480", "256x256"):
+        line = re.search(rf"^data-vs-open_clip {size} -> {R}px \| open_clip (\d+) .* ours (\d+) .*ours/open_clip "
+                         rf"([\d.]+)x", out, re.M)
+        assert line and abs(int(line.group(2)) / int(line.group(1)) - float(line.group(3))) < 0.05, out
+        assert re.search(rf"^decode-only {size} \| decode 1/1 [\d.]+ ms .* decode 1/8 [\d.]+ ms$", out, re.M), out
+        cores = re.search(rf"^cores-per-gpu {size} at 1,000 samples/s \| open_clip ([\d.]+) .* ours ([\d.]+) \|", out,
+                          re.M)
+        assert cores and abs(float(cores.group(2)) - 1000 / int(line.group(2))) < 0.2, out
 
 
 # a config of our own, so that the hand count below does not depend on model.CONFIGS

@@ -187,7 +187,7 @@ def test_tiktoken_encoding_by_name(monkeypatch):
 
 def test_transforms():
     img = Image.new("RGB", (100, 80), (123, 117, 104))  # about the mean colour
-    for t in (data.train_transform(32), data.eval_transform(32)):
+    for t in (lambda x: data.normalise(data.train_transform(32)(x)), data.eval_transform(32)):
         x = t(img)
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
         assert x.abs().max() < 0.02
@@ -268,8 +268,9 @@ def test_coco(tmp_path):
         write_jpeg(tmp_path / "val2017" / im["file_name"])
     ds = data.make_dataset("coco", data_dir=str(tmp_path), split="val")
     assert isinstance(ds, data.CocoCaptions) and len(ds) == 3
-    img, caption = ds[0]
-    assert img.dtype == torch.uint8 and img.shape == (3, 30, 40) and caption == "grey"  # torchvision.io decoded
+    img, caption = ds[0]  # a JPEG: read, decoded by the training transform's crop
+    assert isinstance(img, data.Jpeg) and img.size == (40, 30) and caption == "grey"
+    assert img.decode().dtype == torch.uint8 and img.decode().shape == (3, 30, 40)  # torchvision.io decoded
     paths, captions, caption_image = ds.retrieval()
     assert [os.path.basename(p) for p in paths] == ["000000000003.jpg", "000000000009.jpg"]
     assert captions == ["grey", "a red thing.", "another caption"] and caption_image == [0, 1, 1]
@@ -286,11 +287,11 @@ def test_csv_and_tsv(tmp_path):
     with pytest.warns(UserWarning, match="dropped 1 of 3 rows with empty captions"):
         ds = data.make_dataset(str(tmp_path / "train.csv"))
     assert len(ds) == 2 and ds.captions == ["a cat, sitting", "a dog"]
-    assert ds.paths[0] == os.path.join(str(tmp_path), "imgs/a.jpg") and ds[1][0].shape[0] == 3
+    assert ds.paths[0] == os.path.join(str(tmp_path), "imgs/a.jpg") and ds[1][0].decode().shape[0] == 3
 
     (tmp_path / "list.tsv").write_text("image\tcaption\na.jpg\tred square\n")
     ds = data.CsvCaptions(str(tmp_path / "list.tsv"), root=str(tmp_path / "imgs"))
-    assert ds.captions == ["red square"] and ds[0][0].shape == (3, 30, 40)
+    assert ds.captions == ["red square"] and ds[0][0].decode().shape == (3, 30, 40)
     ds = data.CsvCaptions(str(tmp_path / "list.tsv"), img_key="image", caption_key="caption", sep="\t",
                           root=str(tmp_path / "imgs"))
     assert len(ds) == 1

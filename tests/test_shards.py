@@ -58,8 +58,10 @@ def write_shards(folder, sizes=SIZES, corrupt=(), uncaptioned=(), truncated=()):
 
 
 def ids(image, caption):
-    """A transform that keeps which sample this is, (S, I), and the decoded image's width."""
+    """A transform that keeps which sample this is, (S, I), and the decoded image's width (a JPEG comes as a data.Jpeg,
+    decoded by the transform, as the training transforms' crop does)."""
     s, i = map(int, caption.split()[1:])
+    image = image.decode() if isinstance(image, data.Jpeg) else image
     return {"id": torch.tensor([s, i]), "width": torch.tensor(image.shape[-1])}
 
 
@@ -92,7 +94,7 @@ def test_tar_samples_group_by_key_and_report_a_truncated_file(tmp_path):
     assert [key for key, _ in samples[:3]] == ["000000000", "000000001", "000000002"]
     assert sorted(samples[0][1]) == ["jpg", "json", "txt"]
     image, caption = decode_sample(samples[1][1])
-    assert caption == "sample 0 1" and image.shape == (3, 20, 25)
+    assert caption == "sample 0 1" and image.shape == (3, 20, 25)  # no name: decoded here
     assert len(samples) == 4 and samples[3] == ("", "the shard ends within 000000003.jpg (it is cut short)")
     members = dict(samples[0][1])
     assert decode_sample({"png": members["jpg"], "json": members["json"]})[1] == "sample 0 0"  # json's caption
@@ -185,6 +187,68 @@ def test_unreadable_shards_stop_the_stream(tmp_path):
         next(iter(ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
 
 
+@pytest.fixture
+def http_folder():
+    """serve(folder) -> the URL of a local HTTP server (a thread, 127.0.0.1) of that folder's files"""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    servers = []
+
+    def serve(folder):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_shards_from_a_command_or_a_url_read_as_local_ones_and_resume(tmp_path, http_folder):
+    local = write_shards(tmp_path / "d", corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
+    url = http_folder(tmp_path / "d")
+    reference = ShardStream(local, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
+    got, bad, positions = take(reference, 45)  # reader 1 of 2, through 2 epochs, bad samples and all
+    for spec, prefix in ((f"pipe:cat {tmp_path}/d/{{00000..00004}}.tar", "pipe:cat "), (f"{url}/{{00000..00004}}.tar",
+                         url + "/"), (f"pipe:cat {local[0]}::{url}/{{00001..00004}}.tar", None)):
+        remote = shard_list(spec)
+        if prefix:
+            assert remote == [prefix + (p if prefix.startswith("pipe") else os.path.basename(p)) for p in local]
+        stream = ShardStream(remote, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
+        assert take(stream, 45)[0] == got, spec
+        assert [reason for _, reason in take(stream, 45)[1]] == [reason for _, reason in bad]
+        for k in (3, 17, 30):  # a resumed reader opens its shard again and reads on to its sample
+            resumed = ShardStream(remote, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5,
+                                  start=[None, positions[k]])
+            assert take(resumed, 10)[0] == got[k + 1:k + 11], (spec, k)
+
+
+def test_a_failing_command_or_url_is_a_bad_shard_named_in_one_line(tmp_path, http_folder):
+    good = write_shards(tmp_path / "d", sizes=[3])[0]
+    url = http_folder(tmp_path / "d")
+    failing = {f"pipe:cat {tmp_path}/missing.tar": "the command exited with status 1: cat: ",
+               f"pipe:head -c 4300 {good}; echo out of credit >&2; exit 3": "the command exited with status 3: out of "
+                                                                          "credit",  # the why, not the cut
+               "pipe:exit 4": "the command exited with status 4",
+               f"{url}/missing.tar": "HTTP Error 404",
+               "http://127.0.0.1:9/00000.tar": "Connection refused"}
+    assert shard_list("::".join(failing)) == list(failing)  # remote shards are looked at when read
+    for shard, reason in failing.items():
+        samples = list(tar_samples(shard))
+        assert samples[-1][0] == "" and reason in samples[-1][1] and "\n" not in samples[-1][1], (shard, samples)
+    cut = list(tar_samples(f"pipe:head -c 4300 {good}"))  # within sample 1: sample 0, then the reason
+    assert [key for key, _ in cut] == ["000000000", ""] and "cut short" in cut[1][1]
+    stream = ShardStream([*failing, f"pipe:cat {good}"], ids, seed=0, readers=1, first_lane=0, sizes=[1])
+    got, bad, _ = take(stream, 8)  # two epochs: each epoch, sample 0 of the cut command and the good shard's 3
+    assert sorted(got) == [(0, 0)] * 4 + [(0, 1)] * 2 + [(0, 2)] * 2 and {name for name, _ in bad} == set(failing)
+
+
 # --- train.py on shards -----------------------------------------------------------------------------------------------
 
 
@@ -231,6 +295,15 @@ def test_bad_samples_are_counted_like_unreadable_images(tmp_path, capsys):
     message = main_error("--data", tmp_path / "junk", "--steps", "30", *TINY, "--workers", "0", "--out-dir",
                          tmp_path / "o2")
     assert "image reads failed, the first" in message and "junk/0000" in message
+
+
+def test_training_reads_shards_through_a_command(tmp_path):
+    write_shards(tmp_path / "shards", corrupt=[(2, 3)])
+    args = ["--steps", "3", *TINY, "--workers", "0"]
+    train.main(["--data", str(tmp_path / "shards" / "{00000..00004}.tar"), *args, "--out-dir", str(tmp_path / "a")])
+    train.main(["--data", f"pipe:cat {tmp_path}/shards/{{00000..00004}}.tar", *args, "--out-dir", str(tmp_path / "b")])
+    losses = [e["loss"] for e in read_log(tmp_path / "a")]
+    assert len(losses) == 3 and [e["loss"] for e in read_log(tmp_path / "b")] == losses
 
 
 def test_shard_flags_are_checked(tmp_path):

@@ -198,7 +198,7 @@ def test_transform_views_and_pickling():
     out = transform(image, "a red square")
     assert set(out) == {"image", "image_a", "image_b", "text"}
     for key in ("image", "image_a", "image_b"):
-        assert out[key].shape == (3, 64, 64) and out[key].dtype == torch.float32
+        assert out[key].shape == (3, 64, 64) and out[key].dtype == torch.uint8  # normalised on the device
     assert out["text"].shape == (method.model.context_length,) and out["text"].dtype == torch.long
     assert not torch.equal(out["image_a"], out["image_b"])  # two independent draws
     torch.manual_seed(0)
