@@ -1,14 +1,18 @@
 """Seeing a run: plot.py on the logs of real train.py runs, --report-to's trackers read back with their own readers,
 and eval_zeroshot.py --show's rankings."""
 
+import base64
 import glob
 import importlib.util
+import io
+import re
 import json
 import struct
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from test_train import ROOT, TINY, read_log, run
@@ -140,3 +144,57 @@ def test_wandb_offline_run_holds_what_the_log_holds(runs):
     assert sorted(got) == sorted(expected)
     for name, values in expected.items():
         assert got[name] == pytest.approx(values), name
+
+
+def test_show_ranks_as_the_embeddings_say_and_marks_the_correct_items(runs):
+    import eval_zeroshot
+    import show
+    from checkpoint import load_method
+
+    method, tokenizer = load_method(str(runs / "clip" / "ckpt.pt"))
+    # retrieval: 24 held-out pairs (caption i is image i's); 5 queries each way, ranked against an independent
+    # similarity matrix: CLIP's cosine of every image with every caption
+    task, = eval_zeroshot.prepare("synthetic-retrieval", image_size=method.model.image_resolution, size=24)
+    panels = show.rankings(method, tokenizer, task, "cpu", 5)
+    transform = eval_zeroshot.data.eval_transform(method.model.image_resolution)
+    with torch.no_grad():
+        images = torch.stack([transform(image) for image in task["images"]])
+        tokens = tokenizer(task["captions"], method.model.context_length)
+        image_features = torch.nn.functional.normalize(method.model.encode_image(images), dim=-1)
+        text_features = torch.nn.functional.normalize(method.model.encode_text(tokens), dim=-1)
+    similarity = 100 * image_features @ text_features.T  # (images, captions)
+    assert [p["direction"] for p in panels] == ["text->image"] * 5 + ["image->text"] * 5
+    assert [p["query"] for p in panels] == [0, 4, 9, 14, 19] * 2  # spread over the 24
+    for p in panels:
+        scores = similarity[:, p["query"]] if p["direction"] == "text->image" else similarity[p["query"]]
+        assert p["correct"] == [p["query"]]
+        assert [i for i, _ in p["top"]] == scores.argsort(descending=True)[:5].tolist()
+        assert [s for _, s in p["top"]] == pytest.approx(scores.sort(descending=True).values[:5].tolist(), abs=1e-3)
+        assert p["rank"] == 1 + (scores > scores[p["query"]]).sum().item()
+
+    # classification: the mistakes shown are mistakes, as many as asked (or as there are), marked with the true class
+    for task in eval_zeroshot.prepare("synthetic", image_size=method.model.image_resolution, size=24):
+        panels = show.rankings(method, tokenizer, task, "cpu", 3)
+        result = eval_zeroshot.classify(method, tokenizer, task["images"], task["classnames"], task["templates"], "cpu")
+        assert len(panels) == min(3, round((1 - result["top1"]) * 24))
+        for p in panels:
+            label = task["images"][p["query"]][1]
+            assert p["correct"] == [label] and p["top"][0][0] != label and p["rank"] > 1
+            assert [s for _, s in p["top"]] == sorted([s for _, s in p["top"]], reverse=True)
+
+
+def test_show_writes_one_page_with_a_panel_per_query(runs, tmp_path):
+    page = tmp_path / "show.html"
+    p = run("eval_zeroshot.py", "--checkpoint", runs / "clip" / "ckpt.pt", "--dataset", "synthetic-retrieval",
+            "--workers", "0", "--show", "3", "--show-file", page, cwd=tmp_path)
+    assert p.stdout.strip().splitlines()[-1] == str(page)
+    text = page.read_text()
+    assert text.count('class="panel"') == 6 and text.count("<h2>") == 2
+    # every inlined image opens: 3 text->image panels of 5 images, 3 image->text queries
+    images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', text)
+    assert len(images) == 3 * 5 + 3
+    for data in images:
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (112, 112)
+    # an item is marked where it is correct: the shown rank of the query's own image/caption, or "correct at rank r"
+    marked = text.count('class="correct"')
+    assert marked + text.count("correct at rank") == 6
