@@ -198,3 +198,32 @@ def test_show_writes_one_page_with_a_panel_per_query(runs, tmp_path):
     # an item is marked where it is correct: the shown rank of the query's own image/caption, or "correct at rank r"
     marked = text.count('class="correct"')
     assert marked + text.count("correct at rank") == 6
+
+
+def test_a_resumed_run_continues_its_tensorboard_log(tmp_path, killed_while_saving):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    # killed while saving step 4: ckpt.pt holds step 2, tensorboard has steps 1-4; the resumed run logs 3 and 4 again
+    args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0", "--report-to", "tensorboard",
+            "--out-dir", tmp_path]
+    killed_while_saving(args, step=4)
+    import train
+    train.main([str(a) for a in args] + ["--resume"])
+    first, second = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.*")))
+    steps = [[e.step for e in EventFileLoader(f).Load() if e.HasField("summary") and
+              e.summary.value[0].tag == "train/loss"] for f in (first, second)]
+    assert steps == [[1, 2, 3, 4], [3, 4]]
+    # the second file hides the first's steps from 3 on (purge_step), as log.jsonl was cut back to step 2
+    start, = [e for e in EventFileLoader(second).Load() if e.HasField("session_log")]
+    assert start.step == 3 and start.session_log.status == start.session_log.START
+
+
+@pytest.mark.parametrize("trackers, message", [("wandb", "--report-to wandb needs the wandb package: pip install wandb"),
+                                               ("tensorboard,mlflow", "--report-to mlflow: choose from")])
+def test_report_to_fails_with_one_line(tmp_path, monkeypatch, trackers, message):
+    import train
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(SystemExit, match=message) as e:
+        train.main(["--steps", "1", *TINY, "--report-to", trackers, "--out-dir", str(tmp_path)])
+    assert "\n" not in str(e.value.code)
