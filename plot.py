@@ -52,12 +52,12 @@ def read_run(out_dir):
 
 
 def curves(runs):
-    """-> {panel title: {(run index, metric): (steps, values)}}, panels in the order first met. A retrieval panel holds
-    both directions' R@1, a classification panel the top-1 (in %)."""
-    panels = {}
+    """-> {panel title: {(run index, metric): (steps, values)}}: the training curves, then the evaluations, each in the
+    order first met. A retrieval panel holds both directions' R@1, a classification panel the top-1 (in %)."""
+    panels, evaluations_panels = {}, {}
 
-    def add(title, key, step, value):
-        xs, ys = panels.setdefault(title, {}).setdefault(key, ([], []))
+    def add(title, key, step, value, into=panels):
+        xs, ys = into.setdefault(title, {}).setdefault(key, ([], []))
         xs.append(step), ys.append(value)
 
     for i, (_, steps, evaluations) in enumerate(runs):
@@ -69,8 +69,8 @@ def curves(runs):
             for metric in METRICS.get(entry["task"], ()):
                 if isinstance(entry.get(metric), (int, float)):
                     title = f"{entry['dataset']} {'R@1' if entry['task'] == 'retrieval' else 'top-1'} (%)"
-                    add(title, (i, metric), entry["step"], 100 * entry[metric])
-    return panels
+                    add(title, (i, metric), entry["step"], 100 * entry[metric], evaluations_panels)
+    return {**panels, **evaluations_panels}
 
 
 def plot(out_dirs, out):

@@ -218,8 +218,9 @@ def test_a_resumed_run_continues_its_tensorboard_log(tmp_path, killed_while_savi
     assert start.step == 3 and start.session_log.status == start.session_log.START
 
 
-@pytest.mark.parametrize("trackers, message", [("wandb", "--report-to wandb needs the wandb package: pip install wandb"),
-                                               ("tensorboard,mlflow", "--report-to mlflow: choose from")])
+@pytest.mark.parametrize("trackers, message", [
+    ("wandb", "--report-to wandb needs the wandb package: pip install wandb"),
+    ("tensorboard,mlflow", "--report-to mlflow: choose from")])
 def test_report_to_fails_with_one_line(tmp_path, monkeypatch, trackers, message):
     import train
 
