@@ -58,14 +58,7 @@ def classify(method, tokenizer, dataset, classnames, templates, device, batch_si
     """dataset yields (image tensor, label). Returns dict(top1, top5, mean_per_class_recall, chance, n)."""
     was_training = method.training
     method.eval()
-    L = method.model.context_length
-    chunk = max(1, 512 // len(templates))  # classes per text batch
-    classifier = []
-    for i in range(0, len(classnames), chunk):
-        names = classnames[i:i + chunk]
-        tokens = tokenizer([t.format(c) for c in names for t in templates], L).view(len(names), len(templates), L)
-        classifier.append(method.embed_classes(tokens.to(device)))
-    classifier = cat(classifier)
+    classifier = class_embeddings(method, tokenizer, classnames, templates, device)
     k = min(5, len(classnames))
     correct5, predictions, targets = 0, [], []
     for images, labels in loader(dataset, batch_size, workers):
@@ -79,6 +72,18 @@ def classify(method, tokenizer, dataset, classnames, templates, device, batch_si
     return dict(top1=(predictions == targets).sum().item() / len(targets), top5=correct5 / len(targets),
                 mean_per_class_recall=mean_per_class_recall(predictions, targets, len(classnames)),
                 chance=1 / len(classnames), n=len(targets))
+
+
+def class_embeddings(method, tokenizer, classnames, templates, device):
+    """Every class name in every template -> the method's classifier (method.embed_classes), in chunks."""
+    L = method.model.context_length
+    chunk = max(1, 512 // len(templates))  # classes per text batch
+    classifier = []
+    for i in range(0, len(classnames), chunk):
+        names = classnames[i:i + chunk]
+        tokens = tokenizer([t.format(c) for c in names for t in templates], L).view(len(names), len(templates), L)
+        classifier.append(method.embed_classes(tokens.to(device)))
+    return cat(classifier)
 
 
 def mean_per_class_recall(predictions, labels, classes):
@@ -302,6 +307,9 @@ def main(argv=None):
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="instead of --checkpoint: WiSE-FT, "
                    "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
     p.add_argument("--alpha", type=float, default=0.5, help="--interpolate's weight of B")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="write --show-file: N queries' top 5 per direction "
+                   "of retrieval, N mistakes per classification task, the correct items marked (show.py)")
+    p.add_argument("--show-file", default="show.html", help="the HTML page of --show")
     args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
     if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
@@ -321,6 +329,11 @@ def main(argv=None):
         results = evaluate(method, tokenizer, tasks, args.device, args.batch_size, args.workers)
         for r in results:
             print(describe(r))
+        if args.show > 0:
+            import show  # imports this module
+            show.write(args.show_file, args.checkpoint, [show.section(t, show.rankings(
+                method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)) for t in tasks])
+            print(args.show_file)
     if args.output:
         write_results(args.output, results, args.checkpoint)
 

@@ -8,6 +8,7 @@ one line, on a loss that is not finite, or when more than half of the image read
 policy for unreadable samples).
 """
 
+import atexit
 import json
 import math
 import os
@@ -43,6 +44,9 @@ def duration(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+TRACKERS = ("tensorboard", "wandb")  # --report-to: optional sinks besides log.jsonl
+
+
 def keep_log(path, step):
     """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again, a fresh
     run (step 0) starts a new log."""
@@ -70,6 +74,28 @@ class RunLog:
         self.unreadable = {}  # {path: reason} of every rank's unreadable samples, each file once
         self.synced = start_step
         self.t_last = self.t_first = time.perf_counter()
+        self.sinks = []  # --report-to's trackers (report_to): each gets every entry that log.jsonl gets
+
+    def report_to(self, trackers, meta):
+        """Write OUT/config.json (meta: the run's config, which plot.py labels curves with) and open --report-to's
+        trackers (comma-separated names of TRACKERS), rank 0 only. A resumed run continues the same tracker run:
+        tensorboard's writer in OUT/tensorboard drops the events past the checkpoint (purge_step), wandb resumes the
+        run whose id OUT/wandb_id holds (wandb keeps the steps it logged before: it cannot rewind a run)."""
+        names = [name.strip() for name in trackers.split(",") if name.strip()]
+        for name in names:
+            if name not in TRACKERS:
+                fail(f"--report-to {name}: choose from {', '.join(TRACKERS)} (comma-separated)")
+        if not self.master:
+            return
+        out_dir = os.path.dirname(self.path)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        for name in names:
+            try:
+                self.sinks.append(tensorboard(out_dir, self.start_step, meta) if name == "tensorboard"
+                                  else wandb(out_dir, self.start_step, meta))
+            except ImportError:
+                fail(f"--report-to {name} needs the {name} package: pip install {name}")
 
     def add(self, step, lr, loss, logs, stream, sync=False):
         """Step `step` trained at `lr` with this loss and these logs (the method's components, 0-d tensors). Synced
@@ -125,6 +151,8 @@ class RunLog:
             except OSError as e:
                 reason = (e.strerror or str(e)).lower()
                 self.stop(f"could not write {self.path}: {reason}", then="Free some space, then")
+            for sink in self.sinks:
+                sink(entries)
 
     def end(self, step, path):
         """The run stopped on a signal at `step`, saved to `path`: exit as killed by it (128 + its number)."""
@@ -138,3 +166,48 @@ class RunLog:
     def print(self, line):
         if self.master:
             print(line, flush=True)
+
+
+def scalars(entry):
+    """A log.jsonl entry -> {name: number}: a step's as train/loss, ..., an evaluation's as synthetic/shape/top1, ..."""
+    prefix = f"{entry['dataset']}/" if "task" in entry else "train/"
+    return {prefix + k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def tensorboard(out_dir, start_step, meta):
+    """-> a sink writing OUT/tensorboard's event files; the config as text at step 0."""
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+    writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    if not start_step:
+        writer.add_text("config", "```\n" + json.dumps(meta, indent=1, default=str) + "\n```", 0)
+    atexit.register(writer.close)
+
+    def sink(entries):
+        for entry in entries:
+            for name, value in scalars(entry).items():
+                writer.add_scalar(name, value, entry["step"])
+        writer.flush()  # once per --log-every: a run that is killed keeps what it logged
+    return sink
+
+
+def wandb(out_dir, start_step, meta):
+    """-> a sink logging to a wandb run (project $WANDB_PROJECT, else clip; files under $WANDB_DIR, else OUT), its id
+    kept in OUT/wandb_id for --resume."""
+    import wandb as wb
+
+    id_path = os.path.join(out_dir, "wandb_id")
+    run_id = open(id_path).read().strip() if start_step and os.path.exists(id_path) else os.urandom(6).hex()
+    with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    try:
+        run = wb.init(project=os.environ.get("WANDB_PROJECT", "clip"), id=run_id, resume="allow", config=meta,
+                      name=os.path.basename(os.path.abspath(out_dir)), dir=os.environ.get("WANDB_DIR", out_dir))
+    except wb.errors.Error as e:  # not logged in, no network, ...
+        fail(f"--report-to wandb: {e} (wandb login, or WANDB_MODE=offline to log locally)")
+    atexit.register(run.finish)
+
+    def sink(entries):
+        for entry in entries:
+            run.log(scalars(entry), step=entry["step"])
+    return sink

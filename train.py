@@ -85,6 +85,8 @@ def get_args(argv=None):
                    ".csv/.tsv (default: synthetic, when training on it)")
     p.add_argument("--eval-data-dir", default=None, help="the --data-dir of --eval-dataset")
     p.add_argument("--eval-size", type=int, default=1000, help="held-out images per synthetic zero-shot task")
+    p.add_argument("--report-to", default="", help="also log what log.jsonl gets to tensorboard (OUT/tensorboard) "
+                   "and/or wandb, comma-separated; optional packages")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -299,6 +301,7 @@ def main(argv=None):
     no_sync = train_model.no_sync if world > 1 else nullcontext
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop)
+    log.report_to(args.report_to, meta)  # OUT/config.json, and the trackers of --report-to
     log.print(f"{args.method} | {args.model} ({pretrained.trainable(method)}) | "
               f"{args.data}: {len(dataset)} {'shards' if stream.shards else 'samples'} | {world} rank(s) on {device} | "
               f"batch {args.batch_size} = {world} × {args.grad_accum} × {micro} | {optimizer_line} warmup {warmup} | "

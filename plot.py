@@ -1,0 +1,123 @@
+"""
+Plot training runs from their OUT/log.jsonl: the loss and each component the method logs, the learning rate, the
+logit scale, samples/s, and every evaluation that --eval-every logged, several runs overlaid on one PNG.
+
+    python plot.py out                                  # -> out/plot.png
+    python plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
+
+Needs matplotlib (pip install matplotlib); draws without a display (the Agg backend).
+"""
+
+import argparse
+import json
+import math
+import os
+
+from runlog import fail
+
+COLS, PANEL = 3, (4.0, 3.0)  # panels per row, each panel's size in inches (at 100 dpi: 400 × 300 pixels)
+NOT_CURVES = ("step", "skipped")  # keys of a step's line that are not plotted
+METRICS = {"zeroshot_classification": ("top1",), "retrieval": ("image->text R@1", "text->image R@1")}
+
+
+def read_run(out_dir):
+    """OUT -> (label, training lines, evaluation lines). The label is the run's method and model (OUT/config.json,
+    which train.py writes), else the folder's name."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        fail(f"cannot read {path}: {(e.strerror or str(e)).lower()}; is {out_dir} the --out-dir of a train.py run?")
+    entries = []
+    for i, line in enumerate(lines):
+        if not line.endswith("\n"):  # a run writing right now: its last line may be unfinished
+            continue
+        try:
+            entry = json.loads(line)
+            entry["step"] + 0
+        except (ValueError, TypeError, KeyError):
+            fail(f"{path} line {i + 1} is not a log entry of train.py (a JSON object with a step): {line[:60]!r}")
+        entries.append(entry)
+    if not entries:
+        fail(f"{path} holds no step yet")
+    label = os.path.basename(os.path.normpath(out_dir))
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            config = json.load(f)["config"]
+        label = f"{config['method']} {config['model']} ({label})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return label, [e for e in entries if "loss" in e], [e for e in entries if "task" in e]
+
+
+def curves(runs):
+    """-> {panel title: {(run index, metric): (steps, values)}}: the training curves, then the evaluations, each in the
+    order first met. A retrieval panel holds both directions' R@1, a classification panel the top-1 (in %)."""
+    panels, evaluations_panels = {}, {}
+
+    def add(title, key, step, value, into=panels):
+        xs, ys = into.setdefault(title, {}).setdefault(key, ([], []))
+        xs.append(step), ys.append(value)
+
+    for i, (_, steps, evaluations) in enumerate(runs):
+        for entry in steps:
+            for key, value in entry.items():
+                if key not in NOT_CURVES and isinstance(value, (int, float)):
+                    add(key, (i, key), entry["step"], value)
+        for entry in evaluations:
+            for metric in METRICS.get(entry["task"], ()):
+                if isinstance(entry.get(metric), (int, float)):
+                    title = f"{entry['dataset']} {'R@1' if entry['task'] == 'retrieval' else 'top-1'} (%)"
+                    add(title, (i, metric), entry["step"], 100 * entry[metric], evaluations_panels)
+    return {**panels, **evaluations_panels}
+
+
+def plot(out_dirs, out):
+    try:
+        import matplotlib
+    except ImportError:
+        fail("plot.py needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in out_dirs]
+    panels = curves(runs)
+    rows = math.ceil(len(panels) / COLS)
+    fig, axes = plt.subplots(rows, COLS, figsize=(PANEL[0] * COLS, PANEL[1] * rows), dpi=100, squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
+        for (i, metric), (xs, ys) in lines.items():
+            second = metric == "text->image R@1"  # a retrieval panel's second line: dashed
+            ax.plot(xs, ys, "--" if second else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
+                    marker="o" if len(xs) < 20 else None, label=runs[i][0] + (f" {metric}" if "R@1" in metric else ""))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if title == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.grid(alpha=0.3)
+        if len(lines) > 1 or title == "loss":
+            ax.legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        fail(f"could not write {out}: {(e.strerror or str(e)).lower()}")
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="train.py --out-dir folders")
+    p.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/plot.png for one run, plot.png "
+                   "for several)")
+    args = p.parse_args(argv)
+    out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
+    print(plot(args.out_dirs, out))
+
+
+if __name__ == "__main__":
+    main()
