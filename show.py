@@ -100,7 +100,7 @@ def section(task, panels):
 
     def image(i):  # as read, before the evaluation transform
         return task["images"][i] if retrieval else task["images"].dataset[i][0]
-    out = []
+    out = [] if panels else [f"<h2>{html.escape(task['dataset'])}: no mistakes</h2>"]
     for direction in ("text->image", "image->text", "mistake"):
         shown = [p for p in panels if p["direction"] == direction]
         if not shown:
