@@ -5,8 +5,8 @@ import base64
 import glob
 import importlib.util
 import io
-import re
 import json
+import re
 import struct
 import sys
 
@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 from test_train import ROOT, TINY, read_log, run
 
 sys.path.insert(0, ROOT)
@@ -28,13 +29,12 @@ def runs(tmp_path_factory):
     """Two real runs: CLIP evaluating every 2 steps, logged to tensorboard and (offline) wandb too; SigLIP without
     evaluation lines."""
     tmp = tmp_path_factory.mktemp("runs")
+    # wandb offline, its files here: an environment of its own, so a fresh interpreter (cli.run with env)
     env = dict(WANDB_MODE="offline", WANDB_DIR=str(tmp), WANDB_SILENT="true")
-    with pytest.MonkeyPatch.context() as m:
-        for k, v in env.items():
-            m.setenv(k, v)
-        trackers = "tensorboard,wandb" if importlib.util.find_spec("wandb") else "tensorboard"  # see the wandb test
-        run("train.py", "--steps", "4", "--eval-every", "2", *TINY, "--out-dir", tmp / "clip", "--report-to",
-            trackers, cwd=tmp)
+    trackers = "tensorboard,wandb" if importlib.util.find_spec("wandb") else "tensorboard"  # see the wandb test
+    p = cli.run("train.py", "--steps", "4", "--eval-every", "2", *TINY, "--out-dir", tmp / "clip", "--report-to",
+                trackers, cwd=tmp, env=env)
+    assert p.returncode == 0, p.stderr
     run("train.py", "--method", "siglip", "--steps", "3", *TINY, "--eval-size", "0", "--out-dir", tmp / "siglip",
         cwd=tmp)
     return tmp
