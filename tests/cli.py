@@ -4,7 +4,8 @@ stdout and stderr), without paying torch's and torchvision's imports (~4 s of a 
 Each run is forked from one server process that imported the project's modules and ran nothing else
 (multiprocessing's forkserver, started once per test session), then executes the script as `__main__` with
 runpy, in its folder, with its arguments. Runs that need another environment (a hidden package, a blocked network,
-another HOME), a launcher (torchrun) or signals sent to their process group use a fresh interpreter: `fresh=True`.
+another HOME: the server's environment is fixed when it starts), a launcher (torchrun) or signals sent to their
+process group use a fresh interpreter: `env=...` or `fresh=True`.
 """
 
 import multiprocessing
@@ -22,7 +23,7 @@ _server = multiprocessing.get_context("forkserver")
 
 
 def start_server():
-    """Start the forkserver (once) with the modules preloaded and ENV set; tests/ranks.py forks its ranks from it."""
+    """Start the forkserver (once), with the modules preloaded and ENV set."""
     from multiprocessing import forkserver
 
     _server.set_forkserver_preload(PRELOAD)

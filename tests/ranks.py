@@ -9,8 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import cli
-
 
 def assert_close_at_scale(actual, expected, rel=1e-5, floor=0.0):
     """Compare float32 results of different summation orders (W ranks vs one process): rounding errors scale with the
@@ -44,7 +42,5 @@ def run_distributed(fn, world, *args):
     """fn(rank, world, *args) runs on each of `world` processes (fn must be a module-level function, picklable);
     returns the list of its return values, in rank order."""
     with tempfile.TemporaryDirectory() as out_dir:
-        cli.start_server()  # ranks fork from a process that imported torch once (spawn: ~4 s of imports per rank)
-        mp.start_processes(_worker, args=(world, _free_port(), fn, args, out_dir), nprocs=world,
-                           start_method="forkserver")
+        mp.start_processes(_worker, args=(world, _free_port(), fn, args, out_dir), nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world)]
