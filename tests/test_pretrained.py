@@ -17,14 +17,12 @@ import pretrained
 import train
 from model import CONFIGS
 from test_model import random_text
+from test_train import METHOD_ARGS, main_error
 
 import open_clip  # the independent reference (requirements-dev.txt)
 logging.getLogger().setLevel(logging.ERROR)
 
 TINY = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "0"]
-METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
-               "declip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4", "filip": "",
-               "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
 
 
 def open_clip_model(name, seed=0):
@@ -196,25 +194,17 @@ def test_a_locked_tower_builds_no_graph(files):
     assert not any(id(p) in held for p in method.model.visual.parameters())  # no AdamW state for it
 
 
-def one_line(*argv):
-    with pytest.raises(SystemExit) as stopped:
-        train.main([str(a) for a in argv])
-    message = str(stopped.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
 def test_refusals(files, tmp_path, monkeypatch):
     _, paths = files
     out = ["--out-dir", tmp_path / "out", *TINY]
-    assert "architecture" in one_line("--pretrained", paths[0], "--model", "tiny-rn", *out)
-    assert "OpenAI's model names (RN50, RN101" in one_line("--pretrained", "ViT-B-32", *out)  # open_clip's spelling
-    assert "--resume" in one_line("--pretrained", paths[0], "--resume", *out)
-    assert "BPE" in one_line("--pretrained", paths[0], "--tokenizer", "cl100k_base", *out)
-    assert "ResNet" in one_line("--pretrained", str(tmp_path / "none.pt"), "--model", "tiny-rn", "--patch-dropout",
+    assert "architecture" in main_error("--pretrained", paths[0], "--model", "tiny-rn", *out)
+    assert "OpenAI's model names (RN50, RN101" in main_error("--pretrained", "ViT-B-32", *out)  # open_clip's spelling
+    assert "--resume" in main_error("--pretrained", paths[0], "--resume", *out)
+    assert "BPE" in main_error("--pretrained", paths[0], "--tokenizer", "cl100k_base", *out)
+    assert "ResNet" in main_error("--pretrained", str(tmp_path / "none.pt"), "--model", "tiny-rn", "--patch-dropout",
                                 "0.5", *out)
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the package were not installed
-    assert "pip install safetensors" in one_line("--pretrained", paths[2], *out)
+    assert "pip install safetensors" in main_error("--pretrained", paths[2], *out)
 
 
 def fake_name(monkeypatch, tmp_path, content):
@@ -234,7 +224,7 @@ def test_openai_names(files, tmp_path, monkeypatch, capsys):
     content = open(paths[3], "rb").read()
     path = fake_name(monkeypatch, tmp_path, content)
     # no network: one line naming the URL and where to put the file
-    message = one_line("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
+    message = main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
     assert pretrained.OPENAI["ViT-B/32"] in message and str(path) in message
     assert not path.exists()
     # a download: checked, kept (urlopen replaced by one that serves the file)
@@ -247,11 +237,11 @@ def test_openai_names(files, tmp_path, monkeypatch, capsys):
     # a file of another SHA-256 at the cache path is refused, and never read
     path.write_bytes(content[:-1] + b"x")
     monkeypatch.setattr(checkpoint, "read", lambda *a: pytest.fail("a file with the wrong SHA-256 was read"))
-    assert "SHA-256" in one_line("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
+    assert "SHA-256" in main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
     # a download with the wrong bytes is removed, not kept
     path.unlink()
     monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not the file"))
-    assert "SHA-256" in one_line("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
+    assert "SHA-256" in main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
