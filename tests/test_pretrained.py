@@ -1,5 +1,6 @@
 """train.py --pretrained, the lock flags, OpenAI's model names and eval_zeroshot.py --interpolate (WiSE-FT), on
 weights built and saved by open_clip (an independent implementation), in every file format users have."""
+import argparse
 import functools
 import hashlib
 import io
@@ -281,3 +282,15 @@ def test_two_gloo_ranks_with_accumulation_equal_one_process_when_locked(files, t
     one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
     for k in one:  # as tests/test_train.py's two ranks: Adam turns rounding noise of ~0 gradients into steps ~lr
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_fine_tuning_defaults():
+    """The README's: with --pretrained and no --lr, lr 1e-5 and 100 warmup steps (at most 10% of --steps)."""
+    args = argparse.Namespace(pretrained="ViT-B/32", lr=None, warmup=None, steps=4620)
+    assert pretrained.lr_and_warmup(args) == (1e-5, pretrained.FINETUNE_SOURCE, 100)
+    args.steps = 200
+    assert pretrained.lr_and_warmup(args)[2] == 20
+    args.lr, args.warmup = 3e-5, 7
+    assert pretrained.lr_and_warmup(args) == (3e-5, "--lr", 7)
+    args.pretrained, args.lr, args.warmup, args.steps = None, None, None, 500_000  # pre-training: the method's rule
+    assert pretrained.lr_and_warmup(args) == (None, "--lr", 10_000)
