@@ -100,8 +100,9 @@ def vs_open_clip(args):
     time) of reading a JPEG file and applying CLIP's train transform at the model's size, three ways: open_clip's
     (PIL decoding, its RandomResizedCrop(0.9-1) and normalisation), ours before issue 22 (torchvision.io decoding of
     the full image, the float transform) and ours (data.ImageCaptions' lazy JPEG, decoded by the crop at the size it
-    needs, uint8 out: normalised on the GPU); and decoding alone at 1/1 to 1/8 of the size. Pipelines alternate within
-    each round."""
+    needs, uint8 out: normalised on the GPU); the workers' part of train.py --gpu-decode (the header, the box); and
+    decoding alone at 1/1 to 1/8 of the size. Pipelines alternate within each round. On a GPU, also the device's part
+    of --gpu-decode."""
     try:
         import open_clip
     except ImportError:
@@ -122,9 +123,14 @@ def vs_open_clip(args):
         with Image.open(path) as img:
             img.draft("RGB", (img.size[0] // r, img.size[1] // r))
             img.load()
+    def deferred(path):  # train.py --gpu-decode: the workers' part (the header, the box); the device decodes
+        jpeg = data.decode_image(read(path), lazy_name=path)
+        jpeg.defer = True
+        return ours(jpeg)
     pipelines = {"open_clip": lambda path: theirs(Image.open(path)),  # as open_clip's CsvDataset
                  "before": lambda path: before(data.load_image(path)),
                  "ours": lambda path: ours(data.decode_image(read(path), lazy_name=path)),
+                 "ours --gpu-decode": deferred,
                  **{f"decode 1/{r}": lambda path, r=r: decode_only(path, r) for r in (1, 2, 4, 8)}}
     torch.set_num_threads(1)
     print(f"# CLIP's train transform at {R} px, images per CPU-second (1 thread), median of {args.rounds} rounds "
@@ -135,12 +141,25 @@ def vs_open_clip(args):
             make_jpegs(args.images, folder, w, h)
             paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
             for k in range(args.rounds + 1):  # round 0 warms up (first decodes, page cache) and is not counted
-                for name in list(pipelines)[k % 7:] + list(pipelines)[:k % 7]:
+                for name in list(pipelines)[k % len(pipelines):] + list(pipelines)[:k % len(pipelines)]:
                     torch.manual_seed(k)
                     t0 = time.process_time()
                     for path in paths:
                         pipelines[name](path)
                     rates[name] += [len(paths) / (time.process_time() - t0)] if k else []
+            if torch.cuda.is_available():  # the device's part of --gpu-decode: batches of 256, decoded and cropped
+                crops = [deferred(path) for path in paths] * (256 // len(paths) + 1)
+                seconds = []
+                for k in range(args.rounds + 1):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    data.decode_crops(crops[:256], "cuda")
+                    torch.cuda.synchronize()
+                    seconds += [time.perf_counter() - t0] if k else []
+                gpu = 256 / float(np.median(seconds))
+                print(f"gpu-decode {w}x{h} -> {R}px on {torch.cuda.get_device_name()} | {gpu:.0f} images/s in batches "
+                      f"of 256 (nvJPEG decode, crop, resize; median of {args.rounds}) | {args.gpu_rate:,.0f} samples/s "
+                      f"of training would spend {100 * args.gpu_rate / gpu:.0f}% of the GPU's time on it")
         median = {name: float(np.median(r)) for name, r in rates.items()}
         ratios = [a / b for a, b in zip(rates["ours"], rates["open_clip"])]
         print(f"data-vs-open_clip {w}x{h} -> {R}px | " + " | ".join(

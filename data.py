@@ -34,14 +34,18 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class RandomResizedCrop:
     """v2.RandomResizedCrop(size, scale, bicubic, antialias) of a PIL image, an image tensor or a Jpeg, its box drawn
-    by torchvision's own get_params (the same draws from torch's RNG, so the same box for the same seed)."""
+    by torchvision's own get_params (the same draws from torch's RNG, so the same box for the same seed).
+    deferrable: only the uint8 conversion follows (train_transform), so a Jpeg marked for decoding on the GPU
+    (TrainingStream's decode_on_device) is not decoded here but returned as a DeferredCrop: its bytes and box."""
 
-    def __init__(self, size, scale, ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
+    def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), deferrable=False):
+        self.size, self.scale, self.ratio, self.deferrable = size, scale, ratio, deferrable
 
     def __call__(self, image):
         width, height = image.size if isinstance(image, (Jpeg, Image.Image)) else image.shape[:-3:-1]
         top, left, h, w = RandomResizedCropV1.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+        if isinstance(image, Jpeg) and image.defer and self.deferrable:
+            return DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
             # Differs from torchvision: a JPEG is decoded at 1/r of its size (libjpeg's DCT scaling, r = 8, 4 or 2),
             # the largest r that leaves the crop at least `size` pixels on both sides, and the box is mapped to the
@@ -65,8 +69,8 @@ class RandomResizedCrop:
 
 
 def train_transform(image_size, scale=(0.9, 1.0)):
-    """RandomResizedCrop -> uint8 (3, R, R) (an image of 16 bits a channel is cut to 8 here)"""
-    return v2.Compose([RandomResizedCrop(image_size, scale), *TO_UINT8])
+    """RandomResizedCrop -> uint8 (3, R, R) (an image of 16 bits a channel is cut to 8 here), or a DeferredCrop"""
+    return v2.Compose([RandomResizedCrop(image_size, scale, deferrable=True), *TO_UINT8])  # v2 passes a DeferredCrop
 
 
 TO_UINT8 = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
@@ -79,9 +83,25 @@ def normalise(images):
     return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
-def to_device(batch, device):
-    """A collated training batch on the device, its uint8 images (the training transforms') normalised there."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch, device, bad=None):
+    """A collated training batch on the device, its uint8 images (the training transforms') normalised there, its
+    columns of DeferredCrops decoded there first (decode_crops). A sample whose image nothing could decode takes the
+    place of the next readable one in every column (a repeated pair, where the CPU path would draw a new sample: the
+    workers have passed it), its (name, reason) appended to `bad`."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    failed = {}
+    for k, v in batch.items():
+        if isinstance(v, list):  # of DeferredCrops (collate)
+            batch[k], f = decode_crops(v, device)
+            failed.update(f)
+    if failed:
+        readable = [i for i in range(len(batch[k])) if i not in failed]
+        if not readable:
+            raise UnreadableImages(f"no image of a batch decodes, the first {next(iter(failed.values()))[0]}")
+        rows = torch.tensor([i if i not in failed else min(readable, key=lambda j: (j - i) % len(batch[k]))
+                             for i in range(len(batch[k]))], device=device)
+        batch = {k: v[rows] for k, v in batch.items()}
+        bad.extend(failed.values()) if bad is not None else None
     return {k: normalise(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
 
 
@@ -134,6 +154,7 @@ class Jpeg:
 
     def __init__(self, raw, size, name):
         self.raw, self.size, self.name, self.decoded = raw, size, name, {}  # decoded: {r: the decode at 1/r}
+        self.defer = False  # decoded on the device (DeferredCrop): set by TrainingStream's decode_on_device
 
     def decode(self, r=1):
         """The (3, ⌈H/r⌉, ⌈W/r⌉) uint8 image: r = 1 torchvision.io's (faster at full size), else libjpeg's DCT-domain
@@ -151,6 +172,55 @@ class Jpeg:
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
                 raise UnreadableImage(self.name, str(e) or type(e).__name__) from e
         return self.decoded[r]
+
+
+class DeferredCrop:
+    """A training crop left to the GPU (train.py --gpu-decode): the JPEG's bytes and the box (top, left, h, w) that
+    RandomResizedCrop drew in the worker, from the worker's seed. decode_crops makes of it the crop of the full decode.
+    A JPEG with no end marker after its last scan (a truncated file) is unreadable here already, where the worker
+    replaces it as it would on failing to decode it."""
+
+    def __init__(self, jpeg, box, size):
+        end = jpeg.raw.rfind(b"\xff\xd9")  # EOI; then no SOS after it (a scan cut short); markers are not data
+        if end < 0 or jpeg.raw.find(b"\xff\xda", end) >= 0:
+            raise UnreadableImage(jpeg.name, "truncated: no end-of-image marker after its last scan")
+        self.raw, self.name, self.box, self.size = jpeg.raw, jpeg.name, box, size
+
+
+def decode_crops(crops, device):
+    """A column of DeferredCrops (and uint8 (3, R, R) images, of files that are not JPEGs) -> (uint8 (B, 3, R, R) on the
+    device, {i: (name, reason)} of the crops nothing could decode). The JPEGs are decoded in one batch by torchvision.io
+    on the device (nvJPEG on a GPU), then cut and resized as RandomResizedCrop cuts and resizes a full decode. One that
+    the device cannot decode (nvJPEG: CMYK, 12-bit, some corrupt files) is decoded on the CPU (decode_image)."""
+    jpegs = [i for i, c in enumerate(crops) if isinstance(c, DeferredCrop)]
+    raws = [torch.frombuffer(bytearray(crops[i].raw), dtype=torch.uint8) for i in jpegs]
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decoded = tvio.decode_jpeg(raws, mode=tvio.ImageReadMode.RGB, device=device) if raws else []
+        except RuntimeError:  # one bad file fails the batch: one at a time
+            decoded = [decode_on(raw, device) for raw in raws]
+    images, failed = [c.to(device) if torch.is_tensor(c) else None for c in crops], {}
+    for i, image in zip(jpegs, decoded):
+        if isinstance(image, str):  # to_device puts another sample in its place
+            failed[i], image = (crops[i].name, image), torch.zeros(3, crops[i].size, crops[i].size, dtype=torch.uint8)
+        else:
+            image = v2.functional.resized_crop(image.to(device), *crops[i].box, [crops[i].size] * 2,
+                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        images[i] = image.to(device)
+    return torch.stack(images), failed
+
+
+def decode_on(raw, device):
+    """One JPEG's (3, H, W) uint8 decode: on the device, else on the CPU, else the reason neither could."""
+    try:
+        return tvio.decode_jpeg(raw, mode=tvio.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return v2.Compose(TO_UINT8)(decode_image(bytes(raw)))
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
+        return str(e) or type(e).__name__
 
 
 class UnreadableImage(Exception):
@@ -360,7 +430,27 @@ class Seeded(torch.utils.data.Dataset):
 def collate(samples):
     """default_collate, with the samples' lists of unreadable images joined into one"""
     bad = [b for sample in samples for b in sample.pop("bad")]
-    return {**torch.utils.data.default_collate(samples), "bad": bad}
+    return {**stack(samples), "bad": bad}
+
+
+def stack(samples):
+    """default_collate, but a column holding DeferredCrops stays a list (to_device decodes it)"""
+    lists = {k for sample in samples for k, v in sample.items() if isinstance(v, DeferredCrop)}
+    batch = torch.utils.data.default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
+    return {**batch, **{k: [s[k] for s in samples] for k in lists}}
+
+
+class Deferring:
+    """transform(image, caption) with a Jpeg marked for decoding on the device: its crops that only a uint8 conversion
+    follows become DeferredCrops (train_transform); colour-jittered views (SLIP's SimCLR, DeCLIP's) stay on the CPU."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, caption):
+        if isinstance(image, Jpeg):
+            image.defer = True
+        return self.transform(image, caption)
 
 
 class TrainingStream:
@@ -373,8 +463,10 @@ class TrainingStream:
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
 
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
-                 shuffle_buffer=2000, caption_key=None):
+                 shuffle_buffer=2000, caption_key=None, decode_on_device=False):
         self.device, self.micro, self.readers, self.shards = device, micro, None, None
+        transform = Deferring(transform) if decode_on_device else transform  # JPEG crops decoded by to_device
+        self.note_deferred = decode_on_device and rank == 0  # at the first batch
         if isinstance(dataset, list):  # tar shards (make_dataset)
             k = max(1, workers)  # this rank's readers
             self.readers, self.shards = world * k, len(dataset)
@@ -408,9 +500,14 @@ class TrainingStream:
             fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableImages: "))
         bad = batch.pop("bad")
         self.lanes.update(batch.pop("lanes", ()))
+        if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):
+            print("--gpu-decode: nothing to decode on the device in the first batch (no JPEGs, or every view is colour-"
+                  "jittered, on the CPU)", flush=True)
+        self.note_deferred = False
+        batch = to_device(batch, self.device, bad)  # bad: + the images the device could not decode
         self.unreadable.update(bad)
         self.reads, self.failed = self.reads + self.micro + len(bad), self.failed + len(bad)
-        return to_device(batch, self.device)
+        return batch
 
     def take_unreadable(self):
         """-> ({path: reason} of the unreadable samples met since the last call, reads and failed reads since the

@@ -248,7 +248,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             in_a_row = 0
             samples.append(sample)
             if len(samples) == size:
-                yield {**torch.utils.data.default_collate(samples), "bad": bad, "lanes": [(lane, position)]}
+                yield {**data.stack(samples), "bad": bad, "lanes": [(lane, position)]}
                 samples, bad = [], []
 
 
@@ -256,5 +256,6 @@ def join(chunks, k, device):
     """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
     DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
     for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts]) if torch.is_tensor(parts[0][key])
-               else [x for p in parts for x in p[key]] for key in parts[0]}
+        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts])
+               if all(torch.is_tensor(p[key]) for p in parts) else [x for p in parts for x in p[key]]  # DeferredCrops
+               for key in parts[0]}

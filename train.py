@@ -72,6 +72,8 @@ def get_args(argv=None):
                    "many samples")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores "
                    "available per rank less one, at most 8)")
+    p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG), not in the workers: "
+                   "the views that are only a crop (CLIP, SigLIP, FILIP, SLIP's CLIP view)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from --out-dir/ckpt.pt or a path")
     p.add_argument("--trust-checkpoint", action="store_true", help="--resume from a checkpoint that holds Python "
@@ -294,7 +296,7 @@ def main(argv=None):
     checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step))
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
-                                 args.csv_caption_key)
+                                 args.csv_caption_key, args.gpu_decode)
     train_model = distributed.wrap_ddp(method, device, own_buffers) if world > 1 else method
     if args.compile:
         train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets

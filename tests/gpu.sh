@@ -7,7 +7,9 @@
 # On one H100 (2026-11-27) the sections took: tests 169 s, bench 77 s, data 65 s, memory 25 s, compile 187 s, about
 # 9 minutes in all; the optional section compile-b32 (ViT-B/32 compiled, against open_clip) adds 168 s. The optional
 # section accum (ViT-B/16 CLIP at batch 4,096 on one GPU; each of accumulation, checkpointing and patch dropout against
-# the plain step; the README's one-GPU SLIP recipe for 3 steps) has not run yet: its limits allow 11 minutes.
+# the plain step; the README's one-GPU SLIP recipe for 3 steps) has not run yet: its limits allow 11 minutes. Nor has
+# the optional section feed (compiled ViT-B/32 from 640x480 JPEGs on 4 and 12 cores, with and without --gpu-decode;
+# about 8 minutes): run `bash tests/gpu.sh gpu-results.txt tests data feed` when the time allows.
 #
 # Each command runs under a time limit; a failure or time-out is written down and the script goes on, then exits
 # non-zero at the end. Without a GPU it stops at once.
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 results=${1:-gpu-results.txt}
 shift $(($# > 0 ? 1 : 0))
-sections=${*:-tests bench data memory compile}  # and compile-b32, accum when named
+sections=${*:-tests bench data memory compile}  # and compile-b32, accum, feed when named
 failed=0
 
 if ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -78,6 +80,19 @@ if has accum; then
     # the README's recipe for one GPU, on the built-in data: SLIP's loss on 4,096 pairs per step
     run 240 $PYTHON train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing \
         --steps 3 --log-every 1 --eval-size 0 --out-dir "$(mktemp -d)"
+fi
+if has feed; then
+    # issue 22's goal: compiled ViT-B/32 trained from 640x480 JPEGs, the samples/s of a few CPU cores, with and without
+    # --gpu-decode, against the synthetic rate of the bench section (the log's samples/s at steps 30-60)
+    jpegs=$(mktemp -d)
+    run 120 $PYTHON bench_data.py --make-jpegs 3000 "$jpegs" --jpeg-size 640x480
+    $PYTHON -c "import os, sys; d = sys.argv[1]; open(os.path.join(d, 'pairs.tsv'), 'w').write('filepath\ttitle\n' + \
+        ''.join(f'{f}\ta photo number {i}\n' for i, f in enumerate(sorted(os.listdir(d))) if f.endswith('.jpg')))" "$jpegs"
+    for flags in "--workers 4" "--workers 4 --gpu-decode" "--workers 12 --gpu-decode"; do
+        run 200 $PYTHON train.py --data "$jpegs/pairs.tsv" --model ViT-B-32 --batch-size 256 --compile --steps 60 \
+            --log-every 10 --eval-size 0 $flags --out-dir "$(mktemp -d)"
+    done
+    rm -rf "$jpegs"
 fi
 if has compile-b32; then
     run 200 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20 --compile

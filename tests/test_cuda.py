@@ -215,3 +215,21 @@ def test_losses_and_all_gather_on_a_nccl_group_of_one():
         dist.destroy_process_group()
     for a, b in zip(in_group, alone):
         torch.testing.assert_close(a, b)
+
+
+def test_gpu_decode_on_cuda_agrees_with_the_cpu(tmp_path):
+    # --gpu-decode: nvJPEG's decodes and the CUDA crops (float bicubic, rounded) against libjpeg's and torchvision's
+    # uint8 crop on the CPU, for the same boxes (tests/test_jpeg.py checks those); then train.py with it
+    from test_jpeg import first_batch, photos, psnr, unnormalised
+    paths = photos(tmp_path)
+    on_gpu, _ = first_batch(paths, workers=2, device="cuda", decode_on_device=True)
+    on_cpu, _ = first_batch(paths, workers=2, decode_on_device=True)
+    assert on_gpu["image"].is_cuda and torch.equal(on_gpu["text"].cpu(), on_cpu["text"])
+    values = [psnr(unnormalised(a.cpu()), unnormalised(b)) for a, b in zip(on_gpu["image"], on_cpu["image"])]
+    print("PSNR of the CUDA path against the CPU's:", [round(v, 1) for v in values])
+    assert min(values) > 35, values
+    rows = [f"{os.path.basename(p)}\ta photo number {i}" for i, p in enumerate(paths * 3)]
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    train.main(["--data", str(tmp_path / "pairs.tsv"), "--gpu-decode", "--steps", "3", *TINY, "--batch-size", "6",
+                "--workers", "2", "--eval-size", "0", "--out-dir", str(tmp_path / "out")])
+    assert [e["step"] for e in read_log(tmp_path / "out") if "loss" in e] == [1, 2, 3]

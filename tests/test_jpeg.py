@@ -3,6 +3,7 @@ a data.Jpeg), the crop boxes torchvision's, uint8 out of the workers and normali
 
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -126,3 +127,132 @@ def test_an_unreadable_jpeg_is_found_by_the_crop_and_passed_over(tmp_path):
         assert out["image"].shape == (3, size, size) and out["image"].dtype == torch.uint8
         assert out["bad"] and all(path == paths[0] for path, _ in out["bad"])
         assert out["bad"][0][1].startswith("image file is truncated")
+
+
+# --- train.py --gpu-decode: the workers hand the JPEG's bytes and box, the device decodes and crops ---------------------
+
+
+def photos(folder):
+    """Six image files: real photos at three qualities, a greyscale JPEG, a PNG (never deferred: decoded in the worker)"""
+    china, flower = (load_sample_image(name)[:424] for name in ("china.jpg", "flower.jpg"))
+    files = [("china90.jpg", china, 90), ("flower90.jpg", flower, 90), ("china60.jpg", china[::-1], 60),
+             ("flower75.jpg", flower[:, ::-1], 75), ("grey.jpg", china[..., 1], 85), ("china.png", china[50:350], 0)]
+    for name, pixels, quality in files:
+        Image.fromarray(pixels.copy()).save(folder / name, **({"quality": quality} if quality else {}))
+    return [str(folder / name) for name, *_ in files]
+
+
+def first_batch(paths, workers=0, size=96, device="cpu", **stream):
+    dataset = data.ImageCaptions(paths, [f"photo number {i}" for i in range(len(paths))])
+    transform = Transform(size, get_tokenizer("clip"), 77)
+    stream = data.TrainingStream(dataset, transform, 0, len(paths), 0, 1, workers, device, **stream)
+    return next(stream), stream
+
+
+def unnormalised(images):  # (B, 3, R, R) float on the device -> the uint8 values the transforms made
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (data.MEAN, data.STD))
+    return (images * std + mean) * 255
+
+
+def test_gpu_decode_gives_torchvisions_crop_of_the_full_decode(tmp_path):
+    # The device's part runs on the CPU device here (torchvision.io's libjpeg in place of nvJPEG; tests/test_cuda.py
+    # runs it on a GPU). Each image is exactly torchvision's RandomResizedCrop of the full decode under the sample's seed:
+    # the workers drew the box (two workers: DeferredCrops travel through the DataLoader's queues and pinning) and the
+    # crop is torchvision's. Against the workers' own reduced decode, the CPU path: its tolerance, above.
+    paths = photos(tmp_path)
+    deferred, _ = first_batch(paths, workers=2, decode_on_device=True)
+    on_cpu, _ = first_batch(paths, workers=2)
+    crop = v2.RandomResizedCrop(96, (0.9, 1.0), **BICUBIC)
+    for position in range(len(paths)):
+        index = data.epoch_order(len(paths), 0, 0)[position].item()
+        torch.manual_seed(data.seed_of(0, position))
+        reference = crop(data.load_image(paths[index]))
+        assert torch.equal(deferred["image"][position], data.normalise(reference)), paths[index]
+        assert psnr(unnormalised(deferred["image"][position]), unnormalised(on_cpu["image"][position])) > 30
+    assert torch.equal(deferred["text"], on_cpu["text"])
+
+
+def test_gpu_decode_of_a_method_with_other_views_and_of_shards(tmp_path):
+    # SLIP: its CLIP view is deferred, its two SimCLR views (colour jitter, blur, flips on the CPU) are not, and draw
+    # the same as without --gpu-decode. Shards: chunks of two readers joined with their lists of DeferredCrops; their
+    # tiny JPEGs are decoded in full on the CPU path too, so the batches are equal.
+    from slip import SLIP
+    from test_shards import write_shards
+    from model import create_model
+    paths = photos(tmp_path)
+    dataset = data.ImageCaptions(paths, [f"photo number {i}" for i in range(len(paths))])
+    transform = SLIP(create_model("tiny-vit"), mlp_dim=16).transform(get_tokenizer("clip"))
+    batches = [next(data.TrainingStream(dataset, transform, 0, 6, 0, 1, 0, "cpu", decode_on_device=d)) for d in (0, 1)]
+    assert all(torch.equal(batches[0][k], batches[1][k]) for k in batches[0] if k != "image")
+    assert min(psnr(unnormalised(a), unnormalised(b)) for a, b in zip(batches[0]["image"], batches[1]["image"])) > 30
+    assert not torch.equal(batches[0]["image"], batches[1]["image"])  # deferred: a full decode, not the reduced one
+
+    shards = write_shards(str(tmp_path / "shards"), corrupt=[(1, 2)])
+    streams = [data.TrainingStream(shards, Transform(16, get_tokenizer("clip"), 77), 0, 4, 0, 1, 2, "cpu",
+                                   decode_on_device=d) for d in (False, True)]
+    for _ in range(6):
+        plain, deferred = next(streams[0]), next(streams[1])
+        assert plain.keys() == deferred.keys() and all(torch.equal(plain[k], deferred[k]) for k in plain)
+    (bad, *counts), (bad_deferred, *counts_deferred) = (stream.take_unreadable() for stream in streams)
+    assert bad.keys() == bad_deferred.keys() and len(bad) == 1 and counts == counts_deferred
+
+
+def test_gpu_decode_of_files_the_device_or_nothing_can_decode(tmp_path, monkeypatch):
+    # A truncated JPEG is found in the worker (no end marker after its last scan) and replaced there as on the CPU
+    # path. One the device cannot decode is decoded on the CPU (nvJPEG lacks CMYK and 12-bit; here a decoder that
+    # refuses one file stands in for it). One nothing decodes (a bogus Huffman table: the header reads) gives its place
+    # to the next sample of the batch, in every column, and is counted unreadable.
+    paths = photos(tmp_path)[:5]
+    raw = open(paths[0], "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) // 2])
+    bogus = bytearray(raw)
+    dht = raw.index(b"\xff\xc4")
+    bogus[dht + 5:dht + 21] = b"\xff" * 16  # its 16 code counts: 4,080 codes of at most 16 bits
+    (tmp_path / "bogus.jpg").write_bytes(bogus)
+    paths = [paths[0], str(tmp_path / "cut.jpg"), str(tmp_path / "bogus.jpg"), *paths[1:]]
+    refused = open(paths[3], "rb").read()
+    decode_jpeg = data.tvio.decode_jpeg
+
+    def device_decoder(raws, **kwargs):
+        if any(bytes(r.numpy()) == refused for r in (raws if isinstance(raws, list) else [raws])):
+            raise RuntimeError("unsupported")
+        return decode_jpeg(raws, **kwargs)
+    monkeypatch.setattr(data.tvio, "decode_jpeg", device_decoder)
+    deferred, stream = first_batch(paths, decode_on_device=True)
+    on_cpu, cpu_stream = first_batch(paths)
+    order = data.epoch_order(len(paths), 0, 0).tolist()
+    b = order.index(2)  # bogus.jpg's place in the batch
+    for column in deferred:
+        assert torch.equal(deferred[column][b], deferred[column][(b + 1) % len(paths)])
+    (unreadable, _, failed), (on_cpu_unreadable, _, _) = stream.take_unreadable(), cpu_stream.take_unreadable()
+    assert set(unreadable) == set(on_cpu_unreadable) == {paths[1], paths[2]} and failed == 2
+    assert unreadable[paths[1]].startswith("truncated") and unreadable[paths[2]] == on_cpu_unreadable[paths[2]]
+    for position, index in enumerate(order):  # the rest: the same samples as on the CPU path, the refused file too
+        if index != 2:
+            assert torch.equal(deferred["text"][position], on_cpu["text"][position])
+            assert psnr(unnormalised(deferred["image"][position]), unnormalised(on_cpu["image"][position])) > 30
+
+
+def test_train_py_gpu_decode(tmp_path):
+    # --gpu-decode end to end (on the CPU device): the same run as without it but for the decoding of the images,
+    # so the losses agree closely; DeCLIP's views are all colour-jittered on the CPU, which the run says
+    import cli
+    from test_train import METHOD_ARGS, read_log
+    paths = photos(tmp_path)
+    rows = [f"{os.path.basename(p)}\ta photo of something number {i}" for i, p in enumerate(paths * 2)]
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    args = ["--data", tmp_path / "pairs.tsv", "--model", "tiny-vit", "--batch-size", "4", "--steps", "3",
+            "--workers", "1", "--log-every", "1", "--eval-size", "0"]
+    losses = []
+    for flags in ([], ["--gpu-decode"]):
+        p = cli.run("train.py", *args, *flags, "--out-dir", tmp_path / f"out{len(flags)}", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert "nothing to decode" not in p.stdout
+        losses.append([row["loss"] for row in read_log(tmp_path / f"out{len(flags)}") if "loss" in row])
+    assert len(losses[1]) == 3 and losses[0] != losses[1]
+    # measured: 1.4e-4 at the first step (the same weights), 2.3e-3 and 4.2e-3 after (the weights part)
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-3, atol=0)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=0)
+    p = cli.run("train.py", *args, "--steps", "1", "--method", "declip", "--method-args", METHOD_ARGS["declip"],
+                "--gpu-decode", "--out-dir", tmp_path / "declip", cwd=tmp_path)
+    assert p.returncode == 0 and "--gpu-decode: nothing to decode on the device" in p.stdout, p.stdout + p.stderr
