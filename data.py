@@ -7,6 +7,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import signal
 import warnings
@@ -17,7 +18,7 @@ import torch
 import torchvision.io as tvio
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import RandomResizedCrop as RandomResizedCropV1, v2
+from torchvision.transforms import v2
 
 import shards
 from runlog import fail
@@ -34,16 +35,39 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class RandomResizedCrop:
     """v2.RandomResizedCrop(size, scale, bicubic, antialias) of a PIL image, an image tensor or a Jpeg, its box drawn
-    by torchvision's own get_params (the same draws from torch's RNG, so the same box for the same seed).
+    as torchvision's get_params draws it (the same draws from torch's RNG, so the same box for the same seed).
     deferrable: only the uint8 conversion follows (train_transform), so a Jpeg marked for decoding on the GPU
     (TrainingStream's decode_on_device) is not decoded here but returned as a DeferredCrop: its bytes and box."""
 
     def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), deferrable=False):
         self.size, self.scale, self.ratio, self.deferrable = size, scale, ratio, deferrable
+        self.log_ratio = torch.log(torch.tensor(ratio)).tolist()  # float32 values, as torchvision's
+        self.draw = torch.empty(1)  # one float32, redrawn in place: the draws of torchvision's torch.empty(1)
+
+    def get_params(self, height, width):
+        """torchvision's RandomResizedCrop.get_params, the same draws from torch's RNG in the same float32 arithmetic,
+        at a third of its cost (its tensors allocated once): up to 10 tries at an area and a log-uniform aspect ratio,
+        then the central crop."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * self.draw.uniform_(*self.scale).item()
+            aspect_ratio = self.draw.uniform_(*self.log_ratio).exp_().item()
+            w, h = round(math.sqrt(target_area * aspect_ratio)), round(math.sqrt(target_area / aspect_ratio))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                return top, torch.randint(0, width - w + 1, size=(1,)).item(), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, round(width / min(self.ratio))
+        elif in_ratio > max(self.ratio):
+            w, h = round(height * max(self.ratio)), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image):
         width, height = image.size if isinstance(image, (Jpeg, Image.Image)) else image.shape[:-3:-1]
-        top, left, h, w = RandomResizedCropV1.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+        top, left, h, w = self.get_params(height, width)
         if isinstance(image, Jpeg) and image.defer and self.deferrable:
             return DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
@@ -70,10 +94,16 @@ class RandomResizedCrop:
 
 def train_transform(image_size, scale=(0.9, 1.0)):
     """RandomResizedCrop -> uint8 (3, R, R) (an image of 16 bits a channel is cut to 8 here), or a DeferredCrop"""
-    return v2.Compose([RandomResizedCrop(image_size, scale, deferrable=True), *TO_UINT8])  # v2 passes a DeferredCrop
+    return v2.Compose([RandomResizedCrop(image_size, scale, deferrable=True), to_uint8])
 
 
 TO_UINT8 = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
+
+
+def to_uint8(image):
+    """TO_UINT8, but a uint8 tensor (a decoded JPEG's crop) or a DeferredCrop as it is (v2's checks cost 0.05 ms)"""
+    done = isinstance(image, DeferredCrop) or torch.is_tensor(image) and image.dtype == torch.uint8
+    return image if done else v2.Compose(TO_UINT8)(image)
 
 
 def normalise(images):
@@ -129,13 +159,14 @@ def decode_image(raw, lazy_name=None):
     is not decoded here but returned as a Jpeg, which the training transform's crop decodes at the size it needs."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
-        with Image.open(io.BytesIO(raw)) as img:  # reads the header only: ~1% of decoding a JPEG
-            (width, height), kind = img.size, img.format
+        header = Image.open(io.BytesIO(raw))  # reads the header only: ~1% of decoding a JPEG
+    (width, height), kind = header.size, header.format
     if width * height > Image.MAX_IMAGE_PIXELS:
         raise ValueError(f"{width}x{height} pixels, over the {Image.MAX_IMAGE_PIXELS:,} of PIL's decompression-bomb "
                          f"limit")
     if lazy_name is not None and kind == "JPEG":
-        return Jpeg(raw, (width, height), lazy_name)
+        return Jpeg(raw, (width, height), lazy_name, header)
+    header.close()
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -152,8 +183,9 @@ class Jpeg:
     """A JPEG file's bytes and (width, height), not decoded yet: RandomResizedCrop decodes it at the size its crop
     needs (decode). name: what an UnreadableImage names if its decoding fails."""
 
-    def __init__(self, raw, size, name):
+    def __init__(self, raw, size, name, header=None):
         self.raw, self.size, self.name, self.decoded = raw, size, name, {}  # decoded: {r: the decode at 1/r}
+        self.header = header  # PIL's Image of raw, its header read (decode_image's): the first reduced decode uses it
         self.defer = False  # decoded on the device (DeferredCrop): set by TrainingStream's decode_on_device
 
     def decode(self, r=1):
@@ -164,7 +196,8 @@ class Jpeg:
                 if r == 1:
                     self.decoded[r] = decode_image(self.raw)
                 else:
-                    with Image.open(io.BytesIO(self.raw)) as img:
+                    img, self.header = self.header or Image.open(io.BytesIO(self.raw)), None
+                    with img:
                         img.draft("RGB", (self.size[0] // r, self.size[1] // r))  # picks 1/r: the size is >= this
                         img.load()
                         self.decoded[r] = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))

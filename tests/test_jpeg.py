@@ -91,6 +91,24 @@ def test_boxes_are_torchvisions_draws(scale):
                                v2.functional.pil_to_tensor(theirs) if isinstance(theirs, Image.Image) else theirs)
 
 
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
+def test_get_params_is_torchvisions(scale):
+    # data.RandomResizedCrop.get_params against torchvision's: the same box and the same RNG state after it, on shapes
+    # that take each branch (a try that fits; the central crop of a too wide, a too tall and a fitting image)
+    from torchvision.transforms import RandomResizedCrop as RandomResizedCropV1
+    crop, central = data.RandomResizedCrop(32, scale), set()
+    for seed in range(500):
+        for height, width in ((424, 640), (100, 1000), (1000, 100), (3, 3)):
+            torch.manual_seed(seed)
+            theirs = RandomResizedCropV1.get_params(torch.empty(0, height, width), scale, crop.ratio)
+            after = torch.get_rng_state()
+            torch.manual_seed(seed)
+            assert crop.get_params(height, width) == theirs and torch.equal(torch.get_rng_state(), after)
+            if theirs[:2] == ((height - theirs[2]) // 2, (width - theirs[3]) // 2):
+                central.add((height, width))
+    assert {(100, 1000), (1000, 100), (3, 3)} <= central
+
+
 def test_uint8_normalised_on_the_device_equals_the_float_transform():
     # before issue 22 the workers made the float image: crop, ToDtype(float32, scale=True), Normalize
     before = v2.Compose([v2.RandomResizedCrop(32, scale=(0.5, 1.0), **BICUBIC), v2.ToImage(),
