@@ -97,7 +97,7 @@ def make_jpegs(n, folder, w=500, h=375):
 
 def vs_open_clip(args):
     """Images per CPU-second (one thread, this process's CPU time: the machine's other users disturb it less than wall
-    time) of reading a JPEG file and applying CLIP's train transform at the model's size, three ways: open_clip's
+    time) of reading a JPEG file and applying CLIP's train transform at the model's size: open_clip's
     (PIL decoding, its RandomResizedCrop(0.9-1) and normalisation), ours before issue 22 (torchvision.io decoding of
     the full image, the float transform) and ours (data.ImageCaptions' lazy JPEG, decoded by the crop at the size it
     needs, uint8 out: normalised on the GPU); the workers' part of train.py --gpu-decode (the header, the box); and
