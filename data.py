@@ -119,19 +119,20 @@ def to_device(batch, device, bad=None):
     place of the next readable one in every column (a repeated pair, where the CPU path would draw a new sample: the
     workers have passed it), its (name, reason) appended to `bad`."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    failed = {}
+    failed = {}  # {row: (name, reason)}
     for k, v in batch.items():
         if isinstance(v, list):  # of DeferredCrops (collate)
             batch[k], f = decode_crops(v, device)
             failed.update(f)
     if failed:
-        readable = [i for i in range(len(batch[k])) if i not in failed]
+        n = len(next(iter(batch.values())))
+        readable = [i for i in range(n) if i not in failed]
         if not readable:
             raise UnreadableImages(f"no image of a batch decodes, the first {next(iter(failed.values()))[0]}")
-        rows = torch.tensor([i if i not in failed else min(readable, key=lambda j: (j - i) % len(batch[k]))
-                             for i in range(len(batch[k]))], device=device)
-        batch = {k: v[rows] for k, v in batch.items()}
-        bad.extend(failed.values()) if bad is not None else None
+        rows = [i if i not in failed else min(readable, key=lambda j: (j - i) % n) for i in range(n)]  # the next one
+        batch = {k: v[torch.tensor(rows, device=v.device)] for k, v in batch.items()}
+        if bad is not None:
+            bad.extend(failed.values())
     return {k: normalise(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
 
 
