@@ -174,6 +174,24 @@ def clip_state_dict(checkpoint, path):
             if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
 
 
+def resume_path(args):
+    """--resume's file: --out-dir's ckpt.pt, or the path given"""
+    return os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
+
+
+def recorded(path, trust=False):
+    """-> (config, model_config) of a train.py checkpoint, read without loading its tensors (memory-mapped)"""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            found = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
+    except Exception:  # not a file torch maps, or one read refuses: read says which, in one line
+        found = read(path, trust)
+    if not (isinstance(found, dict) and "config" in found and "model_config" in found and "step" in found):
+        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    return found["config"], found["model_config"]
+
+
 def resume(path, method, optimizer, args):
     """--resume: load a train.py checkpoint into the method and its optimiser, after checking it is one of this run's
     method and model -> (its step, its record of a shard stream or None, this rank's own buffers or None). The lr
@@ -191,7 +209,7 @@ def resume(path, method, optimizer, args):
         decays = [group["weight_decay"] for group in optimizer.param_groups]
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError) as e:
-        fail(f"{path} does not fit this run's --method-args, --tokenizer or --freeze-patch-embed: {e}")
+        fail(f"{path} does not fit this run's --method-args, --tokenizer, --freeze-patch-embed or --lock-* flags: {e}")
     for group, decay in zip(optimizer.param_groups, decays):
         group["weight_decay"] = decay
     if checkpoint["step"] >= args.steps:

@@ -64,8 +64,6 @@ def add_args(p):
 def check_args(args):
     """train.py's flags of this file, checked before anything is built; --model's default (tiny-rn, or none: the
     weights' architecture)."""
-    if args.pretrained and args.resume:
-        fail("--pretrained starts a run, --resume continues one from its own checkpoint: pass one of them")
     if args.pretrained and args.tokenizer != "clip":
         fail(f"--pretrained weights were trained with CLIP's BPE tokenizer; --tokenizer {args.tokenizer} would feed "
              f"their token embedding other ids")
@@ -74,7 +72,7 @@ def check_args(args):
     if (args.lock_image_unlocked_groups and not args.lock_image) or (args.lock_text_unlocked_layers
                                                                      and not args.lock_text):
         fail("--lock-image-unlocked-groups needs --lock-image, --lock-text-unlocked-layers needs --lock-text")
-    args.model = args.model or (None if args.pretrained else "tiny-rn")
+    args.model = args.model or (None if args.pretrained or args.resume else "tiny-rn")  # None: the file's
 
 
 def lr_and_warmup(args):
@@ -137,7 +135,15 @@ def resolve(source):
 def model_config(args, vocab_size):
     """train.py's model config and the weights to start from -> (config, state dict or None). Without --pretrained:
     --model's config. With it: the file's architecture, its activation (OpenAI's QuickGELU, or what our checkpoint
-    records; --act overrides), and args.model set to the CONFIGS name of that architecture, if there is one."""
+    records; --act overrides), and args.model set to the CONFIGS name of that architecture, if there is one. With
+    --resume: the checkpoint's architecture, and its --model and --pretrained where this run leaves them out (so that
+    a fine-tuning run's same command with --resume, or the command without --pretrained, keeps its defaults); the
+    weights are the checkpoint's (checkpoint.resume), --pretrained's file is not read again."""
+    if args.resume:
+        recorded, config = checkpoint.recorded(checkpoint.resume_path(args), args.trust_checkpoint)
+        args.model = args.model or recorded["model"]
+        args.pretrained = args.pretrained or recorded.get("pretrained")  # its fine-tuning lr and warmup
+        return config, None
     if not args.pretrained:
         act = {} if args.act is None else {"quick_gelu": args.act == "quickgelu"}
         return dict(CONFIGS[args.model], vocab_size=vocab_size, **act), None

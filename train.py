@@ -30,7 +30,7 @@ import distributed
 import eval_zeroshot
 import pretrained
 import runlog
-from checkpoint import Checkpoints, claim, resume
+from checkpoint import Checkpoints, claim, resume, resume_path
 from model import CONFIGS, CLIPModel, frozen_batchnorm_statistics
 from runlog import RunLog, fail
 from tokenizer import get_tokenizer
@@ -289,7 +289,7 @@ def main(argv=None):
     optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, lr, args.weight_decay, source)
 
     start_step, resumed_stream, own_buffers = 0, None, None
-    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
+    path = resume_path(args)
     if args.resume:
         start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args)
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what evaluation rebuilds

@@ -18,7 +18,7 @@ import pretrained
 import train
 from model import CONFIGS
 from test_model import random_text
-from test_train import METHOD_ARGS, main_error
+from test_train import METHOD_ARGS, main_error, read_log
 
 import open_clip  # the independent reference (requirements-dev.txt)
 logging.getLogger().setLevel(logging.ERROR)
@@ -26,10 +26,10 @@ logging.getLogger().setLevel(logging.ERROR)
 TINY = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "0"]
 
 
-def open_clip_model(name, seed=0):
-    """open_clip's CLIP with the architecture of one of our tiny configs, random weights (BatchNorm statistics
-    perturbed so that freezing them is visible), a temperature unlike any method's init."""
-    cfg = CONFIGS[name]
+def open_clip_model(name, seed=0, **changes):
+    """open_clip's CLIP with the architecture of one of our tiny configs (with `changes` to it), random weights
+    (BatchNorm statistics perturbed so that freezing them is visible), a temperature unlike any method's init."""
+    cfg = {**CONFIGS[name], **changes}
     vision = open_clip.model.CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"], head_width=64,
                                            patch_size=cfg["vision_patch_size"] or 16,  # ResNet: unused
                                            image_size=cfg["image_resolution"])
@@ -200,7 +200,6 @@ def test_refusals(files, tmp_path, monkeypatch):
     out = ["--out-dir", tmp_path / "out", *TINY]
     assert "architecture" in main_error("--pretrained", paths[0], "--model", "tiny-rn", *out)
     assert "OpenAI's model names (RN50, RN101" in main_error("--pretrained", "ViT-B-32", *out)  # open_clip's spelling
-    assert "--resume" in main_error("--pretrained", paths[0], "--resume", *out)
     assert "BPE" in main_error("--pretrained", paths[0], "--tokenizer", "cl100k_base", *out)
     assert "ResNet" in main_error("--pretrained", str(tmp_path / "none.pt"), "--model", "tiny-rn", "--patch-dropout",
                                 "0.5", *out)
@@ -294,3 +293,29 @@ def test_fine_tuning_defaults():
     assert pretrained.lr_and_warmup(args) == (3e-5, "--lr", 7)
     args.pretrained, args.lr, args.warmup, args.steps = None, None, None, 500_000  # pre-training: the method's rule
     assert pretrained.lr_and_warmup(args) == (None, "--lr", 10_000)
+
+
+@pytest.mark.parametrize("config", ["tiny-vit", None])
+def test_a_fine_tuning_run_resumes_with_its_own_command(files, tmp_path, killed_while_saving, config):
+    # After a preemption the README says: the same command with --resume. For a fine-tuning run that keeps
+    # fine-tuning's lr and warmup (not pre-training's) and the locks, and needs neither the weights file again nor
+    # --model; the command without --pretrained resumes the same way. Both give the uninterrupted run's weights. Also
+    # for weights of an architecture no model.py config has (--model pretrained): the checkpoint records it.
+    _, paths = files
+    source = paths[0] if config else str(tmp_path / "wider.bin")
+    if not config:
+        torch.save(open_clip_model("tiny-vit", embed_dim=48).state_dict(), source)
+    args = [*TINY, "--pretrained", source, "--lock-text", "--steps", "6", "--save-every", "3"]
+    train.main([str(a) for a in [*args, "--out-dir", tmp_path / "full"]])
+    full = [(e["lr"], e["loss"]) for e in read_log(tmp_path / "full") if "loss" in e]
+    assert max(lr for lr, _ in full) == pytest.approx(1e-5)  # fine-tuning's peak (pre-training's: 5e-4)
+    assert json.load(open(tmp_path / "full" / "config.json"))["config"]["model"] == (config or "pretrained")
+    without = [a for a in args if a != source and a != "--pretrained"]
+    for name, again in (("same", args), ("without", without)):
+        killed_while_saving([*args, "--out-dir", tmp_path / name], step=6)  # ckpt.pt holds step 3
+        train.main([str(a) for a in [*again, "--out-dir", tmp_path / name, "--resume"]])
+        assert [(e["lr"], e["loss"]) for e in read_log(tmp_path / name) if "loss" in e] == full, name
+        a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("full", name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert f"--model {config or 'pretrained'}, this run has tiny-rn" in main_error(
+        *without, "--model", "tiny-rn", "--out-dir", tmp_path / "same", "--resume")
