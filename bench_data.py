@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import gpu_decode
 import train
 from model import CONFIGS
 from runlog import fail
@@ -153,7 +154,7 @@ def vs_open_clip(args):
                 for k in range(args.rounds + 1):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    data.decode_crops(crops[:256], "cuda")
+                    gpu_decode.decode_crops(crops[:256], "cuda")
                     torch.cuda.synchronize()
                     seconds += [time.perf_counter() - t0] if k else []
                 gpu = 256 / float(np.median(seconds))

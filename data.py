@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+import gpu_decode
 import shards
 from runlog import fail
 from synthetic import SyntheticCaptions
@@ -69,7 +70,7 @@ class RandomResizedCrop:
         width, height = image.size if isinstance(image, (Jpeg, Image.Image)) else image.shape[:-3:-1]
         top, left, h, w = self.get_params(height, width)
         if isinstance(image, Jpeg) and image.defer and self.deferrable:
-            return DeferredCrop(image, (top, left, h, w), self.size)
+            return gpu_decode.DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
             # Differs from torchvision: a JPEG is decoded at 1/r of its size (libjpeg's DCT scaling, r = 8, 4 or 2),
             # the largest r that leaves the crop at least `size` pixels on both sides, and the box is mapped to the
@@ -102,7 +103,7 @@ TO_UINT8 = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
 
 def to_uint8(image):
     """TO_UINT8, but a uint8 tensor (a decoded JPEG's crop) or a DeferredCrop as it is (v2's checks cost 0.05 ms)"""
-    done = isinstance(image, DeferredCrop) or torch.is_tensor(image) and image.dtype == torch.uint8
+    done = isinstance(image, gpu_decode.DeferredCrop) or torch.is_tensor(image) and image.dtype == torch.uint8
     return image if done else v2.Compose(TO_UINT8)(image)
 
 
@@ -115,24 +116,10 @@ def normalise(images):
 
 def to_device(batch, device, bad=None):
     """A collated training batch on the device, its uint8 images (the training transforms') normalised there, its
-    columns of DeferredCrops decoded there first (decode_crops). A sample whose image nothing could decode takes the
-    place of the next readable one in every column (a repeated pair, where the CPU path would draw a new sample: the
-    workers have passed it), its (name, reason) appended to `bad`."""
+    columns of JPEGs left to the device decoded there first (--gpu-decode: gpu_decode.decode_columns, which appends
+    to `bad` the images nothing could decode)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    failed = {}  # {row: (name, reason)}
-    for k, v in batch.items():
-        if isinstance(v, list):  # of DeferredCrops (collate)
-            batch[k], f = decode_crops(v, device)
-            failed.update(f)
-    if failed:
-        n = len(next(iter(batch.values())))
-        readable = [i for i in range(n) if i not in failed]
-        if not readable:
-            raise UnreadableImages(f"no image of a batch decodes, the first {next(iter(failed.values()))[0]}")
-        rows = [i if i not in failed else min(readable, key=lambda j: (j - i) % n) for i in range(n)]  # the next one
-        batch = {k: v[torch.tensor(rows, device=v.device)] for k, v in batch.items()}
-        if bad is not None:
-            bad.extend(failed.values())
+    batch = gpu_decode.decode_columns(batch, device, bad)
     return {k: normalise(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
 
 
@@ -206,55 +193,6 @@ class Jpeg:
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
                 raise UnreadableImage(self.name, str(e) or type(e).__name__) from e
         return self.decoded[r]
-
-
-class DeferredCrop:
-    """A training crop left to the GPU (train.py --gpu-decode): the JPEG's bytes and the box (top, left, h, w) that
-    RandomResizedCrop drew in the worker, from the worker's seed. decode_crops makes of it the crop of the full decode.
-    A JPEG with no end marker after its last scan (a truncated file) is unreadable here already, where the worker
-    replaces it as it would on failing to decode it."""
-
-    def __init__(self, jpeg, box, size):
-        end = jpeg.raw.rfind(b"\xff\xd9")  # EOI; then no SOS after it (a scan cut short); markers are not data
-        if end < 0 or jpeg.raw.find(b"\xff\xda", end) >= 0:
-            raise UnreadableImage(jpeg.name, "truncated: no end-of-image marker after its last scan")
-        self.raw, self.name, self.box, self.size = jpeg.raw, jpeg.name, box, size
-
-
-def decode_crops(crops, device):
-    """A column of DeferredCrops (and uint8 (3, R, R) images, of files that are not JPEGs) -> (uint8 (B, 3, R, R) on the
-    device, {i: (name, reason)} of the crops nothing could decode). The JPEGs are decoded in one batch by torchvision.io
-    on the device (nvJPEG on a GPU), then cut and resized as RandomResizedCrop cuts and resizes a full decode. One that
-    the device cannot decode (nvJPEG: CMYK, 12-bit, some corrupt files) is decoded on the CPU (decode_image)."""
-    jpegs = [i for i, c in enumerate(crops) if isinstance(c, DeferredCrop)]
-    raws = [torch.frombuffer(bytearray(crops[i].raw), dtype=torch.uint8) for i in jpegs]
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            decoded = tvio.decode_jpeg(raws, mode=tvio.ImageReadMode.RGB, device=device) if raws else []
-        except RuntimeError:  # one bad file fails the batch: one at a time
-            decoded = [decode_on(raw, device) for raw in raws]
-    images, failed = [c.to(device) if torch.is_tensor(c) else None for c in crops], {}
-    for i, image in zip(jpegs, decoded):
-        if isinstance(image, str):  # to_device puts another sample in its place
-            failed[i], image = (crops[i].name, image), torch.zeros(3, crops[i].size, crops[i].size, dtype=torch.uint8)
-        else:
-            image = v2.functional.resized_crop(image.to(device), *crops[i].box, [crops[i].size] * 2,
-                                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-        images[i] = image.to(device)
-    return torch.stack(images), failed
-
-
-def decode_on(raw, device):
-    """One JPEG's (3, H, W) uint8 decode: on the device, else on the CPU, else the reason neither could."""
-    try:
-        return tvio.decode_jpeg(raw, mode=tvio.ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
-    try:
-        return v2.Compose(TO_UINT8)(decode_image(bytes(raw)))
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-        return str(e) or type(e).__name__
 
 
 class UnreadableImage(Exception):
@@ -469,22 +407,9 @@ def collate(samples):
 
 def stack(samples):
     """default_collate, but a column holding DeferredCrops stays a list (to_device decodes it)"""
-    lists = {k for sample in samples for k, v in sample.items() if isinstance(v, DeferredCrop)}
+    lists = {k for sample in samples for k, v in sample.items() if isinstance(v, gpu_decode.DeferredCrop)}
     batch = torch.utils.data.default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
     return {**batch, **{k: [s[k] for s in samples] for k in lists}}
-
-
-class Deferring:
-    """transform(image, caption) with a Jpeg marked for decoding on the device: its crops that only a uint8 conversion
-    follows become DeferredCrops (train_transform); colour-jittered views (SLIP's SimCLR, DeCLIP's) stay on the CPU."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image, caption):
-        if isinstance(image, Jpeg):
-            image.defer = True
-        return self.transform(image, caption)
 
 
 class TrainingStream:
@@ -499,7 +424,7 @@ class TrainingStream:
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
                  shuffle_buffer=2000, caption_key=None, decode_on_device=False):
         self.device, self.micro, self.readers, self.shards = device, micro, None, None
-        transform = Deferring(transform) if decode_on_device else transform  # JPEG crops decoded by to_device
+        transform = gpu_decode.Deferring(transform) if decode_on_device else transform  # decoded by to_device
         self.note_deferred = decode_on_device and rank == 0  # at the first batch
         if isinstance(dataset, list):  # tar shards (make_dataset)
             k = max(1, workers)  # this rank's readers
