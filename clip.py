@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from distributed import all_gather, rank_and_world
+from plumbing.distributed import all_gather, rank_and_world
 
 MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
 
@@ -55,7 +55,7 @@ MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
 
 class Transform:
     """(image, caption) -> {"image": uint8 (3, R, R), "text": (L,)}; the image is a PIL image, a uint8 (3, H, W) tensor
-    or a data.Jpeg. The image is normalised on the device (data.to_device).
+    or a samples.Jpeg. The image is normalised on the device (data.to_device).
     A plain class so DataLoader workers can pickle it."""
 
     def __init__(self, image_size, tokenizer, context_length):
@@ -108,7 +108,7 @@ class CLIP(nn.Module):
                     resnet=dict(betas=(0.9, 0.999), eps=1e-8))
     # DDP flag: a method whose loss leaves some model parameters without gradient sets this to True
     find_unused_parameters = False
-    # train.py --pretrained: start from the file's temperature (pretrained.py), as it has CLIP's meaning here
+    # train.py --pretrained: start from the file's temperature (plumbing/pretrained.py), as it has CLIP's meaning here
     pretrained_temperature = True
 
     def __init__(self, model):
@@ -209,9 +209,9 @@ class CLIP(nn.Module):
 
     @classmethod
     def param_groups(cls, module, weight_decay):
-        """AdamW's two parameter groups of a module's trainable parameters (train.py and bench.py pass the method
-        itself; bench.py also open_clip's model): weight_decay where cls.decays(name, parameter), 0 elsewhere.
-        Frozen parameters (requires_grad False) are left out, so the optimiser never touches them."""
+        """AdamW's two parameter groups of a module's trainable parameters (train.py and scripts/bench.py pass the
+        method itself; scripts/bench.py also open_clip's model): weight_decay where cls.decays(name, parameter), 0
+        elsewhere. Frozen parameters (requires_grad False) are left out, so the optimiser never touches them."""
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         return [dict(params=[p for n, p in named if cls.decays(n, p)], weight_decay=weight_decay),
                 dict(params=[p for n, p in named if not cls.decays(n, p)], weight_decay=0.0)]

@@ -4,7 +4,6 @@ COCO Captions 2017, any CSV/TSV of image paths and captions, tar shards), and th
 seeds them: each rank's micro-batches, the same whatever the number of ranks or workers, and exact on resume.
 """
 import csv
-import io
 import itertools
 import json
 import math
@@ -13,17 +12,16 @@ import signal
 import warnings
 from functools import lru_cache
 
-import numpy as np
 import torch
-import torchvision.io as tvio
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-import gpu_decode
-import shards
-from runlog import fail
-from synthetic import SyntheticCaptions
+from plumbing import gpu_decode, shards
+from plumbing.runlog import fail
+from plumbing.samples import (MAX_UNREADABLE, DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image,
+                              seed_of, stack)
+from plumbing.synthetic import SyntheticCaptions
 
 # -----------------------------------------------------------------------------
 # image transforms: a training transform gives a uint8 (3, R, R) image, which the training process moves to the device
@@ -70,7 +68,7 @@ class RandomResizedCrop:
         width, height = image.size if isinstance(image, (Jpeg, Image.Image)) else image.shape[:-3:-1]
         top, left, h, w = self.get_params(height, width)
         if isinstance(image, Jpeg) and image.defer and self.deferrable:
-            return gpu_decode.DeferredCrop(image, (top, left, h, w), self.size)
+            return DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
             # Differs from torchvision: a JPEG is decoded at 1/r of its size (libjpeg's DCT scaling, r = 8, 4 or 2),
             # the largest r that leaves the crop at least `size` pixels on both sides, and the box is mapped to the
@@ -103,7 +101,7 @@ TO_UINT8 = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
 
 def to_uint8(image):
     """TO_UINT8, but a uint8 tensor (a decoded JPEG's crop) or a DeferredCrop as it is (v2's checks cost 0.05 ms)"""
-    done = isinstance(image, gpu_decode.DeferredCrop) or torch.is_tensor(image) and image.dtype == torch.uint8
+    done = isinstance(image, DeferredCrop) or torch.is_tensor(image) and image.dtype == torch.uint8
     return image if done else v2.Compose(TO_UINT8)(image)
 
 
@@ -127,92 +125,6 @@ def eval_transform(image_size):
     return v2.Compose([
         v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(image_size),
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
-# -----------------------------------------------------------------------------
-# image files: COCO Captions 2017 and CSV/TSV lists
-
-
-def load_image(path):
-    """An RGB image from a file, decoded now so that a corrupt file fails inside the dataset: a (3, H, W) uint8 tensor
-    from torchvision.io (JPEG decoding 1.7x faster than PIL's here: `python bench.py --data-dir`), or, for a format
-    torchvision cannot read, a PIL image. The transforms (torchvision.transforms.v2) take either."""
-    with open(path, "rb") as f:
-        return decode_image(f.read())
-
-
-def decode_image(raw, lazy_name=None):
-    """load_image on the bytes of an image file (a member of a tar shard). Refuses an image of more pixels than PIL's
-    decompression-bomb limit (~89M, a 9,459 px square) before decoding it: a 400M-pixel PNG can be 389 KB on disk and
-    2.7 GB in memory. Of an animated image, the first frame. With lazy_name (the name an UnreadableImage gives), a JPEG
-    is not decoded here but returned as a Jpeg, which the training transform's crop decodes at the size it needs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
-        header = Image.open(io.BytesIO(raw))  # reads the header only: ~1% of decoding a JPEG
-    (width, height), kind = header.size, header.format
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"{width}x{height} pixels, over the {Image.MAX_IMAGE_PIXELS:,} of PIL's decompression-bomb "
-                         f"limit")
-    if lazy_name is not None and kind == "JPEG":
-        return Jpeg(raw, (width, height), lazy_name, header)
-    header.close()
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = tvio.decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
-        return image[0] if image.ndim == 4 else image  # an animated GIF: (frames, 3, H, W)
-    except RuntimeError:  # an unsupported format, or a broken file: PIL reads the one and names the other
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.mode.startswith("I;16"):  # 16-bit grey, as torchvision.io gives it (PIL's RGB would clip at 255)
-                return torch.from_numpy(np.array(img).astype(np.uint16)).expand(3, -1, -1)
-            return img.convert("RGB")  # of an animated image, the first frame, as PIL opens it
-
-
-class Jpeg:
-    """A JPEG file's bytes and (width, height), not decoded yet: RandomResizedCrop decodes it at the size its crop
-    needs (decode). name: what an UnreadableImage names if its decoding fails."""
-
-    def __init__(self, raw, size, name, header=None):
-        self.raw, self.size, self.name, self.decoded = raw, size, name, {}  # decoded: {r: the decode at 1/r}
-        self.header = header  # PIL's Image of raw, its header read (decode_image's): the first reduced decode uses it
-        self.defer = False  # decoded on the device (DeferredCrop): set by TrainingStream's decode_on_device
-
-    def decode(self, r=1):
-        """The (3, ⌈H/r⌉, ⌈W/r⌉) uint8 image: r = 1 torchvision.io's (faster at full size), else libjpeg's DCT-domain
-        reduction (PIL's draft): each output pixel from its r×r block's coefficients, r² fewer pixels to compute."""
-        if r not in self.decoded:
-            try:
-                if r == 1:
-                    self.decoded[r] = decode_image(self.raw)
-                else:
-                    img, self.header = self.header or Image.open(io.BytesIO(self.raw)), None
-                    with img:
-                        img.draft("RGB", (self.size[0] // r, self.size[1] // r))  # picks 1/r: the size is >= this
-                        img.load()
-                        self.decoded[r] = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
-                        self.decoded[r] = self.decoded[r].permute(2, 0, 1)
-            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-                raise UnreadableImage(self.name, str(e) or type(e).__name__) from e
-        return self.decoded[r]
-
-
-class UnreadableImage(Exception):
-    """An image file that is missing, corrupt, or in a format neither torchvision.io nor PIL reads."""
-
-    def __init__(self, path, reason):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
-class UnreadableImages(Exception):
-    """Too many unreadable images to go on training: the data is not where it was looked for."""
-
-
-# The one policy for unreadable samples, from image files and from tar shards alike: a sample that cannot be read (a
-# missing or corrupt image, a shard's sample without a caption, a truncated shard) is replaced by another of the same
-# epoch, so that every batch stays whole; each is counted in the log's `skipped` and the first one printed; and the run
-# stops, naming the first, when this many in a row fail for one sample or reader, or when more than half of all reads
-# have failed (runlog.RunLog, at each console line): then the data is not where it was looked for.
-MAX_UNREADABLE = 64
 
 
 class ImageCaptions(Dataset):
@@ -295,8 +207,8 @@ class CsvCaptions(ImageCaptions):
 
 
 def make_dataset(data, data_dir=None, split="train", image_size=64, img_key=None, caption_key=None, sep=None):
-    """"synthetic", "coco" (data_dir = COCO root), a .csv/.tsv path (data_dir = root of relative paths; the file is
-    the split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions), or tar shards (shards.py: a
+    """"synthetic", "coco" (data_dir = COCO root), a .csv/.tsv path (data_dir = root of relative paths; the file is the
+    split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions), or tar shards (plumbing/shards.py: a
     folder of .tar files, 'dir/{00000..00331}.tar', pipe:, http(s)://, a::b), which are streamed, never indexed: their
     list of paths."""
     if data == "synthetic":
@@ -323,17 +235,6 @@ def retrieval_set(data, data_dir=None, split="val", **csv_keys):
 
 # -----------------------------------------------------------------------------
 # the data stream: which samples make each rank's micro-batches, and the seeds of their augmentations
-
-
-def seed_of(seed, *parts):
-    """The one seeding scheme of a run: the seed of what `parts` (integers ≥ 0) name, from the run's --seed. An
-    epoch's order is seed_of(seed, epoch); a sample's augmentation seed_of(seed, its position in the stream) (from
-    shards, seed_of(seed, epoch, shard, index)); a step's in-model randomness seed_of(seed, step, rank, micro-batch).
-    So every draw is a function of where it is in the run, which makes a resume exact. Distinct parts below 1,000,003
-    give distinct seeds; with --seed 0, seed_of(0, p) = p."""
-    for part in parts:
-        seed = seed * 1_000_003 + part
-    return seed % 2**62
 
 
 @lru_cache(maxsize=1)
@@ -405,12 +306,6 @@ def collate(samples):
     return {**stack(samples), "bad": bad}
 
 
-def stack(samples):
-    """default_collate, but a column holding DeferredCrops stays a list (to_device decodes it)"""
-    lists = {k for sample in samples for k, v in sample.items() if isinstance(v, gpu_decode.DeferredCrop)}
-    batch = torch.utils.data.default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
-    return {**batch, **{k: [s[k] for s in samples] for k in lists}}
-
 
 class TrainingStream:
     """This rank's micro-batches of training data, endlessly, on the device: from an indexed dataset, the rank's slice
@@ -456,7 +351,7 @@ class TrainingStream:
         try:
             batch = next(self.batches)
         except UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
-            fail(str(e).strip().splitlines()[-1].removeprefix("data.UnreadableImages: "))
+            fail(str(e).strip().splitlines()[-1].removeprefix("plumbing.samples.UnreadableImages: "))
         bad = batch.pop("bad")
         self.lanes.update(batch.pop("lanes", ()))
         if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):

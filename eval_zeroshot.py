@@ -30,24 +30,11 @@ import json
 import torch
 
 import data
-import evalsets
-import pretrained
-from checkpoint import load_method
-from runlog import fail
-from synthetic import TASKS, SyntheticTask
-
-
-def cat(chunks):
-    """Concatenate batch-first embeddings, which are tensors or (FILIP) tuples of tensors."""
-    if isinstance(chunks[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*chunks))
-    return torch.cat(chunks)
-
-
-def loader(dataset, batch_size, workers):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                       worker_init_fn=data.ignore_interrupts)
-
+from plumbing import evalsets, pretrained, show
+from plumbing.evalsets import cat, class_embeddings, loader
+from plumbing.runlog import fail
+from plumbing.synthetic import TASKS, SyntheticTask
+from plumbing.weights import load_method
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Zero-shot classification
@@ -72,18 +59,6 @@ def classify(method, tokenizer, dataset, classnames, templates, device, batch_si
     return dict(top1=(predictions == targets).sum().item() / len(targets), top5=correct5 / len(targets),
                 mean_per_class_recall=mean_per_class_recall(predictions, targets, len(classnames)),
                 chance=1 / len(classnames), n=len(targets))
-
-
-def class_embeddings(method, tokenizer, classnames, templates, device):
-    """Every class name in every template -> the method's classifier (method.embed_classes), in chunks."""
-    L = method.model.context_length
-    chunk = max(1, 512 // len(templates))  # classes per text batch
-    classifier = []
-    for i in range(0, len(classnames), chunk):
-        names = classnames[i:i + chunk]
-        tokens = tokenizer([t.format(c) for c in names for t in templates], L).view(len(names), len(templates), L)
-        classifier.append(method.embed_classes(tokens.to(device)))
-    return cat(classifier)
 
 
 def mean_per_class_recall(predictions, labels, classes):
@@ -187,6 +162,28 @@ def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
     return results
 
 
+def training_tasks(args, image_size):
+    """train.py's --eval-dataset's tasks, read now (a bad path stops here, not after hours of training); by default the
+    synthetic zero-shot tasks when training on the synthetic data (the quick start's check at the end)."""
+    name = args.eval_dataset
+    if name is None and args.data == "synthetic" and (args.eval_every or args.eval_size > 0):
+        name = "synthetic"
+    if name is None and args.eval_every:
+        fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
+             f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
+    return name and prepare(name, args.eval_data_dir, image_size, size=args.eval_size)
+
+
+def report(method, tokenizer, tasks, device, workers, step, log=None):
+    """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
+    as without it), prints the results and logs them to log.jsonl when `log` is given."""
+    results = evaluate(method, tokenizer, tasks, device, workers=workers)
+    for r in results:
+        print(describe(r), flush=True)
+    if log:
+        log.results(step, results)
+
+
 @torch.no_grad()
 def predict(method, tokenizer, image_path, labels, templates, device):
     """One image file and its candidate labels -> each label's probability: the softmax over the labels of their
@@ -204,8 +201,8 @@ def predict(method, tokenizer, image_path, labels, templates, device):
 
 
 def describe(r):
-    """A result of `evaluate` (or of eval_linear.probe) -> the line printed, by eval_zeroshot.py, eval_linear.py and
-    train.py alike."""
+    """A result of `evaluate` (or of eval_linear.probe) -> the line printed, by eval_zeroshot.py, scripts/eval_linear.py
+    and train.py alike."""
     name = r["dataset"].removeprefix("synthetic/")
     if r["task"] == "retrieval":
         def recalls(way):  # "R@1 25.20%  R@5 60.40%  R@10 78.80%"
@@ -238,7 +235,7 @@ def write_results(path, results, checkpoint):
 
 
 def evaluation_args(description):
-    """The flags of both evaluation programs (eval_linear.py adds its own to this parser)."""
+    """The flags of both evaluation programs (scripts/eval_linear.py adds its own to this parser)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--checkpoint", default=None, help="a train.py ckpt.pt, an OpenAI .pt or model name (ViT-B/32, "
                    "RN50, ...: downloaded to $CLIP_CACHE, default ~/.cache/clip), or a CLIP state dict")
@@ -308,7 +305,7 @@ def main(argv=None):
                    "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
     p.add_argument("--alpha", type=float, default=0.5, help="--interpolate's weight of B")
     p.add_argument("--show", type=int, default=0, metavar="N", help="write --show-file: N queries' top 5 per direction "
-                   "of retrieval, N mistakes per classification task, the correct items marked (show.py)")
+                   "of retrieval, N mistakes per classification task, the correct items marked (plumbing/show.py)")
     p.add_argument("--show-file", default="show.html", help="the HTML page of --show")
     args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
@@ -330,7 +327,6 @@ def main(argv=None):
         for r in results:
             print(describe(r))
         if args.show > 0:
-            import show  # imports this module
             show.write(args.show_file, args.checkpoint, [show.section(t, show.rankings(
                 method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)) for t in tasks])
             print(args.show_file)

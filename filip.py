@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clip import CLIP
-from distributed import all_gather, rank_and_world
+from plumbing.distributed import all_gather, rank_and_world
 
 # one chunk of the token interaction holds at most this many similarities: 2^25 floats = 128 MiB in float32
 CHUNK_ELEMENTS = 2**25

@@ -12,7 +12,7 @@ The text encoder is a causal (GPT-style) pre-LN transformer; the sequence is rep
 is the largest id in the vocabulary, so its position is text.argmax(-1).
 
 State-dict keys and shapes are those of OpenAI's released checkpoints (and of open_clip's OpenAI-layout models),
-so that checkpoint.build_model loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
+so that weights.build_model loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
 (in_proj_weight, in_proj_bias, out_proj) but runs through F.scaled_dot_product_attention, batch first.
 Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
 
@@ -149,7 +149,7 @@ def drop_patches(x, p):
     """(B, 1+P, width) tokens, the class token first -> (B, 1+P', width): the class token and a random
     P' = max(1, ⌊(1 − p)·P⌋) of the P patch tokens of each image (as open_clip's PatchDropout), drawn from torch's
     generator on x's device, which train.py seeds per step and micro-batch so that a resumed run, and the two passes
-    of gradient accumulation, draw the same patches (compiled too: train.compiled). The kept tokens come in random
+    of gradient accumulation, draw the same patches (compiled too: `compiled`). The kept tokens come in random
     order: their positions are already in them, and nothing downstream depends on the order (FILIP's max and mean
     over tokens included)."""
     B, L, width = x.shape
@@ -371,7 +371,7 @@ def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_pat
 
 
 # name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included,
-# in every checkpoint); checkpoint.build_model infers the rest from a state dict's shapes, so heads are always
+# in every checkpoint); weights.build_model infers the rest from a state dict's shapes, so heads are always
 # width // 64.
 CONFIGS = {
     # OpenAI's released models
@@ -398,3 +398,11 @@ def create_model(name, **overrides):
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
     return CLIPModel(**{**CONFIGS[name], **overrides})
+
+
+def compiled(module):
+    """torch.compile(module), with the random numbers of eager mode: inductor otherwise draws torch.rand (patch
+    dropout) from its own generator, so that accumulation's compiled second pass would drop other patches than its
+    eager first pass did, and the gradients would be wrong."""
+    torch._inductor.config.fallback_random = True
+    return torch.compile(module)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clip import CLIP
-from distributed import rank_and_world
+from plumbing.distributed import rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Moving text chunks between neighbouring ranks, with gradient

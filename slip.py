@@ -41,15 +41,15 @@ from torchvision.transforms import v2
 
 import data
 from clip import CLIP
-from distributed import GlobalBatchNorm, all_gather, rank_and_world
 from model import ModifiedResNet
+from plumbing.distributed import GlobalBatchNorm, all_gather, rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Augmentation: one CLIP view and two SimCLR views per image
 
 
 def ssl_augmentation(image_size, scale):
-    """SimCLR's (and MoCo v2's) augmentation: image (PIL, uint8 tensor or data.Jpeg) -> uint8 (3, R, R) tensor, which
+    """SimCLR's (and MoCo v2's) augmentation: image (PIL, uint8 tensor or samples.Jpeg) -> uint8 (3, R, R) tensor, which
     the training process normalises on the device (data.normalise). Two deliberate differences from SLIP's datasets:
     bicubic crops (SLIP: torchvision's bilinear default) and OpenAI's normalisation constants (SLIP: ImageNet's), so
     every view matches what the CLIP model sees at evaluation."""

@@ -26,14 +26,13 @@ from contextlib import nullcontext
 import torch
 
 import data
-import distributed
 import eval_zeroshot
-import pretrained
-import runlog
-from checkpoint import Checkpoints, claim, resume, resume_path
-from model import CONFIGS, CLIPModel, frozen_batchnorm_statistics
-from runlog import RunLog, fail
-from tokenizer import get_tokenizer
+from model import CONFIGS, CLIPModel, compiled, frozen_batchnorm_statistics
+from plumbing import distributed, pretrained, runlog
+from plumbing.checkpoint import Checkpoints, claim, resume, resume_path
+from plumbing.runlog import RunLog, fail
+from plumbing.samples import seed_of
+from plumbing.tokenizer import get_tokenizer
 
 METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")  # modules whose `Method` follows clip.py
 
@@ -140,7 +139,7 @@ def parse_kwargs(text):
 
 def build_method(name, model_config, method_kwargs, device, patch_dropout=0.0):
     """The method `name` around a freshly initialised model, its temperature at the method's init (train.py's and
-    bench.py's one way to build one). Patch dropout is not in model_config: evaluation sees every patch."""
+    scripts/bench.py's one way to build one). Patch dropout is not in model_config: evaluation sees every patch."""
     Method = importlib.import_module(name).Method
     model = CLIPModel(**model_config, patch_dropout=patch_dropout)
     with torch.no_grad():
@@ -170,14 +169,6 @@ def lr_at(step, peak, warmup, total):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def compiled(module):
-    """torch.compile(module), with the random numbers of eager mode: inductor otherwise draws torch.rand (patch
-    dropout) from its own generator, so that accumulation's compiled second pass would drop other patches than its
-    eager first pass did, and the gradients would be wrong."""
-    torch._inductor.config.fallback_random = True
-    return torch.compile(module)
-
-
 def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
     """The loss of the whole local batch, given as K micro-batches, with its gradients added to the parameters' .grad
     -> (loss, logs). train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`).
@@ -198,7 +189,7 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     second pass. The one thing in the features that is not per sample: a ResNet encoder's own BatchNorm, which
     normalises each micro-batch with that micro-batch's statistics (as open_clip), counted once (in step 1)."""
     if len(batches) == 1:
-        torch.manual_seed(data.seed_of(seed, 0))
+        torch.manual_seed(seed_of(seed, 0))
         with autocast:
             loss, logs = train_model(batches[0])
         loss.backward()
@@ -207,7 +198,7 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     with torch.no_grad(), autocast:  # 1.
         parts = []
         for i, batch in enumerate(batches):
-            torch.manual_seed(data.seed_of(seed, i))
+            torch.manual_seed(seed_of(seed, i))
             parts.append(method.features(batch))
     features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     leaves = {key: f.requires_grad_() for key, f in features.items() if f.is_floating_point()}
@@ -224,35 +215,13 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
         rows = slice(start, start + len(next(iter(part.values()))))
         start = rows.stop
         last = i == len(batches) - 1
-        torch.manual_seed(data.seed_of(seed, i))
+        torch.manual_seed(seed_of(seed, i))
         # the running statistics of a ResNet's BatchNorm already counted this micro-batch in step 1
         with (nullcontext() if last else no_sync()), frozen_batchnorm_statistics(method), autocast:
             surrogate = train_model(batch, {key: g[rows] for key, g in feature_grads.items()},
                                     param_grads if last else None)
         surrogate.backward()
     return loss.detach(), logs
-
-
-def evaluation_tasks(args, image_size):
-    """--eval-dataset's tasks, read now (a bad path stops here, not after hours of training); by default the
-    synthetic zero-shot tasks when training on the synthetic data (the quick start's check at the end)."""
-    name = args.eval_dataset
-    if name is None and args.data == "synthetic" and (args.eval_every or args.eval_size > 0):
-        name = "synthetic"
-    if name is None and args.eval_every:
-        fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
-             f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
-    return name and eval_zeroshot.prepare(name, args.eval_data_dir, image_size, size=args.eval_size)
-
-
-def evaluate(method, tokenizer, tasks, device, workers, step, log=None):
-    """Rank 0 evaluates (eval_zeroshot.evaluate restores every module's mode and the random state: the run goes on as
-    without it), prints the results and logs them to log.jsonl when `log` is given."""
-    results = eval_zeroshot.evaluate(method, tokenizer, tasks, device, workers=workers)
-    for r in results:
-        print(eval_zeroshot.describe(r), flush=True)
-    if log:
-        log.results(step, results)
 
 
 def main(argv=None):
@@ -277,7 +246,7 @@ def main(argv=None):
         fail(e)
     if rank == 0:
         claim(args.out_dir, fresh=not args.resume)  # OUT is this run's: locked, and no older run overwritten
-    tasks = evaluation_tasks(args, model_config["image_resolution"])
+    tasks = eval_zeroshot.training_tasks(args, model_config["image_resolution"])
     torch.manual_seed(args.seed)
     method_kwargs = parse_kwargs(args.method_args)
     method = build_method(args.method, model_config, method_kwargs, device, args.patch_dropout)
@@ -315,7 +284,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         micro_batches = [next(stream) for _ in range(args.grad_accum)]  # on the device, for both passes
-        loss, logs = forward_backward(method, train_model, micro_batches, data.seed_of(args.seed, step, rank),
+        loss, logs = forward_backward(method, train_model, micro_batches, seed_of(args.seed, step, rank),
                                       autocast, no_sync)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(method.parameters(), args.grad_clip)
@@ -334,12 +303,12 @@ def main(argv=None):
         if log.stopping:
             log.end(done, checkpoints.path)
         if rank == 0 and tasks and args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            evaluate(method, tokenizer, tasks, device, workers, done, log)
+            eval_zeroshot.report(method, tokenizer, tasks, device, workers, done, log)
             log.restart_clock()
 
     log.print(f"saved {checkpoints.path}")
     if rank == 0 and tasks:
-        evaluate(method, tokenizer, tasks, device, workers, args.steps, log if args.eval_every else None)
+        eval_zeroshot.report(method, tokenizer, tasks, device, workers, args.steps, log if args.eval_every else None)
     elif not tasks:
         log.print(f"evaluate with: python eval_zeroshot.py --checkpoint {checkpoints.path} --dataset ...")
     if world > 1:

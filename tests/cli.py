@@ -18,7 +18,8 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}  # what every run sees: one thread, every warning shown
-PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "train", "eval_zeroshot", "eval_linear", "bench"]
+PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "train", "eval_zeroshot", "scripts.eval_linear",
+           "scripts.bench"]
 _server = multiprocessing.get_context("forkserver")
 
 
@@ -43,7 +44,7 @@ def _as_script(path, args, cwd, stdout, stderr):
         os.close(f)
     os.chdir(cwd)
     sys.argv = [path, *args]
-    sys.path[0] = ROOT  # as `python ROOT/script.py` sets it
+    sys.path[0] = os.path.dirname(path)  # as `python ROOT/scripts/plot.py` sets it: the script's folder
     warnings.simplefilter("default")  # PYTHONWARNINGS=default, which only a new interpreter reads
     runpy.run_path(path, run_name="__main__")
 

@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 def killed_while_saving(monkeypatch):
     """-> run(argv, step): train.main(argv), killed (KeyboardInterrupt) right after it writes step `step`'s checkpoint
     to ckpt.pt.tmp, before the next step's finite loss makes it ckpt.pt: a run killed in its last save."""
-    import checkpoint
     import train
+    from plumbing import checkpoint
 
     def run(argv, step):
         real_save = checkpoint.write

@@ -51,31 +51,31 @@ if has tests; then
 fi
 if has bench; then
     # ours vs open_clip in one process, same weights and batch, alternating rounds
-    run 90 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20
-    run 120 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20
+    run 90 $PYTHON scripts/bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20
+    run 120 $PYTHON scripts/bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20
 fi
 if has data; then
     # decoding + the train transform per DataLoader worker at 224 px: the cores one GPU needs at its samples/s
     jpegs=$(mktemp -d)
-    run 60 $PYTHON bench_data.py --make-jpegs 1000 "$jpegs"
+    run 60 $PYTHON scripts/bench_data.py --make-jpegs 1000 "$jpegs"
     cores=$(nproc)
-    run 90 $PYTHON bench_data.py --data-dir "$jpegs" --model ViT-B-32 --decoders crop \
+    run 90 $PYTHON scripts/bench_data.py --data-dir "$jpegs" --model ViT-B-32 --decoders crop \
         --workers "1,2,4,8,$((cores > 9 ? cores - 1 : cores))"
     rm -rf "$jpegs"
     # images per CPU-second against open_clip's transform, 640x480 and 256 px: the cores per GPU (issue 22)
-    OMP_NUM_THREADS=1 run 120 $PYTHON bench_data.py --vs-open-clip --model ViT-B-32
+    OMP_NUM_THREADS=1 run 120 $PYTHON scripts/bench_data.py --vs-open-clip --model ViT-B-32
 fi
 if has memory; then
-    run 90 torchrun --standalone --nproc_per_node=1 bench_loss.py --batch-size 16384
+    run 90 torchrun --standalone --nproc_per_node=1 scripts/bench_loss.py --batch-size 16384
 fi
 if has compile; then  # last: compiling both models takes most of this section's time
-    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile
+    run 240 $PYTHON scripts/bench.py --model ViT-B-16 --batch-size 256 --vs-open-clip --steps 20 --compile
 fi
 if has accum; then
     # one GPU at a paper's batch: ViT-B/16 CLIP at 4,096 pairs in bf16, 32 micro-batches of 128 with checkpointing
-    run 240 $PYTHON bench.py --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing --warmup 1 --steps 3
+    run 240 $PYTHON scripts/bench.py --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing --warmup 1 --steps 3
     # each feature against the plain step at a batch that fits without them: samples/s and activation memory
-    run 180 $PYTHON bench.py --model ViT-B-16 --batch-size 256 --grad-accum 4 --patch-dropout 0.5 --warmup 2 --steps 12 \
+    run 180 $PYTHON scripts/bench.py --model ViT-B-16 --batch-size 256 --grad-accum 4 --patch-dropout 0.5 --warmup 2 --steps 12 \
         --rounds 3 --variants plain,accum,ckpt,ckpt+accum,pd
     # the README's recipe for one GPU, on the built-in data: SLIP's loss on 4,096 pairs per step
     run 240 $PYTHON train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing \
@@ -85,7 +85,7 @@ if has feed; then
     # issue 22's goal: compiled ViT-B/32 trained from 640x480 JPEGs, the samples/s of a few CPU cores, with and without
     # --gpu-decode, against the synthetic rate of the bench section (the log's samples/s at steps 30-60)
     jpegs=$(mktemp -d)
-    run 120 $PYTHON bench_data.py --make-jpegs 3000 "$jpegs" --jpeg-size 640x480
+    run 120 $PYTHON scripts/bench_data.py --make-jpegs 3000 "$jpegs" --jpeg-size 640x480
     $PYTHON -c "import os, sys; d = sys.argv[1]; open(os.path.join(d, 'pairs.tsv'), 'w').write('filepath\ttitle\n' + \
         ''.join(f'{f}\ta photo number {i}\n' for i, f in enumerate(sorted(os.listdir(d))) if f.endswith('.jpg')))" "$jpegs"
     for flags in "--workers 4" "--workers 4 --gpu-decode" "--workers 12 --gpu-decode"; do
@@ -95,7 +95,7 @@ if has feed; then
     rm -rf "$jpegs"
 fi
 if has compile-b32; then
-    run 200 $PYTHON bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20 --compile
+    run 200 $PYTHON scripts/bench.py --model ViT-B-32 --batch-size 256 --vs-open-clip --steps 20 --compile
 fi
 say "# done: $([ $failed -eq 0 ] && echo 'everything passed' || echo 'SOME COMMANDS FAILED (see # FAILED above)')"
 exit $failed

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
-import data
-import distributed
 import train
-from model import create_model
+from model import compiled, create_model
+from plumbing import distributed, samples
 from ranks import assert_close_at_scale, run_distributed
+from scripts import bench
 
 # small heads and queues, as tests/test_train.py
 METHOD_KWARGS = {"clip": {}, "siglip": {}, "slip": dict(mlp_dim=64, min_bn_batch=4),
@@ -129,10 +128,10 @@ def test_two_ranks_with_accumulation_equal_one_process(two_ranks, name):
 
 def _reference(method, batches, seed):
     """The loss of the concatenated features of micro-batches run with their graph, micro-batch i after
-    torch.manual_seed(data.seed_of(seed, i)) as forward_backward draws them, and its backward."""
+    torch.manual_seed(samples.seed_of(seed, i)) as forward_backward draws them, and its backward."""
     parts = []
     for i, batch in enumerate(batches):
-        torch.manual_seed(data.seed_of(seed, i))
+        torch.manual_seed(samples.seed_of(seed, i))
         parts.append(method.features(batch))
     loss, logs = method.loss({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     loss.backward()
@@ -175,7 +174,7 @@ def test_resnet_batchnorm_normalises_each_micro_batch_and_counts_it_once(checkpo
 
 def _compiled_step(method, batches, seed, backend):
     torch._dynamo.reset()
-    model = train.compiled(method) if backend == "inductor" else torch.compile(method, backend=backend)
+    model = compiled(method) if backend == "inductor" else torch.compile(method, backend=backend)
     return _step(method, batches, seed, train_model=model)
 
 
@@ -183,7 +182,7 @@ def _compiled_step(method, batches, seed, backend):
 def test_compiled_accumulation_gives_the_eager_step(name, backend):
     """--compile --grad-accum 4 --patch-dropout 0.5: the first pass runs eagerly, the second compiled, and both must
     drop the same patches. Inductor drew them from its own generator (a relative gradient error of 0.1) until
-    train.compiled asked it for eager's (fallback_random). Every method's graph runs through Dynamo and AOTAutograd
+    model.compiled asked it for eager's (fallback_random). Every method's graph runs through Dynamo and AOTAutograd
     (aot_eager: seconds); inductor's code generation (a minute per model on 2 cores) for CLIP: patch dropout is the only
     randomness inside any method's graph. The tolerance is _assert_same_step's: compiled CLIP differs from eager by
     1.3e-6 of the largest gradient here (eager vs float64: 4e-6)."""

@@ -1,6 +1,6 @@
-"""bench.py, bench_data.py, bench_loss.py: every method's training step runs end to end, the side-by-side and variant
-modes, the input pipeline's and the losses' memory benchmarks work, and the FLOP counter matches a hand count, torch's
-own counter, and open_clip's published profile."""
+"""scripts/bench.py, scripts/bench_data.py, scripts/bench_loss.py: every method's training step runs end to end, the
+side-by-side and variant modes, the input pipeline's and the losses' memory benchmarks work, and the FLOP counter
+matches a hand count, torch's own counter, and open_clip's published profile."""
 
 import os
 import re
@@ -12,10 +12,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-import bench_data
 import cli
 from model import CONFIGS, CLIPModel
+from scripts import bench, bench_data
 
 # small heads and queues so that SLIP/DeCLIP run fast on a CPU (as tests/test_train.py)
 METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
@@ -23,7 +22,7 @@ METHOD_ARGS = {"clip": "", "siglip": "", "slip": "mlp_dim=64,min_bn_batch=4",
                "defilip": "queue_size=64,proj_dim=32,pred_dim=16,min_bn_batch=4"}
 BENCH_LINE = re.compile(r"^bench (\w+) tiny-vit \| cpu fp32 1 threads \| batch 8 \| ([\d.]+) samples/s \| "
                         r"step [\d.]+ ms median, 2 steps \| peak RSS [\d.]+ GiB \| "
-                        r"([\d.]+) GFLOP/sample fwd, [\d.e-]+ TFLOP/s \| python bench.py .*$", re.M)
+                        r"([\d.]+) GFLOP/sample fwd, [\d.e-]+ TFLOP/s \| python scripts/bench.py .*$", re.M)
 
 
 @pytest.fixture(autouse=True)
@@ -68,14 +67,15 @@ def test_variants_side_by_side():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--batch-size", "32", "--grad-accum", "4", "--patch-dropout", "0.5", "--warmup", "1", "--steps", "2",
             "--rounds", "2", "--variants", "plain,accum,ckpt,ckpt+accum,pd"]
-    p = cli.run("bench.py", *args, cwd=root, timeout=300)
+    p = cli.run("scripts/bench.py", *args, cwd=root, timeout=300)
     assert p.returncode == 0, p.stderr
     memory = {}
     for name, detail in [("plain", ""), ("accum", " = 4 × 8"), ("ckpt", ""), ("ckpt+accum", " = 4 × 8"),
                          ("pd", ", patch dropout 0.5")]:
         line = re.search(rf"^variant {re.escape(name)} \| clip tiny-vit \| cpu fp32 1 threads \| batch 32{re.escape(detail)} \| "
                          rf"[\d.]+ samples/s, \d+ ms/sample(, time [\d.]+× plain's \(rounds [\d.]+-[\d.]+\))? \| "
-                         rf"activations ([\d.]+) MiB, [\d.]+ MiB/sample.* \| python bench.py .*$", p.stdout, re.M)
+                         rf"activations ([\d.]+) MiB, [\d.]+ MiB/sample.* \| python scripts/bench.py .*$", p.stdout,
+                         re.M)
         assert line and bool(line.group(1)) == (name != "plain"), p.stdout
         memory[name] = float(line.group(2))
     assert memory["ckpt"] < memory["plain"] and memory["accum"] < memory["plain"], memory
@@ -170,12 +170,12 @@ def test_flops_match_open_clip_profile(name):
 
 
 def test_loss_memory_on_two_gloo_ranks():
-    """bench_loss.py under torchrun: one line per loss, our distributed loss, open_clip's and the all-gather N×N
+    """scripts/bench_loss.py under torchrun: one line per loss, our distributed loss, open_clip's and the all-gather N×N
     version each measured, and all three giving the same global loss (the memory figures are the benchmark's
     output, not asserted here)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(root, "bench_loss.py"), "--batch-size", "64", "--embed-dim", "16"],
+                        os.path.join(root, "scripts/bench_loss.py"), "--batch-size", "64", "--embed-dim", "16"],
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     for name in ("clip", "siglip"):
@@ -186,4 +186,5 @@ def test_loss_memory_on_two_gloo_ranks():
         losses = [float(x) for x in re.findall(r"(?:ours|open_clip|all-gather N×N) ([\d.]+)(?:,| \|)",
                                                line.group(0).split("global loss")[1])]
         assert len(losses) == 3 and max(losses) - min(losses) < 1e-5, line.group(0)
-        assert line.group(0).endswith("torchrun --nproc_per_node=2 bench_loss.py --batch-size 64 --embed-dim 16")
+        assert line.group(0).endswith("torchrun --nproc_per_node=2 scripts/bench_loss.py --batch-size 64 "
+                                      "--embed-dim 16")

@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 
-import bench
 import clip
-import distributed
 import eval_zeroshot
 import siglip
 import train
 from model import create_model
+from plumbing import distributed
+from scripts import bench
 
 pytestmark = pytest.mark.cuda
 
@@ -35,7 +35,7 @@ TINY = ["--model", "tiny-vit", "--batch-size", "16", "--workers", "0", "--log-ev
 
 @pytest.fixture(autouse=True)
 def tf32_as_train_py():
-    # train.py and bench.py allow TF32 for float32 matmuls on CUDA (the losses' float32 logits): test that setting
+    # train.py and scripts/bench.py allow TF32 for float32 matmuls on CUDA (the losses' float32 logits): test with it
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     yield
@@ -194,6 +194,7 @@ def test_torchrun_with_nccl_trains(name, tmp_path):
 
 def test_losses_and_all_gather_on_a_nccl_group_of_one():
     import socket
+
     import torch.distributed as dist
 
     with socket.socket() as s:

@@ -5,16 +5,15 @@ import random
 import time
 
 import numpy as np
+import open_clip.tokenizer as open_clip_tokenizer  # the independent reference (requirements-dev.txt)
 import pytest
 import tiktoken
 import torch
 from PIL import Image
 
 import data
-import synthetic
-import tokenizer
+from plumbing import samples, synthetic, tokenizer
 
-import open_clip.tokenizer as open_clip_tokenizer  # the independent reference (requirements-dev.txt)
 OPEN_CLIP_BPE = open_clip_tokenizer.default_bpe()
 
 
@@ -143,7 +142,7 @@ def test_tokenizer_speed_and_pickle():
 def test_vocabulary_ships_with_the_repository_and_is_checked(tmp_path):
     # the same bytes as open_clip's copy (itself OpenAI's): nothing to find or download, offline from a fresh clone
     assert open(tokenizer.BPE_PATH, "rb").read() == open(OPEN_CLIP_BPE, "rb").read()
-    assert os.path.dirname(tokenizer.BPE_PATH) == os.path.dirname(os.path.abspath(data.__file__))
+    assert os.path.dirname(tokenizer.BPE_PATH) == os.path.dirname(os.path.abspath(tokenizer.__file__))  # beside it
     with pytest.raises(FileNotFoundError, match="missing.*git checkout"):
         tokenizer.read_bpe_merges(str(tmp_path / "bpe_simple_vocab_16e6.txt.gz"))
     pointer = tmp_path / "lfs.txt.gz"  # what a Git LFS checkout without LFS leaves
@@ -269,7 +268,7 @@ def test_coco(tmp_path):
     ds = data.make_dataset("coco", data_dir=str(tmp_path), split="val")
     assert isinstance(ds, data.CocoCaptions) and len(ds) == 3
     img, caption = ds[0]  # a JPEG: read, decoded by the training transform's crop
-    assert isinstance(img, data.Jpeg) and img.size == (40, 30) and caption == "grey"
+    assert isinstance(img, samples.Jpeg) and img.size == (40, 30) and caption == "grey"
     assert img.decode().dtype == torch.uint8 and img.decode().shape == (3, 30, 40)  # torchvision.io decoded
     paths, captions, caption_image = ds.retrieval()
     assert [os.path.basename(p) for p in paths] == ["000000000003.jpg", "000000000009.jpg"]
@@ -318,7 +317,7 @@ def test_unreadable_images_raise_one_error_type_with_the_path(tmp_path):
     ds = data.ImageCaptions(paths, [f"caption {i}" for i in range(4)])
     assert ds[0][1] == "caption 0"
     for i in (1, 2, 3):  # train.py replaces exactly these (tests/test_first_hour.py)
-        with pytest.raises(data.UnreadableImage) as e:
+        with pytest.raises(samples.UnreadableImage) as e:
             ds[i]
         assert e.value.path == paths[i] and e.value.reason
 
@@ -327,15 +326,15 @@ def test_load_image_decodes_with_torchvision_and_falls_back_to_pil(tmp_path):
     Image.new("RGB", (20, 10), (250, 10, 10)).save(tmp_path / "a.jpg")
     Image.new("L", (20, 10), 128).save(tmp_path / "gray.png")
     Image.new("RGB", (20, 10), (10, 250, 10)).save(tmp_path / "c.tiff")  # a format torchvision.io does not read
-    x = data.load_image(tmp_path / "a.jpg")
+    x = samples.load_image(tmp_path / "a.jpg")
     assert x.dtype == torch.uint8 and x.shape == (3, 10, 20) and x[0].float().mean() > 200
-    assert data.load_image(tmp_path / "gray.png").shape == (3, 10, 20)  # grayscale -> RGB
-    t = data.load_image(tmp_path / "c.tiff")
+    assert samples.load_image(tmp_path / "gray.png").shape == (3, 10, 20)  # grayscale -> RGB
+    t = samples.load_image(tmp_path / "c.tiff")
     assert isinstance(t, Image.Image) and t.mode == "RGB" and t.size == (20, 10)
     assert data.train_transform(32)(x).shape == data.train_transform(32)(t).shape == (3, 32, 32)
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(OSError):
-        data.load_image(tmp_path / "bad.jpg")
+        samples.load_image(tmp_path / "bad.jpg")
 
 
 def test_16_bit_images_decode_to_their_values(tmp_path):
@@ -344,7 +343,7 @@ def test_16_bit_images_decode_to_their_values(tmp_path):
     grey = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "g.png")
     Image.fromarray(grey).save(tmp_path / "g.tiff")
-    png, tiff = data.load_image(tmp_path / "g.png"), data.load_image(tmp_path / "g.tiff")
+    png, tiff = samples.load_image(tmp_path / "g.png"), samples.load_image(tmp_path / "g.tiff")
     assert png.dtype == torch.uint16 and png.shape == (3, 30, 40) and torch.equal(png, tiff)
     assert all((channel.numpy() == grey).all() for channel in png)
     eight_bit = torch.from_numpy((grey / 257).round().astype(np.uint8)).expand(3, -1, -1)

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import declip
-import distributed
-import synthetic
 from declip import MASK, DeCLIP, eda, mask_tokens, mlm_loss, mlm_per_sample, nn_loss, random_deletion, random_swap, \
     simsiam_loss, synonym_replacement
 from model import create_model
+from plumbing import distributed, synthetic
+from plumbing.tokenizer import get_tokenizer
 from ranks import assert_close_at_scale, run_distributed
-from tokenizer import get_tokenizer
 
 SOT, EOT = 49406, 49407
 

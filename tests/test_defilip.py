@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from declip import DeCLIP
 from defilip import DeFILIP
-from ranks import assert_close_at_scale, run_distributed
 from filip import filip_loss, text_padding_mask
 from model import create_model
+from ranks import assert_close_at_scale, run_distributed
 from test_declip import _batch
 
 SMALL = dict(queue_size=64, proj_dim=32, pred_dim=16, min_bn_batch=4)

@@ -14,11 +14,10 @@ import cli
 import clip
 import data
 import eval_zeroshot
-import evalsets
-import synthetic
-from checkpoint import is_torchscript, load_method
 from model import CONFIGS, create_model
-from tokenizer import get_tokenizer
+from plumbing import evalsets, samples, synthetic
+from plumbing.tokenizer import get_tokenizer
+from plumbing.weights import is_torchscript, load_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +46,7 @@ def test_retrieval_recall_matches_a_direct_computation(method, tmp_path):
     results = eval_zeroshot.retrieve(method, tokenizer, paths, captions, caption_image, "cpu", batch_size=3)
 
     with torch.no_grad():  # the same scores, computed in one go
-        images = torch.stack([data.eval_transform(64)(data.load_image(p)) for p in paths])
+        images = torch.stack([data.eval_transform(64)(samples.load_image(p)) for p in paths])
         scores = method.similarity(method.embed_images(images), method.embed_texts(tokenizer(captions, 24)))  # (7, 21)
     owner = torch.tensor(caption_image)
     for k in (1, 5, 10):
@@ -217,6 +216,7 @@ def test_open_clip_gelu_weights_with_act_gelu(kind, tmp_path):
     """An open_clip nn.GELU model (no -quickgelu) saved as a state dict: evaluated with the GELU choice, our model
     gives open_clip's embeddings; with the QuickGELU default it does not."""
     import open_clip
+
     from test_model import SMALL, assert_same_outputs, perturbed
     torch.manual_seed(0)
     cfg = SMALL[kind]

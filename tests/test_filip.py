@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from filip import FILIP, filip_loss, image_to_text_similarity, select_tokens, text_padding_mask, \
+    text_to_image_similarity
 from ranks import run_distributed
-from filip import (FILIP, filip_loss, image_to_text_similarity, select_tokens, text_padding_mask,
-                   text_to_image_similarity)
 
 EOT = 49407
 

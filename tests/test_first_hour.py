@@ -3,6 +3,7 @@ with one line that names the problem, unreadable images replaced without repeati
 lines from the first step on, each with an ETA."""
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,10 +13,9 @@ from PIL import Image
 
 import cli
 import data
-import evalsets
-import runlog
 import train
 from model import create_model
+from plumbing import evalsets, runlog, samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--eval-size", "0", "--steps", "2"]
@@ -58,7 +58,7 @@ def test_quick_start_offline_without_open_clip_ftfy_or_a_home(tmp_path):
     for check in ("import open_clip", "import ftfy", "import urllib.request as u; u.urlopen('https://github.com')"):
         p = run(None, "-c", check, cwd=tmp_path, env=env)
         assert p.returncode != 0 and ("blocked by the test" in p.stderr or "hidden by the test" in p.stderr), check
-    p = run(None, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import tokenizer; print(tokenizer.tokenize('a photo of a "
+    p = run(None, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from plumbing import tokenizer; print(tokenizer.tokenize('a photo of a "
                         f"Dog.')[0, :8].tolist())", cwd=tmp_path, env=env)
     assert p.stdout.strip() == "[49406, 320, 1125, 539, 320, 1929, 269, 49407]", p.stderr  # OpenAI's ids
     # the README's quick start, shortened: the default model, data and workers
@@ -210,7 +210,7 @@ class Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if i in self.bad:
-            raise data.UnreadableImage(f"{i}.jpg", "missing")
+            raise samples.UnreadableImage(f"{i}.jpg", "missing")
         return i, f"caption {i}"
 
 
@@ -244,7 +244,7 @@ def test_replacements_never_repeat_an_item_of_the_batch():
     assert stream(dataset, 16, 2, 30) == batches
     assert stream(dataset, 16, 1, 10, start=20) == batches[20:]
     # most of the data unreadable: a sample gives up after 64 tries, naming the first path it tried
-    with pytest.raises(data.UnreadableImages, match=r"64 images in a row are unreadable, the first \d+\.jpg"):
+    with pytest.raises(samples.UnreadableImages, match=r"64 images in a row are unreadable, the first \d+\.jpg"):
         stream(Files(160, bad=range(160)), 16, 1, 1)
 
 
@@ -268,7 +268,7 @@ def test_folder_evaluation_decodes_as_training_with_default_workers(files, tmp_p
         Image.fromarray(grey).save(tmp_path / "grey" / name / "0.png")
     ds, classnames, _ = evalsets.classification_set("folder", str(tmp_path / "grey"), False, None, 64)
     image, label = ds[0]
-    assert torch.equal(image, data.load_image(tmp_path / "grey" / "cat" / "0.png")) and classnames == ["cat", "dog"]
+    assert torch.equal(image, samples.load_image(tmp_path / "grey" / "cat" / "0.png")) and classnames == ["cat", "dog"]
     x = evalsets.Labelled(ds, data.eval_transform(64))[0][0]
     pixels = x * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]
     torch.testing.assert_close(pixels, torch.full_like(pixels, 40_000 / 65_535), rtol=0, atol=1e-4)
@@ -277,3 +277,26 @@ def test_folder_evaluation_decodes_as_training_with_default_workers(files, tmp_p
             tmp_path / "grey", cwd=tmp_path)
     assert p.returncode == 0 and "(2 classes, 2 images" in p.stdout, p.stderr
     assert "worker" not in p.stderr, p.stderr
+
+
+def test_every_command_in_the_readme_and_docs_names_a_script_that_takes_its_flags(tmp_path):
+    """The commands users copy (README.md, docs/*.md: `python PATH.py --flag ...`, `torchrun ... PATH.py`): each
+    script exists where the command says, from the root, and its --help lists every flag the commands give it. A
+    command of a past commit (a line naming it: 1e4b13c, "at the time") is history, not a command to run."""
+    flags = {}
+    for name in ["README.md", *sorted(os.listdir(os.path.join(ROOT, "docs")))]:
+        if not name.endswith(".md"):
+            continue
+        path = os.path.join(ROOT, name if name == "README.md" else os.path.join("docs", name))
+        for line in open(path, encoding="utf-8"):
+            if "1e4b13c" in line or "at the time" in line:
+                continue
+            for m in re.finditer(r"(?:python3?|torchrun(?: --?[\w-]+(?:[= ][\w$.:]+)?)*) ((?:[\w.-]+/)*[\w-]+\.py)"
+                                 r"((?: +[^`|]*)?)", line):
+                flags.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group(2)))
+    assert {"train.py", "eval_zeroshot.py", "scripts/plot.py", "scripts/bench.py"} <= set(flags)
+    for script, given in flags.items():
+        assert os.path.isfile(os.path.join(ROOT, script)), f"{script}: named by the docs, not in the repository"
+        p = run(script, "--help", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert not [f for f in given if f not in p.stdout], (script, sorted(f for f in given if f not in p.stdout))

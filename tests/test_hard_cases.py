@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import data
+from plumbing import checkpoint, samples
 from test_train import TINY, main_error, read_log, run, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def png_header(width, height):
 
 
 def test_an_animated_gif_is_its_first_frame():
-    image = data.decode_image(gif())
+    image = samples.decode_image(gif())
     assert image.shape == (3, 30, 40) and image[:, 0, 0].tolist() == [0, 200, 40]  # frame 0's colour (GIF palette)
 
 
@@ -50,7 +50,7 @@ def test_an_animated_gif_is_its_first_frame():
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, width, height):
     (tmp_path / "bomb.png").write_bytes(png_header(width, height))
     started = time.perf_counter()
-    with pytest.raises(data.UnreadableImage, match="pixels"):
+    with pytest.raises(samples.UnreadableImage, match="pixels"):
         data.ImageCaptions([str(tmp_path / "bomb.png")], ["a bomb"])[0]
     assert time.perf_counter() - started < 1  # refused from the header: nothing decoded
 

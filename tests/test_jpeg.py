@@ -1,5 +1,5 @@
 """The cheaper image path (issue 22): a JPEG decoded by the training crop at 1/r of its size (data.RandomResizedCrop on
-a data.Jpeg), the crop boxes torchvision's, uint8 out of the workers and normalised on the device (data.normalise)."""
+a samples.Jpeg), the crop boxes torchvision's, uint8 out of the workers and normalised on the device (data.normalise)."""
 
 import io
 import math
@@ -13,7 +13,8 @@ from torchvision.transforms import v2
 
 import data
 from clip import Transform
-from tokenizer import get_tokenizer
+from plumbing import gpu_decode, samples
+from plumbing.tokenizer import get_tokenizer
 
 BICUBIC = dict(interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
@@ -30,14 +31,14 @@ def psnr(a, b):
 
 
 def fast_crop(crop, raw, seed):
-    """crop of a data.Jpeg of raw (640x424), and the r and (top, left, h, w) in source pixels it cut: torchvision's
+    """crop of a samples.Jpeg of raw (640x424), and the r and (top, left, h, w) in source pixels it cut: torchvision's
     draw for the seed, at r > 1 its edges rounded to multiples of r (data.RandomResizedCrop's rule)"""
     torch.manual_seed(seed)
     top, left, h, w = v2.RandomResizedCrop.get_params(torch.empty(0, 424, 640), crop.scale, crop.ratio)
     r = next((r for r in (8, 4, 2) if min(h, w) >= r * crop.size), 1)
     edges = [r * round(x / r) for x in (top, left, top + h, left + w)]
     torch.manual_seed(seed)
-    return crop(data.Jpeg(raw, (640, 424), "x")), r, (*edges[:2], edges[2] - edges[0], edges[3] - edges[1])
+    return crop(samples.Jpeg(raw, (640, 424), "x")), r, (*edges[:2], edges[2] - edges[0], edges[3] - edges[1])
 
 
 @pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
@@ -49,7 +50,7 @@ def test_reduced_decode_matches_full_decoding_of_the_same_box(name):
     # r/2 source pixels scored 23-26 dB when we tried, so the box is checked too. Measured (16 crops per size): means
     # 34-44 dB, minimum 31.8 dB. Boxes too small for a reduction are decoded in full: exact.
     raw = photo(name)
-    full = data.decode_image(raw)
+    full = samples.decode_image(raw)
     for size, scale, expected_r in ((200, (0.6, 1.0), {1, 2}), (96, (0.3, 1.0), {2, 4}), (48, (0.08, 1.0), {2, 4, 8})):
         crop, values, rs = data.RandomResizedCrop(size, scale), [], set()
         for seed in range(16):
@@ -65,9 +66,9 @@ def test_reduced_decode_matches_full_decoding_of_the_same_box(name):
 def test_a_jpeg_too_small_for_a_reduction_is_decoded_in_full_to_torchvisions_pixels():
     raw = photo("china.jpg")
     torch.manual_seed(0)
-    ours = data.RandomResizedCrop(224, (0.9, 1.0))(data.Jpeg(raw, (640, 424), "x"))  # a side < 2 x 224: r = 1
+    ours = data.RandomResizedCrop(224, (0.9, 1.0))(samples.Jpeg(raw, (640, 424), "x"))  # a side < 2 x 224: r = 1
     torch.manual_seed(0)
-    assert torch.equal(ours, v2.RandomResizedCrop(224, (0.9, 1.0), **BICUBIC)(data.decode_image(raw)))
+    assert torch.equal(ours, v2.RandomResizedCrop(224, (0.9, 1.0), **BICUBIC)(samples.decode_image(raw)))
 
 
 @pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
@@ -137,7 +138,7 @@ def test_an_unreadable_jpeg_is_found_by_the_crop_and_passed_over(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) // 2])
     paths = [str(tmp_path / "cut.jpg"), str(tmp_path / "good.jpg")]
     dataset = data.ImageCaptions(paths, ["cut", "good"])
-    assert isinstance(dataset[0][0], data.Jpeg)  # no error yet
+    assert isinstance(dataset[0][0], samples.Jpeg)  # no error yet
     seeded = data.Seeded(dataset, Transform(64, get_tokenizer("clip"), 77), seed=0, group=1)
     for size in (64, 224):  # a reduced decode (r = 4) and a full one
         seeded.transform.image = data.train_transform(size)
@@ -183,8 +184,8 @@ def test_gpu_decode_gives_torchvisions_crop_of_the_full_decode(tmp_path):
     crop = v2.RandomResizedCrop(96, (0.9, 1.0), **BICUBIC)
     for position in range(len(paths)):
         index = data.epoch_order(len(paths), 0, 0)[position].item()
-        torch.manual_seed(data.seed_of(0, position))
-        reference = crop(data.load_image(paths[index]))
+        torch.manual_seed(samples.seed_of(0, position))
+        reference = crop(samples.load_image(paths[index]))
         assert torch.equal(deferred["image"][position], data.normalise(reference)), paths[index]
         assert psnr(unnormalised(deferred["image"][position]), unnormalised(on_cpu["image"][position])) > 30
     assert torch.equal(deferred["text"], on_cpu["text"])
@@ -194,9 +195,10 @@ def test_gpu_decode_of_a_method_with_other_views_and_of_shards(tmp_path):
     # SLIP: its CLIP view is deferred, its two SimCLR views (colour jitter, blur, flips on the CPU) are not, and draw
     # the same as without --gpu-decode. Shards: chunks of two readers joined with their lists of DeferredCrops; their
     # tiny JPEGs are decoded in full on the CPU path too, so the batches are equal.
-    from slip import SLIP
     from test_shards import write_shards
+
     from model import create_model
+    from slip import SLIP
     paths = photos(tmp_path)
     dataset = data.ImageCaptions(paths, [f"photo number {i}" for i in range(len(paths))])
     transform = SLIP(create_model("tiny-vit"), mlp_dim=16).transform(get_tokenizer("clip"))
@@ -229,13 +231,13 @@ def test_gpu_decode_of_files_the_device_or_nothing_can_decode(tmp_path, monkeypa
     (tmp_path / "bogus.jpg").write_bytes(bogus)
     paths = [paths[0], str(tmp_path / "cut.jpg"), str(tmp_path / "bogus.jpg"), *paths[1:]]
     refused = open(paths[3], "rb").read()
-    decode_jpeg = data.tvio.decode_jpeg
+    decode_jpeg = gpu_decode.tvio.decode_jpeg
 
     def device_decoder(raws, **kwargs):
         if any(bytes(r.numpy()) == refused for r in (raws if isinstance(raws, list) else [raws])):
             raise RuntimeError("unsupported")
         return decode_jpeg(raws, **kwargs)
-    monkeypatch.setattr(data.tvio, "decode_jpeg", device_decoder)
+    monkeypatch.setattr(gpu_decode.tvio, "decode_jpeg", device_decoder)
     deferred, stream = first_batch(paths, decode_on_device=True)
     on_cpu, cpu_stream = first_batch(paths)
     order = data.epoch_order(len(paths), 0, 0).tolist()

@@ -4,13 +4,13 @@ import copy
 import logging
 import math
 
+import open_clip  # the independent reference (requirements-dev.txt)
 import pytest
 import torch
 
-import checkpoint
 import model as M
+from plumbing import weights
 
-import open_clip  # the independent reference (requirements-dev.txt)
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "no pretrained weights loaded" on every model
 
 OPENAI_NAMES = ["RN50", "RN101", "RN50x4", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
@@ -83,7 +83,7 @@ def open_clip_small(kind, seed=0):
 @pytest.mark.parametrize("kind", ["vit", "rn"])
 def test_build_model_from_open_clip_matches_outputs(kind):
     oc = open_clip_small(kind)
-    ours = checkpoint.build_model(oc.state_dict())
+    ours = weights.build_model(oc.state_dict())
     assert shapes(ours) == shapes(oc)
     assert not ours.training  # build_model returns an eval-mode model, as OpenAI's loader does
     assert_same_outputs(ours, oc)
@@ -93,7 +93,7 @@ def test_build_model_from_open_clip_matches_outputs(kind):
 def test_open_clip_loads_our_state_dict(kind):
     # the other direction: our state dict through open_clip's own OpenAI-checkpoint loader
     oc = open_clip_small(kind)
-    ours = checkpoint.build_model(oc.state_dict())
+    ours = weights.build_model(oc.state_dict())
     ours.load_state_dict(perturbed(ours.state_dict(), seed=1))
     sd = ours.state_dict()
     theirs = open_clip.model.build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
@@ -107,8 +107,8 @@ def test_full_size_models_match_open_clip(name):
     torch.manual_seed(0)
     oc = open_clip.create_model(f"{name}-quickgelu", pretrained=None)
     oc.load_state_dict(perturbed(oc.state_dict()))
-    ours = checkpoint.build_model(oc.state_dict())
-    assert dict(checkpoint.infer_config(oc.state_dict()), quick_gelu=True) == M.CONFIGS[name]
+    ours = weights.build_model(oc.state_dict())
+    assert dict(weights.infer_config(oc.state_dict()), quick_gelu=True) == M.CONFIGS[name]
     assert_same_outputs(ours, oc, batch=2)
 
 
@@ -133,7 +133,7 @@ def test_parameter_counts(name, millions):
 def test_infer_config_round_trips_every_config(name):
     with torch.device("meta"):
         sd = M.create_model(name).state_dict()
-    assert dict(checkpoint.infer_config(sd), quick_gelu=True) == M.CONFIGS[name]  # shapes cannot tell the activation
+    assert dict(weights.infer_config(sd), quick_gelu=True) == M.CONFIGS[name]  # shapes cannot tell the activation
 
 
 # -----------------------------------------------------------------------------
@@ -236,37 +236,37 @@ def test_create_model_overrides():
 
 def test_build_model_rejects_garbage():
     with pytest.raises(ValueError, match="not a CLIP state dict"):
-        checkpoint.build_model({"weight": torch.zeros(3), "bias": torch.zeros(3)})
+        weights.build_model({"weight": torch.zeros(3), "bias": torch.zeros(3)})
     sd = M.create_model("tiny-vit").state_dict()
     with pytest.raises(ValueError, match="module."):
-        checkpoint.build_model({f"module.{k}": v for k, v in sd.items()})
+        weights.build_model({f"module.{k}": v for k, v in sd.items()})
     with pytest.raises(ValueError, match=r"checkpoint\['model'\]"):
-        checkpoint.build_model({"model": sd, "step": 3})
+        weights.build_model({"model": sd, "step": 3})
 
 
 def test_build_model_is_strict():
     torch.manual_seed(0)
     m = M.create_model("tiny-vit")
     sd = m.state_dict()
-    rebuilt = checkpoint.build_model(sd)  # round trip
+    rebuilt = weights.build_model(sd)  # round trip
     for k, v in rebuilt.state_dict().items():
         assert torch.equal(v, sd[k]), k
     # OpenAI's JIT checkpoints carry these scalars; they are dropped, not an error
-    checkpoint.build_model({**sd, "input_resolution": torch.tensor(64), "context_length": torch.tensor(32)})
+    weights.build_model({**sd, "input_resolution": torch.tensor(64), "context_length": torch.tensor(32)})
     missing = {k: v for k, v in sd.items() if k != "visual.ln_pre.weight"}
     with pytest.raises(ValueError, match="visual.ln_pre.weight"):
-        checkpoint.build_model(missing)
+        weights.build_model(missing)
     with pytest.raises(ValueError, match="unexpected_head"):
-        checkpoint.build_model({**sd, "unexpected_head.weight": torch.zeros(2)})
+        weights.build_model({**sd, "unexpected_head.weight": torch.zeros(2)})
     bad = dict(sd)
     bad["visual.positional_embedding"] = torch.zeros(50, 192)  # 49 is a square but 7*8=56 != 64 px
     bad["visual.conv1.weight"] = torch.zeros(192, 3, 8, 9)
     with pytest.raises(ValueError, match="does not fit"):
-        checkpoint.build_model(bad)
+        weights.build_model(bad)
     bad = dict(sd)
     bad["visual.positional_embedding"] = torch.zeros(51, 192)
     with pytest.raises(ValueError, match="square grid"):
-        checkpoint.build_model(bad)
+        weights.build_model(bad)
 
 
 # -----------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from PIL import Image
 
 import clip
 import data
-import eval_linear
 import eval_zeroshot
-import evalsets
 import train
-from checkpoint import load_method
 from model import create_model
-from tokenizer import get_tokenizer
+from plumbing import evalsets, samples
+from plumbing.tokenizer import get_tokenizer
+from plumbing.weights import load_method
+from scripts import eval_linear
 
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
@@ -315,7 +315,7 @@ def test_one_image_inference(checkpoint, tmp_path, capsys):
 
     method, tokenizer = load_method(str(checkpoint))  # the same, written out: softmax of s·cos
     with torch.no_grad():
-        image = data.eval_transform(64)(data.load_image(str(tmp_path / "a.png")))[None]
+        image = data.eval_transform(64)(samples.load_image(str(tmp_path / "a.png")))[None]
         i = F.normalize(method.model.encode_image(image), dim=-1)
         t = F.normalize(method.model.encode_text(tokenizer([f"a photo of a {c}." for c in labels], 24)), dim=-1)
         expected = (method.model.logit_scale.exp() * i @ t.T).softmax(dim=-1)[0]

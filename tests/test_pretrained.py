@@ -10,17 +10,16 @@ import math
 import sys
 import warnings
 
+import open_clip  # the independent reference (requirements-dev.txt)
 import pytest
 import torch
 
-import checkpoint
-import pretrained
 import train
 from model import CONFIGS
+from plumbing import pretrained, weights
 from test_model import random_text
 from test_train import METHOD_ARGS, main_error, read_log
 
-import open_clip  # the independent reference (requirements-dev.txt)
 logging.getLogger().setLevel(logging.ERROR)
 
 TINY = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-size", "0"]
@@ -236,7 +235,7 @@ def test_openai_names(files, tmp_path, monkeypatch, capsys):
     assert "colour: top-1" in capsys.readouterr().out
     # a file of another SHA-256 at the cache path is refused, and never read
     path.write_bytes(content[:-1] + b"x")
-    monkeypatch.setattr(checkpoint, "read", lambda *a: pytest.fail("a file with the wrong SHA-256 was read"))
+    monkeypatch.setattr(weights, "read", lambda *a: pytest.fail("a file with the wrong SHA-256 was read"))
     assert "SHA-256" in main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
     # a download with the wrong bytes is removed, not kept
     path.unlink()

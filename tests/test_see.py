@@ -1,5 +1,5 @@
-"""Seeing a run: plot.py on the logs of real train.py runs, --report-to's trackers read back with their own readers,
-and eval_zeroshot.py --show's rankings."""
+"""Seeing a run: scripts/plot.py on the logs of real train.py runs, --report-to's trackers read back with their own
+readers, and eval_zeroshot.py --show's rankings."""
 
 import base64
 import glob
@@ -19,7 +19,7 @@ import cli
 from test_train import ROOT, TINY, read_log, run
 
 sys.path.insert(0, ROOT)
-import plot  # noqa: E402
+from scripts import plot  # noqa: E402
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first and second run's curves
 
@@ -56,7 +56,7 @@ def test_plot_draws_every_curve_of_every_run(runs, names, panels):
     # logit_scale, logit_bias, lr, samples_per_s (no evaluation lines); both: their union
     assert any("task" in e for e in read_log(runs / "clip")) and not any("task" in e for e in read_log(runs / "siglip"))
     out = runs / f"{'-'.join(names)}.png"
-    p = run("plot.py", *[runs / n for n in names], "--out", out, cwd=runs)
+    p = run("scripts/plot.py", *[runs / n for n in names], "--out", out, cwd=runs)
     assert p.stdout.strip() == str(out)
     assert len(plot.curves([plot.read_run(str(runs / n)) for n in names])) == panels
     size, pixels = picture(out)
@@ -69,7 +69,7 @@ def test_plot_draws_every_curve_of_every_run(runs, names, panels):
 def test_plot_labels_runs_by_method_and_model(runs):
     assert [plot.read_run(str(runs / n))[0] for n in ("clip", "siglip")] == \
         ["clip tiny-vit (clip)", "siglip tiny-vit (siglip)"]
-    run("plot.py", runs / "siglip", cwd=runs)  # one run: OUT/plot.png by default
+    run("scripts/plot.py", runs / "siglip", cwd=runs)  # one run: OUT/plot.png by default
     assert picture(runs / "siglip" / "plot.png")[0] == (1200, 600)
 
 
@@ -77,7 +77,7 @@ def test_plot_fails_with_one_line(runs, tmp_path, monkeypatch):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
     for folder, message in ((tmp_path / "none", "cannot read"), (tmp_path / "bad", "line 2 is not a log entry")):
-        p = run("plot.py", folder, cwd=tmp_path, check=False)
+        p = run("scripts/plot.py", folder, cwd=tmp_path, check=False)
         assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
@@ -148,8 +148,8 @@ def test_wandb_offline_run_holds_what_the_log_holds(runs):
 
 def test_show_ranks_as_the_embeddings_say_and_marks_the_correct_items(runs):
     import eval_zeroshot
-    import show
-    from checkpoint import load_method
+    from plumbing import show
+    from plumbing.weights import load_method
 
     method, tokenizer = load_method(str(runs / "clip" / "ckpt.pt"))
     # retrieval: 24 held-out pairs (caption i is image i's); 5 queries each way, ranked against an independent

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import train
-from shards import ShardStream, decode_sample, shard_list, tar_members, tar_samples
+from plumbing import samples
+from plumbing.shards import ShardStream, decode_sample, shard_list, tar_members, tar_samples
 from test_train import main_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +58,10 @@ def write_shards(folder, sizes=SIZES, corrupt=(), uncaptioned=(), truncated=()):
 
 
 def ids(image, caption):
-    """A transform that keeps which sample this is, (S, I), and the decoded image's width (a JPEG comes as a data.Jpeg,
-    decoded by the transform, as the training transforms' crop does)."""
+    """A transform that keeps which sample this is, (S, I), and the decoded image's width (a JPEG comes as a
+    samples.Jpeg, decoded by the transform, as the training transforms' crop does)."""
     s, i = map(int, caption.split()[1:])
-    image = image.decode() if isinstance(image, data.Jpeg) else image
+    image = image.decode() if isinstance(image, samples.Jpeg) else image
     return {"id": torch.tensor([s, i]), "width": torch.tensor(image.shape[-1])}
 
 
@@ -179,11 +179,11 @@ def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
 
 def test_unreadable_shards_stop_the_stream(tmp_path):
     shards = write_shards(tmp_path, sizes=[75], corrupt=[(0, i) for i in range(3, 75)])  # 3 good ones, then none
-    with pytest.raises(data.UnreadableImages, match=r"64 samples in a row are unreadable, the first \S+00000.tar/0"):
+    with pytest.raises(samples.UnreadableImages, match=r"64 samples in a row are unreadable, the first \S+00000.tar/0"):
         next(iter(ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[4], buffer=1)))
     empty = tmp_path / "empty.tar"
     tarfile.open(empty, "w").close()
-    with pytest.raises(data.UnreadableImages, match="hold no samples"):
+    with pytest.raises(samples.UnreadableImages, match="hold no samples"):
         next(iter(ShardStream([str(empty)], ids, seed=0, readers=1, first_lane=0, sizes=[2])))
 
 
@@ -358,7 +358,7 @@ def test_two_nodes_equal_one_process(tmp_path):
 STOP_AT_4 = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
-import distributed
+from plumbing import distributed
 import train
 
 real = distributed.rank_state

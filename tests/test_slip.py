@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from distributed import GlobalBatchNorm
 from model import create_model
+from plumbing.distributed import GlobalBatchNorm
+from plumbing.tokenizer import get_tokenizer
 from ranks import assert_close_at_scale, run_distributed
 from slip import SLIP, simclr_loss
-from tokenizer import get_tokenizer
 
 
 def _views(N=10, E=8, seed=0, dtype=torch.float32):

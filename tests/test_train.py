@@ -71,7 +71,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert (out / "ckpt.pt.tmp").exists() and [e["step"] for e in read_log(out)] == [1, 2, 3, 4]
 
-    import checkpoint
+    from plumbing import checkpoint
     real_save = checkpoint.write
 
     def save_where_nothing_is(path, method, optimizer, step, meta):  # the stale .tmp was deleted at start
@@ -235,7 +235,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained, tmp_path):
         assert not marker.exists()
 
     # the older torch.save format and a bare pickle are refused too (in this process: nothing may run here either)
-    from checkpoint import read
+    from plumbing.weights import read
 
     torch.save({"model": Payload(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     (tmp_path / "bare.pt").write_bytes(pickle.dumps({"model": Payload(marker)}))
@@ -336,7 +336,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_while_saving(tmp_path, monkeypatch):
-    import checkpoint
+    from plumbing import checkpoint
 
     real_save = checkpoint.write
 

@@ -1,11 +1,11 @@
 """
-The training step's benchmark: samples/s, step time, peak memory and MFU of a step of any method and model, alone,
-side by side with open_clip, or with and without accumulation, checkpointing and patch dropout. (bench_data.py times
-the input pipeline, bench_loss.py the losses' memory per rank.)
+The training step's benchmark: samples/s, step time, peak memory and MFU of a step of any method and model, alone, side
+by side with open_clip, or with and without accumulation, checkpointing and patch dropout. (scripts/bench_data.py times
+the input pipeline, scripts/bench_loss.py the losses' memory per rank.)
 
-    python bench.py --method clip --model ViT-B-32 --batch-size 32            # train-step throughput (CPU or GPU)
-    python bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip    # ours vs open_clip, alternating
-    python bench.py --model ViT-B-16 --batch-size 8 --grad-accum 4 --patch-dropout 0.5 \\
+    python scripts/bench.py --method clip --model ViT-B-32 --batch-size 32                 # train-step throughput
+    python scripts/bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip  # ours vs open_clip
+    python scripts/bench.py --model ViT-B-16 --batch-size 8 --grad-accum 4 --patch-dropout 0.5 \\
         --variants plain,accum,ckpt,ckpt+accum,pd                              # each feature, alternating
 
 A step is train.py's (train.forward_backward, bf16 autocast on CUDA, AdamW, post_step), on the method and optimiser
@@ -21,8 +21,6 @@ what accumulation or checkpointing recompute, nor the method's heads and losses.
 """
 
 import argparse
-import ctypes
-import gc
 import math
 import multiprocessing
 import os
@@ -35,14 +33,16 @@ from contextlib import nullcontext
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
+
 import data
-import distributed
-import pretrained
 import train
-from model import CONFIGS
-from runlog import fail
-from synthetic import SyntheticCaptions
-from tokenizer import get_tokenizer
+from model import CONFIGS, compiled
+from plumbing import distributed, pretrained
+from plumbing.memory import peak_memory
+from plumbing.runlog import fail
+from plumbing.synthetic import SyntheticCaptions
+from plumbing.tokenizer import get_tokenizer
 
 # dense bf16 peak TFLOP/s (no sparsity), matched against torch.cuda.get_device_name(): first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0)]
@@ -79,7 +79,7 @@ def get_args(argv=None):
 
 
 def command(args):
-    return "python bench.py " + shlex.join(args.argv)
+    return "python scripts/bench.py " + shlex.join(args.argv)
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def setup(args):
     pretrained.lock(method.model, 0 if args.lock_image else None, 0 if args.lock_text else None)  # LiT's step
     optimizer, _, _ = train.make_optimizer(method, CONFIGS[args.model], args.batch_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return (method, train.compiled(method) if args.compile else method, optimizer,
+    return (method, compiled(method) if args.compile else method, optimizer,
             synthetic_batch(method, args.batch_size, device, seed=0), device, autocast)
 
 
@@ -331,38 +331,6 @@ def vs_open_clip(args, method, ours, optimizer, batch, device, autocast):
     for name in ("ours", "open_clip"):
         print(f"# {name}: {throughput(step_flops(c, batch), rate[name], peak_tflops(device))}")
     return rate["ours"] / rate["open_clip"]
-
-
-# -----------------------------------------------------------------------------
-# memory
-
-def process_memory(field):
-    """MiB of this process from /proc/self/status (Linux): VmRSS now, VmHWM the peak since the last reset."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def peak_memory(fn, device):
-    """MiB allocated at the peak of fn() beyond what was allocated before it. CUDA: the caching allocator's own
-    counters. CPU (Linux, glibc): the process's peak resident memory, reset through /proc/self/clear_refs, with
-    every allocation of 64 KiB or more mapped and unmapped on its own (mallopt M_MMAP_THRESHOLD) and malloc's free
-    memory returned (malloc_trim), so that the resident peak is the peak of live tensors."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (and no dynamic raising of it)
-    libc.malloc_trim(0)  # memory freed earlier, still in malloc's heap, goes back too: reused, it counts again
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    start = process_memory("VmRSS")
-    fn()
-    return process_memory("VmHWM") - start
 
 
 def main(argv=None):

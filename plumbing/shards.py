@@ -27,7 +27,8 @@ import urllib.request
 
 import torch
 
-import data  # decode_image, seed_of, UnreadableImages: images from shards follow the policy of image files
+# images from shards follow the policy of image files
+from plumbing.samples import MAX_UNREADABLE, UnreadableImage, UnreadableImages, decode_image, seed_of, stack
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -150,7 +151,7 @@ def tar_samples(path):
 
 
 def decode_sample(members, caption_key=None, name=None):
-    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp; a JPEG as a data.Jpeg
+    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp; a JPEG as a samples.Jpeg
     named `name`, decoded by the transform), the caption from txt or else the json member's "caption" (or
     caption_key's) field. Raises ValueError for a sample without either."""
     image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
@@ -165,7 +166,7 @@ def decode_sample(members, caption_key=None, name=None):
     if not isinstance(caption, str) or not caption.strip():
         where = f"a json field {caption_key!r}" if caption_key else "a txt member or a json field 'caption'"
         raise ValueError(f"no caption ({where})")
-    return data.decode_image(image, lazy_name=name), caption.strip()
+    return decode_image(image, lazy_name=name), caption.strip()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -191,7 +192,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start = start or [(0, 0, 0, 0)] * readers
 
     def lane_shards(self, lane, epoch):
-        order = random.Random(data.seed_of(self.seed, epoch)).sample(range(len(self.shards)), len(self.shards))
+        order = random.Random(seed_of(self.seed, epoch)).sample(range(len(self.shards)), len(self.shards))
         return order[lane::self.readers]
 
     def read(self, lane, epoch, j, i):
@@ -205,7 +206,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield (epoch, j, n), shard, key, value
                 i = 0
             if not found:  # else an epoch of empty shards would loop forever
-                raise data.UnreadableImages(f"the shards of reader {lane} hold no samples, the first "
+                raise UnreadableImages(f"the shards of reader {lane} hold no samples, the first "
                                             f"{self.shards[self.lane_shards(lane, epoch)[0]]}")
             epoch, j = epoch + 1, 0
 
@@ -215,7 +216,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for _, one_epoch in itertools.groupby(samples, key=lambda sample: sample[0][0]):  # no block spans two epochs
             while block := list(itertools.islice(one_epoch, self.buffer)):
                 first = block[0][0]
-                order = random.Random(data.seed_of(self.seed, lane, *first)).sample(range(len(block)), len(block))
+                order = random.Random(seed_of(self.seed, lane, *first)).sample(range(len(block)), len(block))
                 for t in range(taken, len(block)):
                     yield block[order[t]], (*first, t + 1)
                 taken = 0
@@ -233,22 +234,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                         raise ValueError(value)  # the shard's read error
                     image, caption = decode_sample(value, self.caption_key, name)
                 except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-                    raise data.UnreadableImage(name, str(e) or type(e).__name__) from e
+                    raise UnreadableImage(name, str(e) or type(e).__name__) from e
                 with torch.random.fork_rng(devices=[]):  # the CPU generator only, as data.Seeded
-                    torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, shard, n))
-                    sample = self.transform(image, caption)  # a data.Jpeg is decoded here: UnreadableImage
-            except data.UnreadableImage as e:  # not other errors of the transform: those are bugs, not bad data
+                    torch.default_generator.manual_seed(seed_of(self.seed, epoch, shard, n))
+                    sample = self.transform(image, caption)  # a samples.Jpeg is decoded here: UnreadableImage
+            except UnreadableImage as e:  # not other errors of the transform: those are bugs, not bad data
                 bad.append((name, e.reason))
                 in_a_row += 1
-                if in_a_row == data.MAX_UNREADABLE:
+                if in_a_row == MAX_UNREADABLE:
                     name, reason = bad[-in_a_row]
-                    raise data.UnreadableImages(f"{in_a_row} samples in a row are unreadable, the first {name} "
+                    raise UnreadableImages(f"{in_a_row} samples in a row are unreadable, the first {name} "
                                                 f"({reason})") from None
                 continue
             in_a_row = 0
             samples.append(sample)
             if len(samples) == size:
-                yield {**data.stack(samples), "bad": bad, "lanes": [(lane, position)]}
+                yield {**stack(samples), "bad": bad, "lanes": [(lane, position)]}
                 samples, bad = [], []
 
 

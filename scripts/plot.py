@@ -2,8 +2,8 @@
 Plot training runs from their OUT/log.jsonl: the loss and each component the method logs, the learning rate, the
 logit scale, samples/s, and every evaluation that --eval-every logged, several runs overlaid on one PNG.
 
-    python plot.py out                                  # -> out/plot.png
-    python plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
+    python scripts/plot.py out                                  # -> out/plot.png
+    python scripts/plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
 
 Needs matplotlib (pip install matplotlib); draws without a display (the Agg backend).
 """
@@ -12,8 +12,11 @@ import argparse
 import json
 import math
 import os
+import sys
 
-from runlog import fail
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
+
+from plumbing.runlog import fail
 
 COLS, PANEL = 3, (4.0, 3.0)  # panels per row, each panel's size in inches (at 100 dpi: 400 × 300 pixels)
 NOT_CURVES = ("step", "skipped")  # keys of a step's line that are not plotted
@@ -77,7 +80,7 @@ def plot(out_dirs, out):
     try:
         import matplotlib
     except ImportError:
-        fail("plot.py needs matplotlib: pip install matplotlib")
+        fail("scripts/plot.py needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 

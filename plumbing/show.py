@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 import data
-import evalsets
-from eval_zeroshot import cat, class_embeddings, loader
-from runlog import fail
+from plumbing import evalsets
+from plumbing.evalsets import cat, class_embeddings, loader
+from plumbing.runlog import fail
 
 K = 5  # items shown per query
 

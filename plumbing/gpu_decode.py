@@ -11,11 +11,11 @@ import torch
 import torchvision.io as tvio
 from torchvision.transforms import v2
 
-import data
+from plumbing.samples import DeferredCrop, Jpeg, UnreadableImages, decode_image
 
 
 class Deferring:
-    """transform(image, caption) with a data.Jpeg marked for decoding on the device: its crops that only a uint8
+    """transform(image, caption) with a samples.Jpeg marked for decoding on the device: its crops that only a uint8
     conversion follows become DeferredCrops (data.train_transform); colour-jittered views (SLIP's SimCLR, DeCLIP's)
     are decoded in the worker as without the flag."""
 
@@ -23,39 +23,27 @@ class Deferring:
         self.transform = transform
 
     def __call__(self, image, caption):
-        if isinstance(image, data.Jpeg):
+        if isinstance(image, Jpeg):
             image.defer = True
         return self.transform(image, caption)
 
 
-class DeferredCrop:
-    """A training crop left to the GPU (train.py --gpu-decode): the JPEG's bytes and the box (top, left, h, w) that
-    RandomResizedCrop drew in the worker, from the worker's seed. decode_crops makes of it the crop of the full decode.
-    A JPEG with no end marker after its last scan (a truncated file) is unreadable here already, where the worker
-    replaces it as it would on failing to decode it."""
-
-    def __init__(self, jpeg, box, size):
-        end = jpeg.raw.rfind(b"\xff\xd9")  # EOI; then no SOS after it (a scan cut short); markers are not data
-        if end < 0 or jpeg.raw.find(b"\xff\xda", end) >= 0:
-            raise data.UnreadableImage(jpeg.name, "truncated: no end-of-image marker after its last scan")
-        self.raw, self.name, self.box, self.size = jpeg.raw, jpeg.name, box, size
-
 
 def decode_columns(batch, device, bad=None):
-    """A batch (on the device but for its lists) with each list of DeferredCrops (data.stack's columns) decoded
+    """A batch (on the device but for its lists) with each list of DeferredCrops (samples.stack's columns) decoded
     (decode_crops). A sample whose image nothing could decode takes the place of the next readable one in every column
     (a repeated pair, where the CPU path would draw a new sample: the workers have passed it), its (name, reason)
     appended to `bad`."""
     failed = {}  # {row: (name, reason)}
     for k, v in batch.items():
-        if isinstance(v, list):  # of DeferredCrops (data.stack)
+        if isinstance(v, list):  # of DeferredCrops (samples.stack)
             batch[k], f = decode_crops(v, device)
             failed.update(f)
     if failed:
         n = len(next(iter(batch.values())))
         readable = [i for i in range(n) if i not in failed]
         if not readable:
-            raise data.UnreadableImages(f"no image of a batch decodes, the first {next(iter(failed.values()))[0]}")
+            raise UnreadableImages(f"no image of a batch decodes, the first {next(iter(failed.values()))[0]}")
         rows = [i if i not in failed else min(readable, key=lambda j: (j - i) % n) for i in range(n)]  # the next one
         batch = {k: v[torch.tensor(rows, device=v.device)] for k, v in batch.items()}
         if bad is not None:
@@ -67,7 +55,7 @@ def decode_crops(crops, device):
     """A column of DeferredCrops (and uint8 (3, R, R) images, of files that are not JPEGs) -> (uint8 (B, 3, R, R) on the
     device, {i: (name, reason)} of the crops nothing could decode). The JPEGs are decoded in one batch by torchvision.io
     on the device (nvJPEG on a GPU), then cut and resized as RandomResizedCrop cuts and resizes a full decode. One that
-    the device cannot decode (nvJPEG: CMYK, 12-bit, some corrupt files) is decoded on the CPU (data.decode_image)."""
+    the device cannot decode (nvJPEG: CMYK, 12-bit, some corrupt files) is decoded on the CPU (samples.decode_image)."""
     jpegs = [i for i, c in enumerate(crops) if isinstance(c, DeferredCrop)]
     raws = [torch.frombuffer(bytearray(crops[i].raw), dtype=torch.uint8) for i in jpegs]
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
@@ -94,6 +82,6 @@ def decode_on(raw, device):
     except RuntimeError:
         pass
     try:
-        return v2.Compose(data.TO_UINT8)(data.decode_image(bytes(raw)))
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])(decode_image(bytes(raw)))
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
         return str(e) or type(e).__name__

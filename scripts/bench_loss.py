@@ -4,10 +4,10 @@ The losses' memory per rank: the peak memory of the forward and backward of the 
 SigLipLoss with its bidirectional exchange) and the all-gather version that computes the whole N×N logits on every
 rank; and each one's global loss, which agree.
 
-    torchrun --nproc_per_node=8 bench_loss.py --batch-size 8192       # 8 ranks (gloo on a CPU, NCCL on GPUs)
+    torchrun --nproc_per_node=8 scripts/bench_loss.py --batch-size 8192       # 8 ranks (gloo on a CPU, NCCL on GPUs)
 
 On CUDA the peak is the allocator's; on a CPU the process's peak resident memory, with every allocation above 64 KiB
-mapped on its own, so that it measures live tensors (bench.peak_memory).
+mapped on its own, so that it measures live tensors (plumbing/memory.py).
 """
 
 import argparse
@@ -19,11 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import distributed
-from bench import peak_memory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
+
 from clip import clip_loss
-from distributed import all_gather
-from runlog import fail
+from plumbing import distributed
+from plumbing.distributed import all_gather
+from plumbing.memory import peak_memory
+from plumbing.runlog import fail
 from siglip import siglip_loss
 
 
@@ -70,7 +72,7 @@ def main(argv=None):
     device = torch.device(device)
     cuda = device.type == "cuda"
     if not cuda and not os.path.exists("/proc/self/clear_refs"):
-        fail("bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
+        fail("scripts/bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
     N, B, D = args.batch_size, args.batch_size // world, args.embed_dim
@@ -110,7 +112,8 @@ def main(argv=None):
             naive = results["all-gather N×N"][0]
             parts = [f"{v} {mib:.0f} MiB" + (f" ({naive / max(mib, 1e-9):.1f}× less)" if mib != naive else "")
                      for v, (mib, _) in results.items()]
-            launcher = f"torchrun --nproc_per_node={world} bench_loss.py " if world > 1 else "python bench_loss.py "
+            launcher = f"torchrun --nproc_per_node={world} " if world > 1 else "python "
+            launcher += "scripts/bench_loss.py "
             device_name = f"{torch.cuda.get_device_name(device)} nccl" if cuda else "cpu gloo" if world > 1 else "cpu"
             print(f"loss-memory {name} | {device_name}, {world} rank{'s' * (world > 1)} | N {N} = {world} × {B}, "
                   f"D {D} | peak per rank, forward + backward: {', '.join(parts)}; {note}, "

@@ -1,13 +1,13 @@
 """
 Starting from weights users already have: train.py --pretrained (fine-tuning, and LiT with --lock-image), and OpenAI's
-model names for train.py, eval_zeroshot.py and eval_linear.py.
+model names for train.py, eval_zeroshot.py and scripts/eval_linear.py.
 
     python train.py --pretrained ViT-B/32 --data coco --data-dir ~/coco          # fine-tune OpenAI's ViT-B/32
     python train.py --pretrained ViT-B/32 --lock-image --data my_pairs.tsv       # LiT: train the text tower only
     python eval_zeroshot.py --checkpoint ViT-B/32 --dataset coco-5k --data-dir ~/coco2014
 
---pretrained reads a file with checkpoint.read (the one reader: OpenAI's TorchScript .pt, open_clip's state dicts and
-epoch_N.pt, .safetensors, our ckpt.pt); the architecture is read off its shapes (checkpoint.infer_config). Both
+--pretrained reads a file with weights.read (the one reader: OpenAI's TorchScript .pt, open_clip's state dicts and
+epoch_N.pt, .safetensors, our ckpt.pt); the architecture is read off its shapes (weights.infer_config). Both
 encoders and their projections are loaded, for every method; what the file does not have (SLIP's and DeCLIP's heads,
 FILIP's token projections, SigLIP's bias) keeps the method's init. The temperature is the file's, except for a method
 whose temperature means something else (Method.pretrained_temperature: SigLIP's s = exp(t') multiplies a sigmoid's
@@ -23,9 +23,9 @@ import urllib.request
 
 import torch.nn as nn
 
-import checkpoint
 from model import CONFIGS, VisionTransformer
-from runlog import fail
+from plumbing import checkpoint, weights
+from plumbing.runlog import fail
 
 # OpenAI's published weights, as openai/CLIP's clip/clip.py lists them; the SHA-256 of each file is in its URL path
 _URL = "https://openaipublic.azureedge.net/clip/models/"
@@ -148,15 +148,15 @@ def model_config(args, vocab_size):
         act = {} if args.act is None else {"quick_gelu": args.act == "quickgelu"}
         return dict(CONFIGS[args.model], vocab_size=vocab_size, **act), None
     path = resolve(args.pretrained)
-    loaded = checkpoint.read(path, args.trust_checkpoint)
+    loaded = weights.read(path, args.trust_checkpoint)
     if isinstance(loaded, dict) and "config" in loaded and "model_config" in loaded:  # our ckpt.pt
         if loaded["config"].get("tokenizer", "clip") != "clip":
             fail(f"{path} was trained with --tokenizer {loaded['config']['tokenizer']}; --pretrained needs CLIP's BPE")
         state_dict, quick_gelu = loaded["model"], loaded["model_config"].get("quick_gelu", True)
     else:  # OpenAI's and open_clip's files do not record the activation: OpenAI's is QuickGELU
-        state_dict, quick_gelu = checkpoint.clip_state_dict(loaded, path), True
+        state_dict, quick_gelu = weights.clip_state_dict(loaded, path), True
     try:
-        config = dict(checkpoint.infer_config(state_dict), quick_gelu=quick_gelu if args.act is None
+        config = dict(weights.infer_config(state_dict), quick_gelu=quick_gelu if args.act is None
                       else args.act == "quickgelu")
     except ValueError as e:
         fail(f"{path}: {e}")

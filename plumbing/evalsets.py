@@ -1,7 +1,7 @@
 """
 The evaluation data: classification sets (CIFAR-10/100 and STL-10 from torchvision, ImageNet, any folder of class
 folders) with OpenAI's prompt templates, and retrieval sets (COCO val2017, Karpathy's COCO 5k and Flickr30k 1k test
-splits, any CSV/TSV). eval_zeroshot.prepare reads them; eval_linear.py reads the classification sets.
+splits, any CSV/TSV). eval_zeroshot.prepare reads them; scripts/eval_linear.py reads the classification sets.
 """
 
 import json
@@ -13,8 +13,9 @@ import torchvision
 from PIL import Image
 
 import data
-from runlog import fail
-from synthetic import SyntheticCaptions
+from plumbing import samples
+from plumbing.runlog import fail
+from plumbing.synthetic import SyntheticCaptions
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
 # Karpathy's splits (caption_datasets.zip): the split file each retrieval benchmark reads from --data-dir
@@ -24,7 +25,7 @@ RETRIEVAL = ("coco", "synthetic-retrieval", *KARPATHY)
 
 class Labelled(torch.utils.data.Dataset):
     """(image, label) dataset -> (tensor, label) with the evaluation transform; images are PIL images (converted to
-    RGB here) or tensors from data.load_image."""
+    RGB here) or tensors from samples.load_image."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -79,7 +80,7 @@ def image_folder(data_dir, name):
     """One folder of images per class, sorted by name: the class index order."""
     if not data_dir or not os.path.isdir(data_dir):
         fail(f"--dataset {name} needs --data-dir pointing at a folder of class folders (got {data_dir})")
-    try:  # decoded as in training (data.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
+    try:  # decoded as in training (samples.load_image): a 16-bit PNG through PIL's convert("RGB") comes out white
         ds = torchvision.datasets.ImageFolder(data_dir, loader=read_image)
     except FileNotFoundError as e:  # no class folder, or no image in any of them
         fail(f"--data-dir {data_dir}: {e} (--dataset {name} expects one folder of images per class)")
@@ -119,11 +120,35 @@ class Images(torch.utils.data.Dataset):
         return self.transform(read_image(image) if isinstance(image, str) else image)
 
 
+def cat(chunks):
+    """Concatenate batch-first embeddings, which are tensors or (FILIP) tuples of tensors."""
+    if isinstance(chunks[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*chunks))
+    return torch.cat(chunks)
+
+
+def loader(dataset, batch_size, workers):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                       worker_init_fn=data.ignore_interrupts)
+
+
+def class_embeddings(method, tokenizer, classnames, templates, device):
+    """Every class name in every template -> the method's classifier (method.embed_classes), in chunks."""
+    L = method.model.context_length
+    chunk = max(1, 512 // len(templates))  # classes per text batch
+    classifier = []
+    for i in range(0, len(classnames), chunk):
+        names = classnames[i:i + chunk]
+        tokens = tokenizer([t.format(c) for c in names for t in templates], L).view(len(names), len(templates), L)
+        classifier.append(method.embed_classes(tokens.to(device)))
+    return cat(classifier)
+
+
 def read_image(path):
-    """data.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
+    """samples.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
     benchmark, so say which file to fix."""
     try:
-        return data.load_image(path)
+        return samples.load_image(path)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ValueError(f"cannot read {path} ({e}); fix or remove it to evaluate on this set") from None
 

@@ -1,10 +1,10 @@
 """
 Linear-probe evaluation, the CLIP paper's protocol: a logistic regression on frozen image features.
 
-    python eval_linear.py --checkpoint out/ckpt.pt                                # the built-in synthetic tasks
-    python eval_linear.py --checkpoint out/ckpt.pt --dataset cifar10 --data-dir ~/data --download
-    python eval_linear.py --checkpoint ViT-B-32.pt --dataset imagenet --data-dir ~/imagenet   # train/ and val/
-    python eval_linear.py --checkpoint out/ckpt.pt --dataset folder --data-dir D    # D/train/, D/val/ class folders
+    python scripts/eval_linear.py --checkpoint out/ckpt.pt                                # the built-in synthetic tasks
+    python scripts/eval_linear.py --checkpoint out/ckpt.pt --dataset cifar10 --data-dir ~/data --download
+    python scripts/eval_linear.py --checkpoint ViT-B-32.pt --dataset imagenet --data-dir ~/imagenet   # train/ and val/
+    python scripts/eval_linear.py --checkpoint out/ckpt.pt --dataset folder --data-dir D  # D/train/, D/val/: classes
     ... --output results.json                                                     # the metrics, one object per task
 
 Features: the model's encode_image on the evaluation transform (resize, centre crop, no augmentation), as in OpenAI's
@@ -22,14 +22,17 @@ time), the dataset and the split, so that a second probe of the same checkpoint 
 
 import hashlib
 import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
+
 import data
 import eval_zeroshot
-import evalsets
-from runlog import fail
-from synthetic import TASKS, SyntheticTask
+from plumbing import evalsets
+from plumbing.runlog import fail
+from plumbing.synthetic import TASKS, SyntheticTask
 
 
 @torch.no_grad()
@@ -37,7 +40,7 @@ def features(method, dataset, device, batch_size=256, workers=0):
     """dataset of (image tensor, label) -> ((N, D) float32 features of encode_image, (N,) labels)"""
     method.eval()
     xs, ys = [], []
-    for images, labels in eval_zeroshot.loader(dataset, batch_size, workers):
+    for images, labels in evalsets.loader(dataset, batch_size, workers):
         xs.append(method.model.encode_image(images.to(device)).float().cpu())
         ys.append(labels)
     return torch.cat(xs), torch.cat(ys)

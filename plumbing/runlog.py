@@ -18,8 +18,7 @@ import time
 
 import torch
 
-import distributed
-
+from plumbing import distributed
 
 signals = []  # the stopping signals this process received (stop_on_signals)
 
@@ -77,10 +76,10 @@ class RunLog:
         self.sinks = []  # --report-to's trackers (report_to): each gets every entry that log.jsonl gets
 
     def report_to(self, trackers, meta):
-        """Write OUT/config.json (meta: the run's config, which plot.py labels curves with) and open --report-to's
-        trackers (comma-separated names of TRACKERS), rank 0 only. A resumed run continues the same tracker run:
-        tensorboard's writer in OUT/tensorboard drops the events past the checkpoint (purge_step), wandb resumes the
-        run whose id OUT/wandb_id holds (wandb keeps the steps it logged before: it cannot rewind a run)."""
+        """Write OUT/config.json (meta: the run's config, which scripts/plot.py labels curves with) and open
+        --report-to's trackers (comma-separated names of TRACKERS), rank 0 only. A resumed run continues the same
+        tracker run: tensorboard's writer in OUT/tensorboard drops the events past the checkpoint (purge_step), wandb
+        resumes the run whose id OUT/wandb_id holds (wandb keeps the steps it logged before: it cannot rewind a run)."""
         names = [name.strip() for name in trackers.split(",") if name.strip()]
         for name in names:
             if name not in TRACKERS:

@@ -2,13 +2,13 @@
 The input pipeline's benchmark: images/s of decoding a folder of JPEGs and applying a method's training transform,
 per DataLoader worker, which says how many CPU cores feed a GPU that trains at R samples/s (R / images/s per core).
 
-    python bench_data.py --make-jpegs 200 /tmp/jpegs                           # a folder of COCO-sized JPEGs
-    python bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
-    python bench_data.py --vs-open-clip --model ViT-B-32  # images per CPU-second, ours against open_clip's
+    python scripts/bench_data.py --make-jpegs 200 /tmp/jpegs                           # a folder of COCO-sized JPEGs
+    python scripts/bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
+    python scripts/bench_data.py --vs-open-clip --model ViT-B-32  # images per CPU-second, ours against open_clip's
 
-Decoders: crop (what training does: a JPEG decoded by the training crop at the size it needs), tvio (data.load_image's
-torchvision.io, in full) and PIL's, for comparison. Each configuration prints one line starting with "data", ending
-with the command.
+Decoders: crop (what training does: a JPEG decoded by the training crop at the size it needs), tvio
+(samples.load_image's torchvision.io, in full) and PIL's, for comparison. Each configuration prints one line starting
+with "data", ending with the command.
 """
 
 import argparse
@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
+
 import data
-import gpu_decode
 import train
 from model import CONFIGS
-from runlog import fail
-from tokenizer import get_tokenizer
+from plumbing import gpu_decode, samples
+from plumbing.runlog import fail
+from plumbing.tokenizer import get_tokenizer
 
 CAPTIONS = ["a photo of a dog on a red sofa.", "two people walking along the beach at sunset",
             "a plate of food with rice and vegetables", "a city street with cars and a bus."]
@@ -43,7 +45,7 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny-vit", choices=CONFIGS, help="a config of model.py: its image size")
     p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list such as "
                    "1,4,8")
-    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (data.load_image), crop (training's: the "
+    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (samples.load_image), crop (training's: the "
                    "JPEG decoded by the crop at the size it needs)")
     p.add_argument("--vs-open-clip", action="store_true", help="images per CPU-second of CLIP's train transform, ours "
                    "against open_clip's, on generated 640x480 and 256x256 JPEGs, and the cores a GPU needs")
@@ -62,8 +64,8 @@ def decode(path, decoder):
             return img.convert("RGB")
     if decoder == "crop":  # what data.py's datasets return: a JPEG's bytes, decoded by the training crop
         with open(path, "rb") as f:
-            return data.decode_image(f.read(), lazy_name=path)
-    return data.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, evaluation's decoding
+            return samples.decode_image(f.read(), lazy_name=path)
+    return samples.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, evaluation's decoding
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -109,6 +111,7 @@ def vs_open_clip(args):
     except ImportError:
         fail("--vs-open-clip needs open_clip: pip install open_clip_torch")
     import tempfile
+
     from torchvision.transforms import v2
     R = CONFIGS[args.model]["image_resolution"]
     theirs = open_clip.image_transform(R, is_train=True, mean=data.MEAN, std=data.STD)
@@ -125,12 +128,12 @@ def vs_open_clip(args):
             img.draft("RGB", (img.size[0] // r, img.size[1] // r))
             img.load()
     def deferred(path):  # train.py --gpu-decode: the workers' part (the header, the box); the device decodes
-        jpeg = data.decode_image(read(path), lazy_name=path)
+        jpeg = samples.decode_image(read(path), lazy_name=path)
         jpeg.defer = True
         return ours(jpeg)
     pipelines = {"open_clip": lambda path: theirs(Image.open(path)),  # as open_clip's CsvDataset
-                 "before": lambda path: before(data.load_image(path)),
-                 "ours": lambda path: ours(data.decode_image(read(path), lazy_name=path)),
+                 "before": lambda path: before(samples.load_image(path)),
+                 "ours": lambda path: ours(samples.decode_image(read(path), lazy_name=path)),
                  "ours --gpu-decode": deferred,
                  **{f"decode 1/{r}": lambda path, r=r: decode_only(path, r) for r in (1, 2, 4, 8)}}
     torch.set_num_threads(1)
@@ -171,7 +174,7 @@ def vs_open_clip(args):
                                                          if "/" in name))
         print(f"cores-per-gpu {w}x{h} at {args.gpu_rate:,.0f} samples/s | " + " | ".join(
             f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items() if "/" not in name) +
-            f" | python bench_data.py {shlex.join(args.argv)}")
+            f" | python scripts/bench_data.py {shlex.join(args.argv)}")
 
 
 def main(argv=None):
@@ -231,7 +234,7 @@ def main(argv=None):
             parts.append(f"{workers} worker{'s' * (workers > 1)} {rate:.1f} images/s ({rate / workers:.1f} per worker)")
             del loader
         print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × 2 passes | "
-              f"{' | '.join(parts)} | python bench_data.py {shlex.join(args.argv)}")
+              f"{' | '.join(parts)} | python scripts/bench_data.py {shlex.join(args.argv)}")
 
 
 if __name__ == "__main__":

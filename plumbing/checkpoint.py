@@ -1,0 +1,188 @@
+"""
+train.py's checkpoints: OUT/ckpt.pt saved (its layout: plumbing/weights.py, which reads it), resumed, and OUT claimed
+for one run.
+
+A checkpoint on disk is always one that training can continue from. Finite weights are not enough for that: one huge
+step (a weight decay of 1e30, say) leaves finite weights from which every loss is NaN. So a checkpoint is written to
+ckpt.pt.tmp, and becomes ckpt.pt (an atomic rename) once the next step's loss, computed from exactly those weights, is
+finite; the run's last one, with no next step, once its weights and losses are. A .tmp found at start is either a
+killed save or one never vouched for: not a checkpoint.
+"""
+
+import fcntl
+import os
+import warnings
+
+import torch
+
+from plumbing import distributed
+from plumbing.runlog import fail
+from plumbing.weights import method_state, read
+
+
+def resume_path(args):
+    """--resume's file: --out-dir's ckpt.pt, or the path given"""
+    return os.path.join(args.out_dir, "ckpt.pt") if args.resume == "auto" else args.resume
+
+
+def recorded(path, trust=False):
+    """-> (config, model_config) of a train.py checkpoint, read without loading its tensors (memory-mapped)"""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            found = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
+    except Exception:  # not a file torch maps, or one read refuses: read says which, in one line
+        found = read(path, trust)
+    if not (isinstance(found, dict) and "config" in found and "model_config" in found and "step" in found):
+        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    return found["config"], found["model_config"]
+
+
+def resume(path, method, optimizer, args):
+    """--resume: load a train.py checkpoint into the method and its optimiser, after checking it is one of this run's
+    method and model -> (its step, its record of a shard stream or None, this rank's own buffers or None). The lr
+    schedule and the weight decay stay this run's flags; AdamW's moments and step counts are the checkpoint's."""
+    checkpoint = read(path, args.trust_checkpoint)
+    if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
+        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    config = checkpoint["config"]
+    for flag in ("method", "model", "batch_size", "seed"):  # another batch size or seed: other samples in the stream
+        if config[flag] != getattr(args, flag):
+            fail(f"{path} was trained with --{flag.replace('_', '-')} {config[flag]}, this run has "
+                 f"{getattr(args, flag)}: pass the checkpoint's to resume it")
+    try:
+        method.load_state_dict(method_state(checkpoint))
+        decays = [group["weight_decay"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        fail(f"{path} does not fit this run's --method-args, --tokenizer, --freeze-patch-embed or --lock-* flags: {e}")
+    for group, decay in zip(optimizer.param_groups, decays):
+        group["weight_decay"] = decay
+    if checkpoint["step"] >= args.steps:
+        fail(f"{path} already trained {checkpoint['step']} steps; pass a larger --steps to train on")
+    rank, world = distributed.rank_and_world()
+    rank_buffers = checkpoint.get("rank_buffers") or ()  # each rank's own, where they differ (DeCLIP's queue)
+    if rank == 0:
+        print(f"resumed from {path} at step {checkpoint['step']}")
+    return checkpoint["step"], checkpoint.get("stream"), rank_buffers[rank] if len(rank_buffers) == world else None
+
+
+def write(path, method, optimizer, step, meta):
+    """The checkpoint of a step, to `path`; a failed write (a full disk) raises OSError and leaves no partial file."""
+    model_state = method.model.state_dict()
+    method_state = {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+    checkpoint = dict(model=model_state, method=method_state, optimizer=optimizer.state_dict(), step=step, **meta)
+    with open(path, "wb") as f:
+        writes = Writes(f)
+        try:
+            torch.save(checkpoint, writes)
+        except (OSError, RuntimeError) as e:
+            os.remove(path)
+            if writes.error or isinstance(e, OSError):
+                raise writes.error or e from None
+            raise
+
+
+class Writes:
+    """A file that keeps the error of its failed write: torch.save reports one only as "unexpected pos ..."."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def finite(method, optimizer):
+    """Whether every parameter, buffer and optimiser state tensor is finite, on every rank."""
+    tensors = list(method.state_dict().values())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    device = next(method.parameters()).device  # one sync: AdamW keeps its step counts on the CPU unless fused
+    return distributed.all_ranks(torch.stack([torch.isfinite(t).all().to(device) for t in tensors
+                                              if t.is_floating_point()]).all())
+
+
+class Checkpoints:
+    """train.py's OUT/ckpt.pt, saved every `save_every` steps and at the last, by the rule in the module docstring.
+    Every rank calls every method (saving gathers every rank's state); rank 0 writes. resumed: (path, step) of the
+    checkpoint the run resumed from."""
+
+    def __init__(self, out_dir, steps, save_every, meta, resumed=None):
+        self.path = os.path.join(out_dir, "ckpt.pt")
+        self.tmp = self.path + ".tmp"
+        self.steps, self.save_every, self.meta = steps, save_every, meta
+        here = resumed and os.path.abspath(resumed[0]) == os.path.abspath(self.path)
+        self.on_disk = resumed[1] if here else None  # the step ckpt.pt holds, once this run has one there
+        self.waiting = None  # the step ckpt.pt.tmp holds, until a finite loss from its weights vouches for it
+        self.master = distributed.rank_and_world()[0] == 0
+        if self.master and os.path.lexists(self.tmp):
+            os.remove(self.tmp)
+
+    def due(self, step):
+        return step % self.save_every == 0 or step == self.steps
+
+    def save(self, step, method, optimizer, stream, last=False):
+        """last: the run's last step, or the step at which a signal stops it (RunLog.stopping): with no next step to
+        vouch for it, it becomes ckpt.pt once its weights and losses (synced at this step) are finite."""
+        if not finite(method, optimizer):
+            self.stop(f"the weights are not finite after step {step}")
+        rank_buffers, positions = distributed.rank_state(method, stream.lanes)  # a collective: on every rank
+        if self.master:
+            record = dict(readers=stream.readers, shards=stream.shards, lanes=positions) if stream.shards else None
+            try:
+                write(self.tmp, method, optimizer, step, dict(self.meta, rank_buffers=rank_buffers, stream=record))
+            except OSError as e:
+                self.stop(f"could not write {self.tmp}: {(e.strerror or str(e)).lower()}; removed the partial file",
+                          then="Free some space, then")
+        self.waiting = step
+        if last or step == self.steps:
+            self.vouch(step + 1)
+
+    def vouch(self, finite_through):
+        """The losses up to step `finite_through` are finite: a checkpoint of an earlier step becomes ckpt.pt."""
+        if self.waiting is not None and finite_through > self.waiting:
+            if self.master:
+                os.replace(self.tmp, self.path)  # atomic: ckpt.pt is always a whole checkpoint
+            self.on_disk, self.waiting = self.waiting, None
+
+    def stop(self, reason, then="Lower --lr or add --grad-clip 1.0, then"):
+        if self.master and self.waiting is not None and os.path.lexists(self.tmp):
+            os.remove(self.tmp)
+        kept = f"{self.path} holds step {self.on_disk}" if self.on_disk is not None else "no checkpoint was written"
+        fail(f"{reason}; stopped, {kept}. {then} " + ("--resume." if self.on_disk is not None else "start again."))
+
+
+held = {}  # out_dir -> the descriptor of this process's lock there (claim), open while the process lives
+
+
+def claim(out_dir, fresh):
+    """Make OUT this run's, or stop with one line: OUT is created if need be and locked (OUT/.lock, released when the
+    process ends), so that a second run there stops instead of mixing its log and checkpoints with this one's; and a
+    fresh run (no --resume) does not start where a run's log or checkpoint would be overwritten."""
+    for fd in held.values():  # an earlier run of this process (tests call train.main repeatedly)
+        os.close(fd)
+    held.clear()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"another run (process {os.read(fd, 20).decode().strip() or '?'}) is training in {out_dir}; wait for it "
+             f"or pass another --out-dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    held[out_dir] = fd
+    found = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    if fresh and found:
+        fail(f"{out_dir} holds a run ({' and '.join(found)}): pass --resume to continue it, or another --out-dir "
+             f"(or remove it) to start a new one")
