@@ -143,8 +143,10 @@ def tar_samples(path):
             raise ValueError(failure() or str(e)) from e  # a failed command's output ends early: say why it failed
         if reason := failure():
             raise ValueError(reason)
-    except (OSError, ValueError) as e:  # missing, cut short, corrupt, a URL or command that fails
-        yield "", str(e) or type(e).__name__
+    except (OSError, ValueError, http.client.HTTPException) as e:  # missing, cut short, corrupt, a URL or command that
+        # fails, a server whose answer is not HTTP (urlopen raises BadStatusLine: "garbage\r\n"), said in one line
+        reason = " ".join(str(e).split()) or type(e).__name__
+        yield "", f"{type(e).__name__}: {reason}" if isinstance(e, http.client.HTTPException) else reason
         return
     if members:
         yield key, members

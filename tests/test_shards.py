@@ -399,3 +399,86 @@ def test_declip_resumes_exactly_on_two_ranks(tmp_path):
             torch.testing.assert_close(resumed["rank_buffers"][r][k], v, rtol=0, atol=0, msg=f"rank {r} {k}")
     for k in full["model"]:
         torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=0, msg=k)
+
+
+# --- sources that fail part-way: a command closed early, servers that cut off or answer garbage ------------------------
+
+
+@pytest.fixture
+def raw_http():
+    """serve(answer) -> a URL whose server reads the request and writes `answer` (bytes) as it is, then closes: any
+    status line, headers and body, however broken"""
+    import threading
+
+    sockets = []
+
+    def serve(answer):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        sockets.append(listener)
+
+        def loop():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # closed at the end of the test
+                    return
+                with conn:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        request += chunk
+                    conn.sendall(answer)
+        threading.Thread(target=loop, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/00000.tar"
+    yield serve
+    for listener in sockets:
+        listener.close()
+
+
+def test_a_server_that_cuts_off_or_answers_garbage_is_a_bad_shard(tmp_path, raw_http):
+    good = write_shards(tmp_path / "d", sizes=[3])[0]
+    raw = open(good, "rb").read()
+    # within sample 2's image. A body shorter than its Content-Length reads as a file cut there (samples 0 and 1); a
+    # chunk cut short raises (http.client's IncompleteRead) while sample 1's run of members has not ended: sample 0
+    cut = 7800
+    answers = {
+        "garbage": (b"garbage\r\n\r\n", None),  # not a status line: http.client's BadStatusLine
+        "nothing": (b"", None),  # closed without a word
+        "mid-chunk": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(raw) + raw[:cut],
+                      "000000000"),
+        "short body": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw[:cut], "000000001"),
+        "error": (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", None),
+        "good": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw, "all")}
+    urls = {}
+    for name, (answer, _) in answers.items():
+        urls[name] = raw_http(answer)
+    for name, (_, read) in answers.items():
+        samples = list(tar_samples(urls[name]))
+        keys = [key for key, _ in samples]
+        if read == "all":
+            assert keys == ["000000000", "000000001", "000000002"], name
+            continue
+        before = {None: [], "000000000": ["000000000"], "000000001": ["000000000", "000000001"]}[read]
+        assert keys == before + [""], (name, samples)  # the samples before the cut, then why
+        assert samples[-1][1] and "\n" not in samples[-1][1], name
+    # in a stream: bad shards, counted, and the good one read
+    stream = ShardStream([urls[n] for n in answers], ids, seed=0, readers=1, first_lane=0, sizes=[1])
+    got, bad, _ = take(stream, 6)  # an epoch
+    assert sorted(got) == [(0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 2)]
+    assert {name for name, _ in bad} == {urls[n] for n in answers if n != "good"}
+
+
+def test_a_command_the_reader_stops_reading_is_not_its_failure(tmp_path):
+    """The reader stops at a corrupt header and closes the pipe while the command still writes: the command ends on
+    SIGPIPE (itself, or its shell with 128 + 13), which says nothing of the command; the reason is the corruption."""
+    for command in ("pipe:yes not-a-tar-header", "pipe:yes not-a-tar-header | cat"):
+        samples = list(tar_samples(command))
+        assert len(samples) == 1 and samples[0][0] == "", samples
+        assert "exited" not in samples[0][1] and "status" not in samples[0][1], samples
+    # a command that fails after the reader stopped for a reason of its own still says why it failed
+    samples = list(tar_samples("pipe:printf 'not a tar header%.0s' $(seq 60); exit 5"))
+    assert samples == [("", "the command exited with status 5")], samples
