@@ -6,9 +6,12 @@ import glob
 import importlib.util
 import io
 import json
+import math
 import re
 import struct
 import sys
+from html.parser import HTMLParser
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -173,14 +176,17 @@ def test_show_ranks_as_the_embeddings_say_and_marks_the_correct_items(runs):
         assert p["rank"] == 1 + (scores > scores[p["query"]]).sum().item()
 
     # classification: the mistakes shown are mistakes, as many as asked (or as there are), marked with the true class
+    shown = 0
     for task in eval_zeroshot.prepare("synthetic", image_size=method.model.image_resolution, size=24):
         panels = show.rankings(method, tokenizer, task, "cpu", 3)
         result = eval_zeroshot.classify(method, tokenizer, task["images"], task["classnames"], task["templates"], "cpu")
         assert len(panels) == min(3, round((1 - result["top1"]) * 24))
+        shown += len(panels)
         for p in panels:
             label = task["images"][p["query"]][1]
             assert p["correct"] == [label] and p["top"][0][0] != label and p["rank"] > 1
             assert [s for _, s in p["top"]] == sorted([s for _, s in p["top"]], reverse=True)
+    assert shown >= 3  # a model of 4 steps errs: the loop above checked mistakes
 
 
 def test_show_writes_one_page_with_a_panel_per_query(runs, tmp_path):
@@ -200,22 +206,56 @@ def test_show_writes_one_page_with_a_panel_per_query(runs, tmp_path):
     assert marked + text.count("correct at rank") == 6
 
 
-def test_a_resumed_run_continues_its_tensorboard_log(tmp_path, killed_while_saving):
+class FakeWandb:
+    """wandb as runlog.wandb uses it (init, run.log, run.finish, errors.Error), recording what it is given"""
+
+    def __init__(self):
+        self.inits, self.rows = [], []
+        self.errors = SimpleNamespace(Error=RuntimeError)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return SimpleNamespace(log=lambda scalars, step: self.rows.append((kwargs["id"], step, scalars)),
+                               finish=lambda: None)
+
+
+def test_a_resumed_run_continues_its_tensorboard_log_and_its_wandb_run(tmp_path, monkeypatch, killed_while_saving):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     # killed while saving step 4: ckpt.pt holds step 2, tensorboard has steps 1-4; the resumed run logs 3 and 4 again
-    args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0", "--report-to", "tensorboard",
+    args = ["--steps", "4", "--save-every", "2", *TINY, "--eval-size", "0", "--report-to", "tensorboard,wandb",
             "--out-dir", tmp_path]
     killed_while_saving(args, step=4)
     import train
     train.main([str(a) for a in args] + ["--resume"])
     first, second = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.*")))
-    steps = [[e.step for e in EventFileLoader(f).Load() if e.HasField("summary") and
-              e.summary.value[0].tag == "train/loss"] for f in (first, second)]
-    assert steps == [[1, 2, 3, 4], [3, 4]]
+    losses = [{e.step: e.summary.value[0].tensor.float_val[0] for e in EventFileLoader(f).Load() if e.HasField("summary") and
+               e.summary.value[0].tag == "train/loss"} for f in (first, second)]
+    assert [list(f) for f in losses] == [[1, 2, 3, 4], [3, 4]]
+    log = {e["step"]: e for e in read_log(tmp_path)}
+    assert losses[1] == pytest.approx({s: log[s]["loss"] for s in (3, 4)}, rel=1e-6)  # the resumed run's values
     # the second file hides the first's steps from 3 on (purge_step), as log.jsonl was cut back to step 2
     start, = [e for e in EventFileLoader(second).Load() if e.HasField("session_log")]
     assert start.step == 3 and start.session_log.status == start.session_log.START
+    # the config, as text at step 0, by the fresh run only
+    texts = [[e.step for e in EventFileLoader(f).Load() if e.HasField("summary") and
+              e.summary.value[0].tag.startswith("config")] for f in (first, second)]
+    assert texts == [[0], []]
+
+    # wandb: the resumed run continues the same run (the id kept in OUT/wandb_id), logging steps 3 and 4 again
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    assert len(run_id) == 12 and [i["id"] for i in fake.inits] == [run_id, run_id]
+    for init in fake.inits:
+        assert (init["resume"], init["project"], init["name"], init["dir"]) == ("allow", "clip", tmp_path.name,
+                                                                                 str(tmp_path))
+        assert init["config"]["config"]["report_to"] == "tensorboard,wandb"
+    assert [step for _, step, _ in fake.rows] == [1, 2, 3, 4, 3, 4]
+    for _, step, scalars in fake.rows[4:]:
+        assert scalars == {f"train/{k}": v for k, v in log[step].items() if k != "step"}
 
 
 @pytest.mark.parametrize("trackers, message", [
@@ -228,3 +268,147 @@ def test_report_to_fails_with_one_line(tmp_path, monkeypatch, trackers, message)
     with pytest.raises(SystemExit, match=message) as e:
         train.main(["--steps", "1", *TINY, "--report-to", trackers, "--out-dir", str(tmp_path)])
     assert "\n" not in str(e.value.code)
+
+
+# --- the page escapes what it shows; the plot draws what the log holds; trackers continue a resumed run ---------------
+
+NASTY = ['<script>alert("caption")</script> & a red <b>circle</b>', "Tom's café & crème brûlée: 猫 > 犬 \u00a0ok",
+         '" onmouseover="alert(1)', "an ordinary caption"]
+
+
+class Page(HTMLParser):
+    """The tags of a page and its text, character references resolved"""
+
+    def __init__(self, page):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text = [], []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
+    """Captions, class names, the data set's and the checkpoint's names may hold <, &, quotes and any script: the page
+    shows them as text (no tag of theirs, no attribute of theirs), and keeps non-ASCII characters, in UTF-8."""
+    from plumbing import show
+
+    images = [Image.new("RGB", (20, 16), (60 * i, 90, 200)) for i in range(4)]
+    retrieval = {"task": "retrieval", "dataset": "<i>pairs</i> & co.", "captions": NASTY, "images": images}
+    panels = [dict(direction="text->image", query=0, top=[(2, 31.5), (0, 30.25)], correct=[0], rank=2),
+              dict(direction="image->text", query=1, top=[(1, 12.0), (3, 11.0), (0, 10.0), (2, 9.0)], correct=[3],
+                   rank=2),
+              dict(direction="image->text", query=2, top=[(0, 5.0)], correct=[2], rank=9)]
+    classes = ["<em>cat</em> & 'dog'", 'a "quoted" élan', "</div><div class=correct>fake"]
+    classification = {"task": "zeroshot_classification", "dataset": 'folder "<x>"', "classnames": classes,
+                      "images": SimpleNamespace(dataset=[(images[i], i % 3) for i in range(4)])}
+    mistakes = [dict(direction="mistake", query=0, top=[(1, 20.0), (0, 19.0), (2, 3.0)], correct=[0], rank=2)]
+    sections = [show.section(retrieval, panels), show.section(classification, mistakes),
+                show.section({**classification, "dataset": "<u>none</u> & none"}, [])]
+    checkpoint = 'runs/<b>"ckpt"</b> & café.pt'
+    show.write(str(tmp_path / "show.html"), checkpoint, sections)
+    raw = (tmp_path / "show.html").read_bytes()
+    page = Page(raw.decode("utf-8"))  # <meta charset=utf-8>: it must be UTF-8
+    # only the page's own tags, each with only the page's own attributes
+    allowed = {"meta": {"charset"}, "title": set(), "style": set(), "h1": set(), "p": set(), "h2": set(),
+               "div": {"class"}, "br": set(), "small": set(), "img": {"src"}}
+    for tag, attrs in page.tags:
+        assert tag in allowed and set(attrs) <= allowed[tag], (tag, attrs)
+    assert {a.get("class") for t, a in page.tags if t == "div"} <= {None, "panel", "query", "correct"}
+    # marked: caption 0's own image, image 1's caption 3, the mistake's true class
+    assert sum(a.get("class") == "correct" for t, a in page.tags if t == "div") == 3
+    text = "".join(page.text)
+    for shown in [*NASTY[:2], NASTY[3], *classes[:2], checkpoint, retrieval["dataset"], classification["dataset"],
+                  "<u>none</u> & none: no mistakes", "true class: <em>cat</em> & 'dog'", "correct at rank 9"]:
+        assert shown in text, shown
+    assert NASTY[2] in text and classes[2] in text
+    assert text.count(checkpoint) == 2  # the title and the heading
+
+
+def captured_figure(monkeypatch):
+    """Keep the figure scripts/plot.py saves: -> a list that holds it once plot() ran"""
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figures
+
+
+def drawn(figure):
+    """{panel title: [(label, linestyle, colour, xs, ys)]} of the axes that hold lines"""
+    from matplotlib.colors import to_hex
+
+    return {ax.get_title(): [(line.get_label(), line.get_linestyle(), to_hex(line.get_color()),
+                              list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+            for ax in figure.axes if ax.get_lines()}
+
+
+def test_plot_draws_the_values_of_the_log(tmp_path, monkeypatch):
+    """Every panel's lines against a log written here: each training key a panel of its values by step (not the
+    skipped count), each evaluation in % (retrieval: both directions' R@1, the second dashed), each run in its colour
+    and labelled by its method and model; an unfinished last line (a run writing now) left out."""
+    from matplotlib.colors import to_hex
+
+    steps_a = [dict(step=s, loss=3.0 - 0.5 * s, clip=2.0 / s, logit_scale=14.0 + s, lr=1e-4 * s, samples_per_s=100.0 + s,
+                    skipped=s) for s in (1, 2, 3)]
+    evals_a = [dict(step=s, task="retrieval", dataset="coco", **{"image->text R@1": 0.1 * s, "text->image R@1": 0.05 * s,
+                                                                 "image->text R@5": 0.9})
+               for s in (2, 3)]
+    evals_a += [dict(step=3, task="zeroshot_classification", dataset="folder", top1=0.625, top5=1.0, images=8)]
+    steps_b = [dict(step=s, loss=1.0 + s, siglip=0.5 * s, logit_bias=-10.0 + s, lr=2e-4, samples_per_s=50.0)
+               for s in (1, 2)]
+    for name, method, entries in (("a", "clip", steps_a[:2] + evals_a[:1] + steps_a[2:] + evals_a[1:]),
+                                  ("b", "siglip", steps_b)):
+        (tmp_path / name).mkdir()
+        lines = "".join(json.dumps(e) + "\n" for e in entries)
+        (tmp_path / name / "log.jsonl").write_text(lines + ('{"step": 9, "loss": 0.' if name == "a" else ""))
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": {"method": method, "model": "tiny-vit"}}))
+    figures = captured_figure(monkeypatch)
+    plot.plot([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "plot.png"))
+    panels = drawn(figures[0])
+    labels = ["clip tiny-vit (a)", "siglip tiny-vit (b)"]
+    blue, orange = to_hex("C0"), to_hex("C1")
+
+    def line(i, entries, key, scale=1.0, style="-", suffix=""):
+        return (labels[i] + suffix, style, [blue, orange][i], [e["step"] for e in entries],
+                [scale * e[key] for e in entries])
+
+    expected = {"loss": [line(0, steps_a, "loss"), line(1, steps_b, "loss")], "clip": [line(0, steps_a, "clip")],
+                "logit_scale": [line(0, steps_a, "logit_scale")], "lr": [line(0, steps_a, "lr"), line(1, steps_b, "lr")],
+                "samples_per_s": [line(0, steps_a, "samples_per_s"), line(1, steps_b, "samples_per_s")],
+                "siglip": [line(1, steps_b, "siglip")], "logit_bias": [line(1, steps_b, "logit_bias")],
+                "coco R@1 (%)": [line(0, evals_a[:2], "image->text R@1", 100, "-", " image->text R@1"),
+                                 line(0, evals_a[:2], "text->image R@1", 100, "--", " text->image R@1")],
+                "folder top-1 (%)": [line(0, evals_a[2:], "top1", 100)]}
+    assert panels.keys() == expected.keys()
+    for title, lines in expected.items():
+        got = panels[title]
+        assert [g[:3] for g in got] == [e[:3] for e in lines], title
+        for g, e in zip(got, lines):
+            assert g[3] == e[3] and g[4] == pytest.approx(e[4], rel=1e-12), title
+
+
+def test_plot_of_a_real_run_draws_its_log(runs, monkeypatch):
+    """The quick start's run: its curves are its log.jsonl, its lr the schedule's (no warmup at 4 steps: cosine
+    from 5e-4), each evaluation its top-1 in %."""
+    figures = captured_figure(monkeypatch)
+    plot.plot([str(runs / "clip")], str(runs / "real.png"))
+    panels = drawn(figures[0])
+    log = read_log(runs / "clip")
+    steps, evals = [e for e in log if "loss" in e], [e for e in log if "task" in e]
+    assert [e["lr"] for e in steps] == pytest.approx([5e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    for key in ("loss", "clip", "logit_scale", "lr", "samples_per_s"):
+        [(_, _, _, xs, ys)] = panels[key]
+        assert xs == [1, 2, 3, 4] and ys == pytest.approx([e[key] for e in steps]), key
+    for task in ("shape", "colour", "size", "count"):
+        [(_, _, _, xs, ys)] = panels[f"synthetic/{task} top-1 (%)"]
+        mine = [e for e in evals if e["dataset"] == f"synthetic/{task}"]
+        assert xs == [2, 4] == [e["step"] for e in mine] and ys == pytest.approx([100 * e["top1"] for e in mine])
