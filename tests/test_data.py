@@ -194,6 +194,31 @@ def test_transforms():
     assert torch.allclose(x[:, 0, 0], (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD), atol=1e-5)
 
 
+def test_each_epoch_has_its_order_and_each_stream_position_its_seed():
+    """The seeding scheme (samples.seed_of, data.Batches, data.Seeded): epoch e is its own permutation, drawn from
+    (seed, e); a sample's augmentation is seeded by its position in the stream, so the same image gets new draws in
+    every epoch; distinct parts give distinct seeds."""
+    n = 12
+    orders = [data.epoch_order(n, 0, e).tolist() for e in range(3)]
+    assert all(sorted(o) == list(range(n)) for o in orders) and orders[0] != orders[1] != orders[2]
+    assert data.epoch_order(n, 1, 0).tolist() != orders[0]
+    batches = iter(data.Batches(n, 4, 0, 1, 0, 0))
+    stream = [item for _ in range(6) for item in next(batches)]  # two epochs of (index, position)
+    assert stream == [(orders[p // n][p % n], p) for p in range(2 * n)]
+    # rank 1 of 2 takes the second half of each global micro-batch of 2 × 2
+    assert next(iter(data.Batches(n, 2, 1, 2, 0, 1))) == [(orders[0][6], 6), (orders[0][7], 7)]
+
+    def draw(image, caption):
+        return {"draw": torch.rand(())}
+
+    seeded = data.Seeded([(None, "a caption")] * n, draw, seed=3, group=4)
+    for index, position in stream[:2] + stream[n:n + 2]:
+        expected = torch.rand((), generator=torch.Generator().manual_seed(samples.seed_of(3, position)))
+        assert seeded[(index, position)]["draw"] == expected
+    seeds = {samples.seed_of(s, *parts) for s in (0, 1) for parts in np.ndindex(4, 4, 4)}
+    assert len(seeds) == 2 * 64 and samples.seed_of(0, 7) == 7
+
+
 def test_synthetic_deterministic_and_fast():
     ds = synthetic.SyntheticCaptions("train", size=50)
     assert len(ds) == 50 and len(synthetic.SyntheticCaptions("val")) > 0

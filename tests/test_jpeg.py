@@ -276,3 +276,82 @@ def test_train_py_gpu_decode(tmp_path):
     p = cli.run("train.py", *args, "--steps", "1", "--method", "declip", "--method-args", METHOD_ARGS["declip"],
                 "--gpu-decode", "--out-dir", tmp_path / "declip", cwd=tmp_path)
     assert p.returncode == 0 and "--gpu-decode: nothing to decode on the device" in p.stdout, p.stdout + p.stderr
+
+
+# --- several views of one JPEG; a JPEG with an embedded thumbnail ------------------------------------------------------
+
+
+def test_views_of_one_jpeg_at_different_scales_each_match_their_own_full_decode():
+    """The views of one sample share its Jpeg (SLIP's and DeCLIP's three and two crops), whose decodes are kept: a
+    view reuses a decode made at a finer r than it needs, never a coarser one. Each view, whatever the decodes the
+    views before it left, is within 30 dB of torchvision's crop of the full decode of its box (edges rounded to the
+    r it was cut from), and is exact where it needed the full decode."""
+    raw = photo("flower.jpg")
+    full = samples.decode_image(raw)
+    jpeg = samples.Jpeg(raw, (640, 424), "x")
+    # (size, scale) of views needing r = 8, then 2 (finer than the decode there is), 4 (a finer one is there), 1,
+    # 8 (there), 4, 4
+    views = [(40, (0.9, 1.0)), (150, (0.9, 1.0)), (96, (0.9, 1.0)), (224, (0.9, 1.0)), (24, (0.5, 1.0)),
+             (64, (0.5, 1.0)), (48, (0.08, 0.3))]
+    decoded, used, values = set(), [], []
+    for seed, (size, scale) in enumerate(views):
+        torch.manual_seed(seed)
+        top, left, h, w = v2.RandomResizedCrop.get_params(torch.empty(0, 424, 640), scale, (3 / 4, 4 / 3))
+        needed = next((r for r in (8, 4, 2) if min(h, w) >= r * size), 1)
+        r = max([k for k in decoded if k <= needed], default=needed)  # the finest kept decode that is fine enough
+        decoded.add(r)
+        used.append(r)
+        torch.manual_seed(seed)
+        view = data.RandomResizedCrop(size, scale)(jpeg)
+        edges = [r * round(x / r) for x in (top, left, top + h, left + w)]
+        reference = v2.functional.resized_crop(full, edges[0], edges[1], edges[2] - edges[0], edges[3] - edges[1],
+                                               [size, size], **BICUBIC)
+        assert view.shape == (3, size, size) and view.dtype == torch.uint8
+        if r == 1:
+            assert torch.equal(view, reference), seed
+        else:
+            values.append(psnr(view, reference))
+            assert values[-1] > 30, (seed, size, r, values)
+    assert used == [8, 2, 2, 1, 8, 2, 2] and sorted(jpeg.decoded) == [1, 2, 8]  # each decode made once, then reused
+
+
+def exif_with_thumbnail(thumbnail):
+    """An APP1 Exif segment (little-endian TIFF) whose IFD1 holds a JPEG thumbnail, as cameras write it"""
+    import struct
+
+    ifd0 = struct.pack("<H", 0) + struct.pack("<I", 26)  # no entries; IFD1 at offset 26
+    entries = [(0x0103, 3, 1, 6), (0x0201, 4, 1, 68), (0x0202, 4, 1, len(thumbnail))]  # compression JPEG, offset, length
+    ifd1 = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd0 + b"\x00" * 12 + ifd1  # IFD1 at 8 + 6 + 12 = 26, ends at 68
+    assert len(tiff) == 68
+    payload = b"Exif\x00\x00" + tiff + thumbnail
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_a_jpeg_with_an_embedded_thumbnail(tmp_path):
+    """A camera's JPEG carries a small JPEG inside its Exif segment, with its own end-of-image marker before the main
+    image's scans: it is read as the main image (size, reduced and full decodes), its complete file is not taken for
+    a truncated one (--gpu-decode's check looks for the LAST end marker), and the same file cut short is."""
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_image("china.jpg")[:424][::4, ::4]).save(buffer, "JPEG", quality=70)
+    thumbnail = buffer.getvalue()
+    main = photo("china.jpg")
+    raw = main[:2] + exif_with_thumbnail(thumbnail) + main[2:]  # after SOI
+    assert raw.find(b"\xff\xda", raw.find(b"\xff\xd9")) > 0  # the main image's scan after the thumbnail's end
+    jpeg = samples.decode_image(raw, lazy_name="thumb.jpg")
+    assert isinstance(jpeg, samples.Jpeg) and jpeg.size == (640, 424)
+    assert torch.equal(jpeg.decode(1), samples.decode_image(main))
+    assert torch.equal(samples.Jpeg(raw, (640, 424), "x").decode(4), samples.Jpeg(main, (640, 424), "x").decode(4))
+    for cut in (len(raw) // 2, len(raw) - 100):  # cut within the main image's scan
+        with pytest.raises(samples.UnreadableImage, match="truncated"):
+            samples.DeferredCrop(samples.Jpeg(raw[:cut], (640, 424), "cut.jpg"), (0, 0, 100, 100), 64)
+    # --gpu-decode: the worker hands on the complete file (not taken for a truncated one), and the device's decoder
+    # (here torchvision.io's, the CPU device's) gives torchvision's crop of the main image
+    transform = gpu_decode.Deferring(Transform(96, get_tokenizer("clip"), 77))
+    torch.manual_seed(0)
+    crop = transform(samples.decode_image(raw, lazy_name="thumb.jpg"), "a photo")["image"]
+    assert isinstance(crop, samples.DeferredCrop) and crop.raw == raw
+    images, failed = gpu_decode.decode_crops([crop], torch.device("cpu"))
+    torch.manual_seed(0)
+    reference = v2.RandomResizedCrop(96, (0.9, 1.0), **BICUBIC)(samples.decode_image(main))
+    assert not failed and torch.equal(images[0], reference)

@@ -203,7 +203,8 @@ def test_init_values():
     assert abs(m.positional_embedding.std().item() - 0.01) < 1e-3
     block = m.transformer.resblocks[0]
     assert abs(block.attn.in_proj_weight.std().item() - 128 ** -0.5) < 5e-3
-    assert abs(block.attn.out_proj.weight.std().item() - 128 ** -0.5 * 8 ** -0.5) < 5e-3
+    # OpenAI's proj_std: width^-½ · (2 · layers)^-½, tiny-rn's text transformer: 3 layers (not 4: within 5e-3 too)
+    assert abs(block.attn.out_proj.weight.std().item() / (128 ** -0.5 * 6 ** -0.5) - 1) < 0.05
 
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])

@@ -318,3 +318,30 @@ def test_a_fine_tuning_run_resumes_with_its_own_command(files, tmp_path, killed_
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert f"--model {config or 'pretrained'}, this run has tiny-rn" in main_error(
         *without, "--model", "tiny-rn", "--out-dir", tmp_path / "same", "--resume")
+
+
+def test_a_resnet_file_refuses_patch_flags_without_model(tmp_path):
+    """--pretrained a ResNet's weights and no --model: the architecture is known only from the file, where --patch-
+    dropout and --freeze-patch-embed (ViT only) are refused, before anything is written."""
+    torch.save(open_clip_model("tiny-rn").state_dict(), tmp_path / "rn.bin")
+    for flag in (["--patch-dropout", "0.5"], ["--freeze-patch-embed"]):
+        message = main_error("--pretrained", tmp_path / "rn.bin", *flag, "--out-dir", tmp_path / "o", *TINY)
+        assert f"{flag[0]}: {tmp_path / 'rn.bin'} is a ResNet" in message, message
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_download_cut_off_leaves_nothing_in_the_cache(files, tmp_path, monkeypatch):
+    _, paths = files
+    content = open(paths[3], "rb").read()
+    path = fake_name(monkeypatch, tmp_path, content)
+
+    class CutOff(io.BytesIO):  # the first block arrives, then the connection drops
+        def read(self, size=-1):
+            if self.tell():
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(1000)
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", lambda url, timeout: CutOff(content))
+    message = main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
+    assert "could not download ViT-B/32" in message and "connection reset by peer" in message and str(path) in message
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file, at the cache path or beside it

@@ -3,6 +3,7 @@ readers, and eval_zeroshot.py --show's rankings."""
 
 import base64
 import glob
+import html
 import importlib.util
 import io
 import json
@@ -302,7 +303,9 @@ def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
     panels = [dict(direction="text->image", query=0, top=[(2, 31.5), (0, 30.25)], correct=[0], rank=2),
               dict(direction="image->text", query=1, top=[(1, 12.0), (3, 11.0), (0, 10.0), (2, 9.0)], correct=[3],
                    rank=2),
-              dict(direction="image->text", query=2, top=[(0, 5.0)], correct=[2], rank=9)]
+              dict(direction="image->text", query=2, top=[(0, 5.0)], correct=[2], rank=9),
+              dict(direction="image->text", query=0, top=[(3, 4.0), (1, 3.0), (2, 2.0), (3, 1.0), (0, 0.5)],
+                   correct=[0], rank=5)]
     classes = ["<em>cat</em> & 'dog'", 'a "quoted" élan', "</div><div class=correct>fake"]
     classification = {"task": "zeroshot_classification", "dataset": 'folder "<x>"', "classnames": classes,
                       "images": SimpleNamespace(dataset=[(images[i], i % 3) for i in range(4)])}
@@ -319,12 +322,16 @@ def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
     for tag, attrs in page.tags:
         assert tag in allowed and set(attrs) <= allowed[tag], (tag, attrs)
     assert {a.get("class") for t, a in page.tags if t == "div"} <= {None, "panel", "query", "correct"}
-    # marked: caption 0's own image, image 1's caption 3, the mistake's true class
-    assert sum(a.get("class") == "correct" for t, a in page.tags if t == "div") == 3
+    # marked, at their rank: caption 0's own image (2nd), image 1's caption 3 (2nd), image 0's caption 0 (5th, no
+    # note: it is shown), the mistake's true class (2nd); one note for the correct item that is not shown
+    marked = re.findall(r'<div class="correct">✓ (\d)\. ([^<]*)', raw.decode("utf-8"))
+    assert marked == [("2", ""), ("2", html.escape(NASTY[3])), ("5", html.escape(NASTY[0])),
+                      ("2", html.escape(classes[0]))]
     text = "".join(page.text)
     for shown in [*NASTY[:2], NASTY[3], *classes[:2], checkpoint, retrieval["dataset"], classification["dataset"],
                   "<u>none</u> & none: no mistakes", "true class: <em>cat</em> & 'dog'", "correct at rank 9"]:
         assert shown in text, shown
+    assert text.count("correct at rank") == 1
     assert NASTY[2] in text and classes[2] in text
     assert text.count(checkpoint) == 2  # the title and the heading
 
