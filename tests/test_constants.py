@@ -335,3 +335,23 @@ def test_resnet_init_is_openais():
         assert_std(proj.weight, C ** -0.5, "attnpool")
     assert_std(pool.c_proj.weight, C ** -0.5, "attnpool c_proj")
     assert_std(pool.positional_embedding, C ** -0.5, "attnpool positional")
+
+
+# --- zero-shot: a fixed scale of 100 ------------------------------------------------------------------------------------
+
+
+def test_zero_shot_scores_are_100_times_the_similarity(built):
+    # methods.md, zero-shot classification: "Logits = 100·Î·Wᵀ (a fixed 100)", whatever the model's temperature;
+    # FILIP: the same token-wise similarity as its loss (mean over patches of the best word), times 100
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(3, 96, generator=g), dim=-1), F.normalize(torch.randn(4, 96, generator=g), dim=-1)
+    for name in ("clip", "siglip", "slip", "declip", "defilip"):
+        torch.testing.assert_close(built[name].similarity(a, b), 100 * a @ b.T)
+    patches = F.normalize(torch.randn(2, 3, 256, generator=g), dim=-1)
+    words = F.normalize(torch.randn(4, 5, 256, generator=g), dim=-1)
+    valid = torch.arange(5)[None] < torch.tensor([[2], [5], [3], [4]])
+    expected = torch.stack([torch.stack([(patches[i] @ words[j][valid[j]].T).max(dim=1).values.mean()
+                                         for j in range(4)]) for i in range(2)])
+    torch.testing.assert_close(built["filip"].similarity(patches, (words, valid)), 100 * expected)

@@ -125,6 +125,10 @@ BAD_FLAGS = [
     ("--batch-size 8 --grad-accum 3", ["--batch-size 8", "divisible", "--grad-accum = 3"]),
     ("--patch-dropout 1", ["--patch-dropout", "below 1"]),
     ("--patch-dropout 0.5", ["--patch-dropout", "tiny-rn is a ResNet"]),  # the default model
+    ("--lock-image-unlocked-groups 1", ["--lock-image-unlocked-groups needs --lock-image"]),
+    ("--lock-text --lock-text-unlocked-layers -1", ["--lock-text-unlocked-layers must be 0 or more"]),
+    ("--lock-image --lock-image-unlocked-groups -2", ["--lock-image-unlocked-groups", "must be 0 or more"]),
+    ("--lock-text-unlocked-layers 2", ["--lock-text-unlocked-layers needs --lock-text"]),
 ] + ([] if torch.cuda.is_available() else [("--device cuda", ["--device cuda", "no CUDA device"])])
 
 

@@ -39,8 +39,9 @@ def runs(tmp_path_factory):
     p = cli.run("train.py", "--steps", "4", "--eval-every", "2", *TINY, "--out-dir", tmp / "clip", "--report-to",
                 trackers, cwd=tmp, env=env)
     assert p.returncode == 0, p.stderr
-    run("train.py", "--method", "siglip", "--steps", "3", *TINY, "--eval-size", "0", "--out-dir", tmp / "siglip",
-        cwd=tmp)
+    # synced every 3 steps: the steps logged at once keep each its own values (lr)
+    run("train.py", "--method", "siglip", "--steps", "4", *TINY, "--log-every", "3", "--eval-size", "0", "--out-dir",
+        tmp / "siglip", cwd=tmp)
     return tmp
 
 
@@ -334,6 +335,8 @@ def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
     assert text.count("correct at rank") == 1
     assert NASTY[2] in text and classes[2] in text
     assert text.count(checkpoint) == 2  # the title and the heading
+    with pytest.raises(SystemExit, match=f"could not write {tmp_path}: is a directory"):
+        show.write(str(tmp_path), checkpoint, sections)
 
 
 def captured_figure(monkeypatch):
@@ -412,6 +415,8 @@ def test_plot_of_a_real_run_draws_its_log(runs, monkeypatch):
     log = read_log(runs / "clip")
     steps, evals = [e for e in log if "loss" in e], [e for e in log if "task" in e]
     assert [e["lr"] for e in steps] == pytest.approx([5e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    # the SigLIP run logged steps 2 and 3 at one sync: each with its lr
+    assert [e["lr"] for e in read_log(runs / "siglip")] == pytest.approx([e["lr"] for e in steps])
     for key in ("loss", "clip", "logit_scale", "lr", "samples_per_s"):
         [(_, _, _, xs, ys)] = panels[key]
         assert xs == [1, 2, 3, 4] and ys == pytest.approx([e[key] for e in steps]), key

@@ -114,9 +114,12 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
     long = "c" * 90 + "/" + "d" * 60 + ".jpg" if fmt == tarfile.USTAR_FORMAT else "a/" + "é" * 120 + "/000000001.jpg"
     path = tmp_path / "shard.tar"
     with tarfile.open(path, "w", format=fmt) as tar:
-        for name, payload in [("x/000000000.jpg", b"abc"), ("x/000000000.txt", b"a caption"), (long, b"zz" * 700)]:
+        # a long name, then a short one (the long name is the next entry's only); an old-style regular file ("\0")
+        for name, payload in [("x/000000000.jpg", b"abc"), ("x/000000000.txt", b"a caption"), (long, b"zz" * 700),
+                              ("x/000000001.txt", b"after the long name"), ("x/000000002.txt", b"type nul")]:
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(payload), 1.5 if fmt == tarfile.PAX_FORMAT else 1
+            info.type = tarfile.AREGTYPE if name.startswith("x/000000002") else tarfile.REGTYPE
             tar.addfile(info, io.BytesIO(payload))
             for kind in (tarfile.DIRTYPE, tarfile.SYMTYPE):
                 info = tarfile.TarInfo(name + ".entry")
@@ -124,11 +127,11 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
                 tar.addfile(info)
     with tarfile.open(path) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-        last = [m for m in tar if m.isfile()][-1]
+        last = [m for m in tar if m.isfile()][-3]  # the long-named one
     with open(path, "rb") as f:
-        assert list(tar_members(f)) == expected and len(expected) == 3
+        assert list(tar_members(f)) == expected and len(expected) == 5 and expected[3][0] == "x/000000001.txt"
     raw = path.read_bytes()
-    cut = list(tar_members(io.BytesIO(raw[:last.offset_data + 100])))  # within the last member's data
+    cut = list(tar_members(io.BytesIO(raw[:last.offset_data + 100])))  # within the long-named member's data
     assert cut == [*expected[:2], (long, None)]
     with pytest.raises(ValueError, match="not a tar header"):  # within a header
         list(tar_members(io.BytesIO(raw[:last.offset - 200])))
@@ -175,6 +178,19 @@ def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
     assert set(names) == {shards[2] + "/000200003", shards[0] + "/000000001", shards[3]}, names
     assert "no caption" in names[shards[0] + "/000000001"] and "cut short" in names[shards[3]]
     assert (3, 5) in got  # the truncated shard's samples before the cut are read
+
+
+def test_bad_samples_apart_never_stop_the_stream_and_a_key_is_the_name_to_its_first_dot(tmp_path):
+    """64 unreadable samples IN A ROW stop a reader; as many or more with good ones between them do not. A sample's
+    members share the name up to the first dot of the base name (webdataset's rule): k.jpg, k.seg.png, k.txt"""
+    shards = write_shards(tmp_path / "d", sizes=[150], corrupt=[(0, i) for i in range(150) if i % 3])  # 100 bad
+    got, bad, _ = take(ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[10], buffer=150), 5)
+    assert sorted(got) == [(0, i) for i in range(0, 150, 3)] and len(bad) == 100
+    with tarfile.open(tmp_path / "dots.tar", "w") as tar:
+        for name in ("a/k1.jpg", "a/k1.seg.png", "a/k1.txt", "a/k2.v1.jpg", "a/k2.txt"):
+            add(tar, name, name.encode())
+    assert [(key, sorted(members)) for key, members in tar_samples(str(tmp_path / "dots.tar"))] == \
+        [("a/k1", ["jpg", "seg.png", "txt"]), ("a/k2", ["txt", "v1.jpg"])]
 
 
 def test_unreadable_shards_stop_the_stream(tmp_path):
