@@ -143,7 +143,7 @@ def test_half_precision_gather_is_close():
     mask = text_padding_mask(ids)
     exact = filip_loss(image, text, mask, t.exp())
     half = filip_loss(image, text, mask, t.exp(), gather_dtype=torch.float16)
-    assert abs(float(exact) - float(half)) < 1e-2
+    assert 0 < abs(float(exact) - float(half)) < 1e-2  # rounded (the keys did travel in float16), but close
 
 
 def test_float32_under_autocast():
