@@ -144,7 +144,14 @@ def caption_tokens(ids):
 
 def test_clip_loss_is_the_symmetric_cross_entropy():
     method = build("clip")
-    features = method.features(batch_of(method))
+    batch = batch_of(method)
+    features = method.features(batch)
+    model = method.model
+    with torch.no_grad():  # the features: the class token after ln_post @ proj, the EOT token after ln_final @ proj
+        torch.testing.assert_close(features["image"], model.visual.features(batch["image"])[0] @ model.visual.proj)
+        eot = batch["text"].argmax(dim=1)
+        tokens = model.text_features(batch["text"])[1]
+        torch.testing.assert_close(features["text"], tokens[torch.arange(8), eot] @ model.text_projection)
     loss, logs, f = run_loss(method, features)
     s = method.model.logit_scale.exp()
     expected = clip_formula(f["image"], f["text"], s)
@@ -225,6 +232,13 @@ def test_declip_loss_is_its_four_weighted_terms(name):
     assert filled == 16
     batch = batch_of(method)
     features = method.features(batch)
+    model = method.model
+    with torch.no_grad():  # the features: both image views, the masked caption (with [MASK]) and the EDA caption
+        torch.testing.assert_close(features["image_a"], model.visual.features(batch["image_a"])[0] @ model.visual.proj)
+        torch.testing.assert_close(features["image_b"], model.visual.features(batch["image_b"])[0] @ model.visual.proj)
+        torch.testing.assert_close(features["text"], method.masked_text_features(batch["text"])[0] @ model.text_projection)
+        torch.testing.assert_close(features["text_eda"], model.encode_text(batch["text_eda"]))
+        assert not torch.equal(batch["text"], batch["text_eda"]) and (batch["text"] == -1).any()  # [MASK] is -1
     # the MLM term's per-caption sums: the head's cross-entropy at the chosen tokens of the masked caption's tokens
     with torch.no_grad():
         tokens = method.masked_text_features(batch["text"])[1]
