@@ -125,14 +125,14 @@ def test_mlm_loss_matches_direct_computation():
     head = nn.Linear(6, 11)
     tokens = torch.randn(3, 5, 6)
     labels = torch.full((3, 5), -100)
-    labels[0, 1], labels[0, 3], labels[2, 2] = 4, 7, 10
+    labels[0, 1], labels[0, 3], labels[0, 4], labels[2, 2] = 4, 7, 2, 10  # 4 tokens of 3 captions
     sums, counts = mlm_per_sample(head, tokens, labels)
     ce = {(b, t): -torch.log_softmax(head(tokens[b, t]), -1)[y] for (b, t), y in
-          (((0, 1), 4), ((0, 3), 7), ((2, 2), 10))}
-    torch.testing.assert_close(sums, torch.stack([ce[0, 1] + ce[0, 3], torch.tensor(0.0), ce[2, 2]]))
-    assert counts.tolist() == [2, 0, 1]
+          (((0, 1), 4), ((0, 3), 7), ((0, 4), 2), ((2, 2), 10))}
+    torch.testing.assert_close(sums, torch.stack([ce[0, 1] + ce[0, 3] + ce[0, 4], torch.tensor(0.0), ce[2, 2]]))
+    assert counts.tolist() == [3, 0, 1]
     # the mean over the batch's chosen tokens, not over captions
-    torch.testing.assert_close(mlm_loss(sums, counts), sum(ce.values()) / 3)
+    torch.testing.assert_close(mlm_loss(sums, counts), sum(ce.values()) / 4)
     # no chosen token: a zero loss that still reaches the head (DDP needs every parameter in the graph)
     empty = mlm_loss(*mlm_per_sample(head, tokens, torch.full((3, 5), -100)))
     assert empty.item() == 0.0
