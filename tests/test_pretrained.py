@@ -345,3 +345,19 @@ def test_a_download_cut_off_leaves_nothing_in_the_cache(files, tmp_path, monkeyp
     message = main_error("--pretrained", "ViT-B/32", "--out-dir", tmp_path / "o", *TINY)
     assert "could not download ViT-B/32" in message and "connection reset by peer" in message and str(path) in message
     assert list((tmp_path / "cache").iterdir()) == []  # no partial file, at the cache path or beside it
+
+
+def test_our_checkpoint_as_pretrained_keeps_its_activation_and_refuses_another_tokenizer(files, tmp_path):
+    """A ckpt.pt records its run: --pretrained takes its activation (GELU here, where OpenAI's files mean QuickGELU,
+    and --act overrides it), and refuses one trained with another tokenizer (its token embedding means other ids)."""
+    oc, _ = files
+    ours = {"config": {"tokenizer": "clip"}, "model_config": dict(CONFIGS["tiny-vit"], quick_gelu=False),
+            "model": oc.state_dict()}
+    torch.save(ours, tmp_path / "gelu.pt")
+    for act, quick_gelu in ((None, False), ("quickgelu", True)):
+        args = train.get_args(["--pretrained", str(tmp_path / "gelu.pt"), *(["--act", act] if act else [])])
+        config, weights_ = pretrained.model_config(args, 49408)
+        assert config["quick_gelu"] is quick_gelu and args.model == "tiny-vit"
+    torch.save({**ours, "config": {"tokenizer": "cl100k_base"}}, tmp_path / "other.pt")
+    message = main_error("--pretrained", tmp_path / "other.pt", "--out-dir", tmp_path / "o", *TINY)
+    assert "was trained with --tokenizer cl100k_base; --pretrained needs CLIP's BPE" in message

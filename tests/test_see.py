@@ -191,6 +191,40 @@ def test_show_ranks_as_the_embeddings_say_and_marks_the_correct_items(runs):
     assert shown >= 3  # a model of 4 steps errs: the loop above checked mistakes
 
 
+def test_show_ranks_images_with_several_captions(runs, tmp_path):
+    """As COCO: several captions per image (here 3 images × 2 captions, in the csv's order, not the images'). An image's
+    panel counts every one of its captions as correct, at the best rank of any; a caption's, its own image."""
+    import eval_zeroshot
+    from plumbing import show
+    from plumbing.weights import load_method
+
+    method, tokenizer = load_method(str(runs / "clip" / "ckpt.pt"))
+    for i, colour in enumerate(((220, 30, 30), (30, 40, 220), (30, 180, 40))):
+        Image.new("RGB", (50, 40), colour).save(tmp_path / f"{i}.png")
+    rows = [(2, "a green thing"), (0, "a red one"), (1, "something blue"), (0, "red, again"), (2, "green"),
+            (1, "a blue square")]
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "".join(f"{i}.png\t{c}\n" for i, c in rows))
+    task, = eval_zeroshot.prepare(str(tmp_path / "pairs.tsv"), image_size=method.model.image_resolution)
+    panels = show.rankings(method, tokenizer, task, "cpu", 3)
+    owner = [task["images"].index(str(tmp_path / f"{i}.png")) for i, _ in rows]  # each caption's image
+    transform = eval_zeroshot.data.eval_transform(method.model.image_resolution)
+    with torch.no_grad():
+        images = torch.stack([transform(Image.open(path).convert("RGB")) for path in task["images"]])
+        image_features = torch.nn.functional.normalize(method.model.encode_image(images), dim=-1)
+        text_features = torch.nn.functional.normalize(method.model.encode_text(
+            tokenizer([c for _, c in rows], method.model.context_length)), dim=-1)
+    similarity = 100 * image_features @ text_features.T  # (3 images, 6 captions)
+    assert [p["direction"] for p in panels] == ["text->image"] * 3 + ["image->text"] * 3
+    for p in panels:
+        if p["direction"] == "text->image":
+            scores, correct = similarity[:, p["query"]], [owner[p["query"]]]
+        else:
+            scores, correct = similarity[p["query"]], [j for j in range(6) if owner[j] == p["query"]]
+        assert p["correct"] == correct and len(correct) == (1 if p["direction"] == "text->image" else 2)
+        assert [i for i, _ in p["top"]] == scores.argsort(descending=True)[:5].tolist()
+        assert p["rank"] == 1 + (scores > scores[correct].max()).sum().item()
+
+
 def test_show_writes_one_page_with_a_panel_per_query(runs, tmp_path):
     page = tmp_path / "show.html"
     p = run("eval_zeroshot.py", "--checkpoint", runs / "clip" / "ckpt.pt", "--dataset", "synthetic-retrieval",

@@ -159,6 +159,34 @@ def test_readers_split_the_shards_and_each_reads_every_sample_of_its_own_once_pe
     assert sorted(seen) == sorted((s, i) for s, n in enumerate(SIZES) for i in range(n))  # no sample twice
 
 
+def test_each_epoch_shuffles_the_shards_and_each_reader_takes_every_nth(tmp_path):
+    """ShardStream's rule: epoch e shuffles the shard list with (seed, e) (random.Random's sample); lane l of N
+    reads the shards l, l + N, l + 2N, ... of that order."""
+    import random
+
+    shards = write_shards(tmp_path, sizes=[1] * 7)
+    orders = [random.Random(samples.seed_of(0, e)).sample(range(7), 7) for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    stream = ShardStream(shards, ids, seed=0, readers=3, first_lane=0, sizes=[1])
+    for e, order in enumerate(orders):
+        assert [stream.lane_shards(lane, e) for lane in range(3)] == [order[0::3], order[1::3], order[2::3]]
+
+
+def test_readers_of_a_rank_share_an_uneven_batch(tmp_path):
+    """A micro-batch of 5 from 2 DataLoader workers: chunks of 3 and 2, from each worker's own lane."""
+    import data
+
+    write_shards(tmp_path / "d")
+    stream = data.TrainingStream(shard_list(str(tmp_path / "d")), ids, 0, 5, 0, 1, 2, "cpu")
+    first, second = next(stream), next(stream)
+    assert first["id"].shape == second["id"].shape == (5, 2)
+    lanes = [ShardStream(shard_list(str(tmp_path / "d")), ids, 0, 2, first_lane=lane, sizes=[1]) for lane in (0, 1)]
+    expected = [take(lane, 6)[0] for lane in lanes]  # what each lane reads, one sample at a time
+    got = [tuple(x) for b in (first, second) for x in b["id"].tolist()]
+    assert got == expected[0][:3] + expected[1][:2] + expected[0][3:6] + expected[1][2:4]
+    assert dict(stream.lanes).keys() == {0, 1}
+
+
 def test_a_reader_resumes_exactly_from_any_position(tmp_path):
     shards = write_shards(tmp_path, corrupt=[(2, 3)], uncaptioned=[(0, 1)], truncated=[3])
     stream = ShardStream(shards, ids, seed=0, readers=2, first_lane=1, sizes=[1], buffer=5)
