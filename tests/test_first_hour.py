@@ -133,11 +133,12 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args, words", BAD_FLAGS, ids=[a for a, _ in BAD_FLAGS])
-def test_bad_flags_stop_with_one_line(args, words):
+def test_bad_flags_stop_with_one_line(args, words, tmp_path):
     # in this process (each would spend 4 s importing torch in a subprocess): main() exits through fail(), which
-    # the subprocess table below shows printing one line and exiting with status 1
+    # the subprocess table below shows printing one line and exiting with status 1. The flags before the bad ones
+    # (which win) make a run that a missing check would let through short: one step, in tmp_path
     with pytest.raises(SystemExit) as e:
-        train.main(args.split())
+        train.main(["--steps", "1", "--eval-size", "0", "--workers", "0", "--out-dir", str(tmp_path), *args.split()])
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and all(w in message for w in words), message
 
