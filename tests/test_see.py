@@ -369,6 +369,12 @@ def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
     assert text.count("correct at rank") == 1
     assert NASTY[2] in text and classes[2] in text
     assert text.count(checkpoint) == 2  # the title and the heading
+    # the right images, in order (each image its own colour): text->image caption 0's items (images 2, 0), the
+    # image->text queries (images 1, 2, 0), the mistake (the classification set's image 0)
+    shown = [np.asarray(Image.open(io.BytesIO(base64.b64decode(src)))).reshape(-1, 3).mean(axis=0)
+             for src in re.findall(r'src="data:image/jpeg;base64,([^"]+)"', raw.decode("utf-8"))]
+    expected = [np.asarray(images[i]).reshape(-1, 3).mean(axis=0) for i in (2, 0, 1, 2, 0, 0)]
+    assert len(shown) == len(expected) and all(np.abs(a - b).max() < 8 for a, b in zip(shown, expected)), shown
     with pytest.raises(SystemExit, match=f"could not write {tmp_path}: is a directory"):
         show.write(str(tmp_path), checkpoint, sections)
 

@@ -210,15 +210,16 @@ def test_bad_samples_are_skipped_named_and_not_fatal(tmp_path):
 
 def test_bad_samples_apart_never_stop_the_stream_and_a_key_is_the_name_to_its_first_dot(tmp_path):
     """64 unreadable samples IN A ROW stop a reader; as many or more with good ones between them do not. A sample's
-    members share the name up to the first dot of the base name (webdataset's rule): k.jpg, k.seg.png, k.txt"""
+    members share the name up to the first dot of the base name (webdataset's rule): k.jpg, k.seg.png, k.txt; their
+    extensions are read in lower case (a camera's .JPG is a jpg)"""
     shards = write_shards(tmp_path / "d", sizes=[150], corrupt=[(0, i) for i in range(150) if i % 3])  # 100 bad
     got, bad, _ = take(ShardStream(shards, ids, seed=0, readers=1, first_lane=0, sizes=[10], buffer=150), 5)
     assert sorted(got) == [(0, i) for i in range(0, 150, 3)] and len(bad) == 100
     with tarfile.open(tmp_path / "dots.tar", "w") as tar:
-        for name in ("a/k1.jpg", "a/k1.seg.png", "a/k1.txt", "a/k2.v1.jpg", "a/k2.txt"):
+        for name in ("a/k1.jpg", "a/k1.seg.png", "a/k1.txt", "a/k2.v1.jpg", "a/k2.txt", "a/k3.JPG", "a/k3.Txt"):
             add(tar, name, name.encode())
     assert [(key, sorted(members)) for key, members in tar_samples(str(tmp_path / "dots.tar"))] == \
-        [("a/k1", ["jpg", "seg.png", "txt"]), ("a/k2", ["txt", "v1.jpg"])]
+        [("a/k1", ["jpg", "seg.png", "txt"]), ("a/k2", ["txt", "v1.jpg"]), ("a/k3", ["jpg", "txt"])]  # lower case
 
 
 def test_unreadable_shards_stop_the_stream(tmp_path):
