@@ -30,7 +30,7 @@ import json
 import torch
 
 import data
-from plumbing import evalsets, pretrained, show
+from plumbing import distributed, evalsets, pretrained, show
 from plumbing.evalsets import cat, class_embeddings, loader
 from plumbing.runlog import fail
 from plumbing.synthetic import TASKS, SyntheticTask
@@ -243,7 +243,7 @@ def evaluation_args(description):
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file, one object per task")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=data.default_workers(),
+    p.add_argument("--workers", type=int, default=distributed.default_workers(),
                    help="DataLoader workers (default: the cores available less one, at most 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-checkpoint", action="store_true",

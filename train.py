@@ -170,10 +170,10 @@ def lr_at(step, peak, warmup, total):
 
 
 def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
-    """The loss of the whole local batch, given as K micro-batches, with its gradients added to the parameters' .grad
-    -> (loss, logs). train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`).
-    Micro-batch i draws its in-model randomness (patch dropout) after torch.manual_seed(seed_of(seed, i)), in every
-    pass.
+    """The loss of the whole local batch, given as K micro-batches (as the stream hands them: each pass moves each to
+    the device when it needs it, data.on_device), with its gradients added to the parameters' .grad -> (loss, logs).
+    train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`). Micro-batch i draws its
+    in-model randomness (patch dropout) after torch.manual_seed(seed_of(seed, i)), in every pass.
 
     K = 1: the plain step, loss.backward(). K > 1: GradCache (Gao et al. 2021), exact for every method:
       1. each micro-batch's features (method.features: encoders and per-sample heads), without a graph, so that
@@ -188,16 +188,17 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     same way, but recomputes the whole batch's loss for every micro-batch and draws new patch-dropout masks in its
     second pass. The one thing in the features that is not per sample: a ResNet encoder's own BatchNorm, which
     normalises each micro-batch with that micro-batch's statistics (as open_clip), counted once (in step 1)."""
+    device = next(method.parameters()).device
     if len(batches) == 1:
         torch.manual_seed(seed_of(seed, 0))
         with autocast:
-            loss, logs = train_model(batches[0])
+            loss, logs = train_model(data.to_device(batches[0], device))
         loss.backward()
         return loss.detach(), logs
 
     with torch.no_grad(), autocast:  # 1.
         parts = []
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(data.on_device(batches, device)):
             torch.manual_seed(seed_of(seed, i))
             parts.append(method.features(batch))
     features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -211,8 +212,8 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     param_grads = {name: g for name, g in zip(params, grads[len(leaves):]) if g is not None}
 
     start = 0  # 3.
-    for i, (batch, part) in enumerate(zip(batches, parts)):
-        rows = slice(start, start + len(next(iter(part.values()))))
+    for i, batch in enumerate(data.on_device(batches, device)):  # (zip would keep the previous micro-batch alive)
+        rows = slice(start, start + len(next(iter(parts[i].values()))))
         start = rows.stop
         last = i == len(batches) - 1
         torch.manual_seed(seed_of(seed, i))
@@ -234,7 +235,7 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = "
              f"{world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
-    workers = data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
+    workers = distributed.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
 
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
     try:
@@ -283,7 +284,7 @@ def main(argv=None):
         step_lr = lr_at(step, lr, warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        micro_batches = [next(stream) for _ in range(args.grad_accum)]  # on the device, for both passes
+        micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
         loss, logs = forward_backward(method, train_model, micro_batches, seed_of(args.seed, step, rank),
                                       autocast, no_sync)
         if args.grad_clip > 0:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import data
 from plumbing import samples
-from plumbing.runlog import fail
+from plumbing.runlog import fail, ignore_interrupts
 from plumbing.synthetic import SyntheticCaptions
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
@@ -129,7 +129,7 @@ def cat(chunks):
 
 def loader(dataset, batch_size, workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                       worker_init_fn=data.ignore_interrupts)
+                                       worker_init_fn=ignore_interrupts)
 
 
 def class_embeddings(method, tokenizer, classnames, templates, device):

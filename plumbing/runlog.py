@@ -34,6 +34,12 @@ def stop_on_signals():
         signal.signal(signum, handler)
 
 
+def ignore_interrupts(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process (which stops the run: runlog.stop_on_signals), instead of
+    each printing its traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def fail(message):
     sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
 

@@ -253,10 +253,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 samples, bad = [], []
 
 
-def join(chunks, k, device):
+def join(chunks, k, pin):
     """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
-    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
+    DataLoader returns in turn), concatenated on the host, into pinned memory when the batches go to a GPU."""
     for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts])
-               if all(torch.is_tensor(p[key]) for p in parts) else [x for p in parts for x in p[key]]  # DeferredCrops
-               for key in parts[0]}
+        yield {key: concatenated([p[key] for p in parts], pin) if all(torch.is_tensor(p[key]) for p in parts)
+               else [x for p in parts for x in p[key]] for key in parts[0]}  # lists: DeferredCrops, "bad", "lanes"
+
+
+def concatenated(tensors, pin):
+    out = torch.empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.cat(tensors, out=out)
