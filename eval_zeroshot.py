@@ -264,12 +264,18 @@ def load_evaluated(args):
     if bool(pair) == bool(args.checkpoint):
         fail("pass --checkpoint" + (", or --interpolate A B (WiSE-FT), not both" if hasattr(args, "interpolate")
                                     else ""))
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and not pair:
+        fail("--alpha is --interpolate's weight of B: it goes with --interpolate A B")
+    alpha = 0.5 if alpha is None else alpha
+    if pair and not 0 <= alpha <= 1:  # "not" so that NaN fails too
+        fail(f"--alpha must be from 0 (A alone) to 1 (B alone) (got {alpha:g})")
     paths = [pretrained.resolve(path) for path in pair or [args.checkpoint]]
     load = [load_method(path, args.device, args.trust_checkpoint, None if args.act is None else args.act == "quickgelu")
             for path in paths]
     if pair:
-        args.checkpoint = f"{pair[0]} + {args.alpha:g} * ({pair[1]} - {pair[0]})"  # how --output names it
-        return interpolate(load[0][0], *load[1], args.alpha)
+        args.checkpoint = f"{pair[0]} + {alpha:g} * ({pair[1]} - {pair[0]})"  # how --output names it
+        return interpolate(load[0][0], *load[1], alpha)
     args.checkpoint = paths[0]
     return load[0]
 
@@ -303,7 +309,8 @@ def main(argv=None):
     p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="instead of --checkpoint: WiSE-FT, "
                    "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
-    p.add_argument("--alpha", type=float, default=0.5, help="--interpolate's weight of B")
+    p.add_argument("--alpha", type=float, default=None, help="--interpolate's weight of B, from 0 to 1 (WiSE-FT's "
+                   "0.5 if left out)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="write --show-file: N queries' top 5 per direction "
                    "of retrieval, N mistakes per classification task, the correct items marked (plumbing/show.py)")
     p.add_argument("--show-file", default="show.html", help="the HTML page of --show")

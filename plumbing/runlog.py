@@ -57,10 +57,19 @@ def keep_log(path, step):
     run (step 0) starts a new log."""
     if not os.path.exists(path):
         return
-    with open(path) as f:  # a run killed while writing leaves a last line without its newline
-        lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+    kept, damaged = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:  # a run killed while writing leaves a last line cut short, or NUL bytes where its blocks were
+            try:
+                entry = json.loads(line) if line.endswith("\n") else None
+                if entry["step"] <= step:
+                    kept.append(line)
+            except (ValueError, TypeError, KeyError):  # not a line of ours: damage, dropped
+                damaged += 1
+    if damaged:
+        print(f"{path}: dropped {damaged} damaged line(s)", flush=True)
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 class RunLog:
