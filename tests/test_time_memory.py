@@ -1,5 +1,6 @@
 """Where a run's time and memory go: every step row's data_wait (the share of the time spent waiting for batches) and
-max_memory_mb (the window's peak), the one warning about a slow input. Each on real train.py runs."""
+max_memory_mb (the window's peak), the one warning about a slow input; evaluation on several datasets while training.
+Each on real train.py runs."""
 
 import os
 import re
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import eval_zeroshot
-from test_train import read_log, run, weights
+from test_train import main_error, read_log, run, weights
 
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--eval-size", "0"]
 WARNING = "warning: the loop waited for its next batch"
@@ -122,3 +123,109 @@ def test_on_cuda_the_peak_is_max_memory_allocated_per_window(tmp_path):
     model = sum(t.numel() * t.element_size() for t in weights(tmp_path).values()) / 2 ** 20
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 20
     assert all(model < r["max_memory_mb"] < total and 0 <= r["data_wait"] <= 1 for r in rows), rows
+
+
+# --- several evaluation datasets --------------------------------------------------------------------------------------
+
+
+def test_two_evaluation_datasets_are_logged_at_each_evaluation(tmp_path):
+    from scripts import plot
+
+    out = tmp_path / "out"
+    p = run("train.py", *TINY, "--eval-size", "24", "--steps", "10", "--log-every", "5", "--eval-dataset",
+            "synthetic,synthetic-retrieval", "--eval-every", "5", "--out-dir", out, cwd=tmp_path)
+    tasks = ["synthetic/shape", "synthetic/colour", "synthetic/size", "synthetic/count", "synthetic-retrieval"]
+    evaluations = [e for e in read_log(out) if "task" in e]
+    assert [(e["step"], e["dataset"]) for e in evaluations] == [(s, t) for s in (5, 10) for t in tasks]
+    assert p.stdout.count("retrieval synthetic-retrieval: 24 images") == p.stdout.count("zero-shot shape:") == 2
+    # plot.py: each dataset's panels, at the steps and values of the log
+    panels = plot.curves([plot.read_run(str(out))])
+    for e in evaluations:
+        title = f"{e['dataset']} {'R@1' if e['task'] == 'retrieval' else 'top-1'} (%)"
+        metric = "image->text R@1" if e["task"] == "retrieval" else "top1"
+        xs, ys = panels[title][(0, metric)]
+        assert ys[xs.index(e["step"])] == pytest.approx(100 * e[metric])
+
+
+def test_a_dataset_that_fails_at_a_later_evaluation_is_left_out_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import train
+
+    for name in ("red", "blue"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), name).save(tmp_path / "val" / name / "0.png")
+    real_evaluate, calls = eval_zeroshot.evaluate, []
+
+    def evaluate(*args, **kwargs):  # the folder's images go away after the first evaluation
+        calls.append(real_evaluate(*args, **kwargs))
+        if len(calls) == 2:
+            shutil.rmtree(tmp_path / "val" / "red")
+        return calls[-1]
+
+    monkeypatch.setattr(eval_zeroshot, "evaluate", evaluate)
+    train.main([*TINY, "--eval-size", "8", "--steps", "4", "--eval-every", "2", "--eval-dataset",
+                "synthetic-retrieval,folder", "--eval-data-dir", f",{tmp_path / 'val'}",
+                "--out-dir", str(tmp_path / "o")])
+    log = read_log(tmp_path / "o")
+    assert [(e["step"], e["dataset"]) for e in log if "task" in e] == \
+        [(2, "synthetic-retrieval"), (2, "folder"), (4, "synthetic-retrieval")]
+    assert [e["step"] for e in log if "task" not in e] == [1, 2, 3, 4]
+    assert f"warning: folder not evaluated at step 4: cannot read {tmp_path / 'val' / 'red' / '0.png'}" in \
+        capsys.readouterr().out
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("names, folders, pairs", [
+    ("imagenet", "/a,b", [("imagenet", "/a,b")]),  # one dataset: its folder as given, commas and all
+    ("cifar10,cifar100", "/data", [("cifar10", "/data"), ("cifar100", "/data")]),  # one folder for all
+    ("imagenet, synthetic ,coco-5k", "/i,, /c", [("imagenet", "/i"), ("synthetic", None), ("coco-5k", "/c")]),
+    ("synthetic,coco", None, [("synthetic", None), ("coco", None)]),
+    ("synthetic,x.tsv", "~/d,", [("synthetic", os.path.expanduser("~/d")), ("x.tsv", None)]),
+])
+def test_eval_data_dir_pairs_with_the_datasets(names, folders, pairs):
+    assert eval_zeroshot.eval_pairs(names, folders) == pairs
+
+
+def test_a_name_or_folder_that_exists_is_one_item(tmp_path):
+    (tmp_path / "a,b").mkdir()
+    (tmp_path / "x,y.csv").write_text("filepath,title\n")
+    assert eval_zeroshot.eval_pairs(str(tmp_path / "x,y.csv"), None) == [(str(tmp_path / "x,y.csv"), None)]
+    assert eval_zeroshot.eval_pairs("cifar10,cifar100", str(tmp_path / "a,b")) == \
+        [("cifar10", str(tmp_path / "a,b")), ("cifar100", str(tmp_path / "a,b"))]
+
+
+def test_training_reads_each_dataset_from_its_folder(tmp_path):
+    """folder reads the first folder, synthetic-retrieval none (the empty second), spaces around the commas aside."""
+    for name in ("red", "blue"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), name).save(tmp_path / "val" / name / "0.png")
+    args = train_args(["--eval-dataset", "folder,synthetic-retrieval", "--eval-data-dir", f" {tmp_path / 'val'} , ",
+                       "--eval-size", "5"])
+    folder, retrieval = eval_zeroshot.training_tasks(args, 32)
+    assert folder["dataset"] == "folder" and folder["images"].dataset.root == str(tmp_path / "val")
+    assert folder["classnames"] == ["blue", "red"]
+    assert retrieval["dataset"] == "synthetic-retrieval" and len(retrieval["images"]) == 5
+
+
+def train_args(extra):
+    import train
+    return train.get_args([*TINY, *extra])
+
+
+BAD_EVAL = [
+    (["imagenet,,coco-5k"], "an empty name"),
+    (["imagenet,"], "an empty name"),
+    ([""], "an empty name"),
+    (["coco-5k, coco-5k"], "names coco-5k twice"),
+    (["synthetic,imagenett"], "--eval-dataset imagenett: unknown dataset; choose from synthetic, cifar10"),
+    (["synthetic,coco-5k", "--eval-data-dir", "/a,/b,/c"], "gives 3 folders for 2 datasets"),
+    (["synthetic,coco-5k,coco", "--eval-data-dir", "/a,/b"], "gives 2 folders for 3 datasets"),
+]
+
+
+@pytest.mark.parametrize("extra, words", BAD_EVAL, ids=[" ".join(e) for e, _ in BAD_EVAL])
+def test_bad_eval_datasets_stop_with_one_line_before_training(tmp_path, extra, words):
+    message = main_error(*TINY, "--steps", "2", "--eval-every", "1", "--eval-dataset", *extra, "--out-dir", tmp_path)
+    assert words in message, message
+    assert not (tmp_path / "log.jsonl").exists()
