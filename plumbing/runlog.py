@@ -6,7 +6,8 @@ A step's logs stay on the device and are synced over the ranks once per --log-ev
 needs its losses checked), so that the loop never waits for the device in between. At each sync the run stops, with
 one line, on a loss that is not finite, or when more than half of the image reads so far have failed (data.py: the
 policy for unreadable samples). Each sync also says where the window's time and memory went: the share of its wall
-time the loop waited for its next batch (data_wait) and the peak memory (max_memory_mb), each the worst rank's.
+time the loop waited for its next batch (data_wait) and the peak memory (max_memory_mb), each the worst rank's; and it
+carries rank 0's word on --save-every-minutes, so that every rank saves at the same step.
 """
 
 import atexit
@@ -61,12 +62,15 @@ def keep_log(path, step):
 
 class RunLog:
     """log.add(step, ...) after every optimiser step; log.synced is the last step whose losses are known finite.
-    stop(reason) is called, on every rank, when a loss is not finite (train.py: Checkpoints.stop)."""
+    stop(reason) is called, on every rank, when a loss is not finite (train.py: Checkpoints.stop); late() says whether
+    this rank's clock calls for a save (Checkpoints.late): rank 0's answer, at a sync, sets log.clock_save on every
+    rank."""
 
-    def __init__(self, out_dir, start_step, steps, batch_size, log_every, stop):
+    def __init__(self, out_dir, start_step, steps, batch_size, log_every, stop, late=lambda: False):
         self.master = distributed.rank_and_world()[0] == 0
         self.start_step, self.steps, self.batch_size, self.log_every, self.stop = \
             start_step, steps, batch_size, log_every, stop
+        self.late, self.clock_save = late, False
         self.path = os.path.join(out_dir, "log.jsonl")
         if self.master:
             keep_log(self.path, start_step)
@@ -104,18 +108,20 @@ class RunLog:
         """Step `step` trained at `lr` with this loss and these logs (the method's components, 0-d tensors). Synced
         at the first step, every --log-every steps, at the last, and when `sync` asks."""
         self.pending.append((step, lr, list(logs), torch.stack([loss.float()] + [v.float() for v in logs.values()])))
-        alone = distributed.rank_and_world()[1] == 1  # then a signal needs no other rank's word: sync at once
+        alone = distributed.rank_and_world()[1] == 1  # then a signal or the clock needs no other rank's word
+        late, self.clock_save = self.late(), False
         if not (step == self.start_step + 1 or step % self.log_every == 0 or step == self.steps or sync
-                or (alone and signals)):
+                or (alone and (signals or late))):
             self.t_added = time.perf_counter()
             return
         values = distributed.average(torch.stack([v for *_, v in self.pending])).tolist()  # (steps, 1 + components)
-        # on every rank, so that all of them stop together: what each could not read, the seconds each waited for data
-        # and its peak memory in this window, and the signals each received
+        # on every rank, so that all of them stop and save together: what each could not read, the seconds each waited
+        # for data and its peak memory in this window, its clock (rank 0's decides), and the signals each received
         wait, self.waited = stream.waited - self.waited, stream.waited
-        ranks = distributed.gather_objects((*stream.take_unreadable(), wait, memory.window_peak(stream.device),
+        ranks = distributed.gather_objects((*stream.take_unreadable(), wait, memory.window_peak(stream.device), late,
                                             signals[:1]))
         self.stopping = next((s[0] for *_, s in ranks if s), None)
+        self.clock_save = bool(ranks[0][-2])
         first_unreadable = not self.unreadable
         for unreadable, *_ in ranks:  # a file met twice, or by two ranks, counts once
             for path, reason in unreadable.items():

@@ -1,9 +1,13 @@
 """Where a run's time and memory go: every step row's data_wait (the share of the time spent waiting for batches) and
-max_memory_mb (the window's peak), the one warning about a slow input; evaluation on several datasets while training.
-Each on real train.py runs."""
+max_memory_mb (the window's peak), the one warning about a slow input; evaluation on several datasets while training;
+saving by the clock (--save-every-minutes), agreed by every rank and resumed exactly. Each on real train.py runs."""
 
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -12,7 +16,8 @@ import torch
 from PIL import Image
 
 import eval_zeroshot
-from test_train import main_error, read_log, run, weights
+from ranks import run_distributed
+from test_train import ROOT, main_error, read_log, run, weights
 
 TINY = ["--model", "tiny-vit", "--batch-size", "8", "--workers", "0", "--eval-size", "0"]
 WARNING = "warning: the loop waited for its next batch"
@@ -229,3 +234,96 @@ def test_bad_eval_datasets_stop_with_one_line_before_training(tmp_path, extra, w
     message = main_error(*TINY, "--steps", "2", "--eval-every", "1", "--eval-dataset", *extra, "--out-dir", tmp_path)
     assert words in message, message
     assert not (tmp_path / "log.jsonl").exists()
+
+
+# --- saving by the clock ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf", "-inf", "-0"])
+def test_bad_save_every_minutes_stop_with_one_line(tmp_path, minutes):
+    message = main_error(*TINY, "--steps", "2", f"--save-every-minutes={minutes}", "--out-dir", tmp_path)
+    assert "--save-every-minutes must be above 0 and finite" in message, message
+
+
+def test_alone_the_clock_saves_at_the_step_it_strikes_and_restarts(tmp_path, monkeypatch):
+    """One rank, --save-every-minutes 1 on a clock that moves 25 s at each reading (one a step, one a save): the
+    minute has passed at step 3, between two log syncs, which saves it; the clock restarts at each save, so again at
+    6 and 9; and at the last step, 10."""
+    import types
+
+    import train
+    from plumbing import checkpoint
+
+    clock = iter(range(0, 10 ** 6, 25))
+    monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    saved, real_write = [], checkpoint.write
+    monkeypatch.setattr(checkpoint, "write", lambda path, *args: saved.append(args[2]) or real_write(path, *args))
+    train.main([*TINY, "--steps", "10", "--log-every", "100", "--save-every", "1000", "--save-every-minutes", "1",
+                "--out-dir", str(tmp_path)])
+    assert saved == [3, 6, 9, 10]
+    assert [r["step"] for r in read_log(tmp_path)] == list(range(1, 11))
+
+
+def two_rank_clocks(rank, world, out_dir):
+    """On each of 2 gloo ranks: train.main with clocks that disagree (rank 1's always late, rank 0's at every 3rd
+    step) -> the steps this rank saved. A rank left waiting in a collective ends the process after 120 s."""
+    import train
+    from plumbing import checkpoint
+
+    watchdog = threading.Timer(120, os._exit, (3,))
+    watchdog.daemon = True
+    watchdog.start()
+    saved, real_save, steps = [], checkpoint.Checkpoints.save, []
+
+    def late(self):
+        steps.append(len(steps) + 1)  # one call a step
+        return rank == 1 or steps[-1] % 3 == 0
+
+    checkpoint.Checkpoints.late = late
+    checkpoint.Checkpoints.save = lambda self, step, *a, **k: saved.append(step) or real_save(self, step, *a, **k)
+    destroy, torch.distributed.destroy_process_group = torch.distributed.destroy_process_group, lambda: None
+    try:
+        train.main([*TINY, "--steps", "12", "--log-every", "2", "--save-every", "1000", "--save-every-minutes", "1",
+                    "--out-dir", out_dir])
+    finally:
+        torch.distributed.destroy_process_group = destroy
+    return saved
+
+
+def test_on_two_ranks_rank_0_s_clock_decides_at_a_log_sync(tmp_path):
+    # rank 0's clock strikes at steps 3, 6, 9, 12; the log syncs at 1, 2, 4, 6, ...: both ranks save step 6 (and the
+    # last), never rank 1's
+    assert run_distributed(two_rank_clocks, 2, str(tmp_path)) == [[6, 12], [6, 12]]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+def logged(out_dir):
+    """The whole lines of a log being written (its last may be half-written)."""
+    try:
+        with open(out_dir / "log.jsonl") as f:
+            return sum(line.endswith("\n") for line in f)
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_run_killed_after_its_clock_saved_resumes_exactly(tmp_path):
+    args = [*TINY, "--steps", "40", "--log-every", "10", "--save-every", "1000", "--save-every-minutes", "0.02"]
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out-dir", str(out)], cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline and not ((out / "ckpt.pt").exists() and logged(out) >= 30):
+        time.sleep(0.02)
+    assert p.poll() is None, p.communicate()
+    p.kill()  # SIGKILL: nothing runs after it, no save
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 0 < step < 40, step  # the clock's: --save-every 1000 saves only at the end
+
+    run("train.py", *args, "--out-dir", out, "--resume", cwd=tmp_path)
+    run("train.py", *args, "--out-dir", tmp_path / "whole", cwd=tmp_path)
+    resumed, whole = weights(out), weights(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(tmp_path / "whole")]
