@@ -181,6 +181,15 @@ def test_a_dataset_that_fails_at_a_later_evaluation_is_left_out_and_training_goe
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 4
 
 
+def test_a_second_signal_during_an_evaluation_still_stops_the_run(monkeypatch):
+    def evaluate(*args, **kwargs):  # what runlog.stop_on_signals's handler raises at the second SIGTERM
+        raise SystemExit("stopped by SIGTERM, without saving")
+
+    monkeypatch.setattr(eval_zeroshot, "evaluate", evaluate)
+    with pytest.raises(SystemExit, match="stopped by SIGTERM, without saving"):
+        eval_zeroshot.report(None, None, [dict(dataset="folder")], "cpu", 0, 3)
+
+
 @pytest.mark.parametrize("names, folders, pairs", [
     ("imagenet", "/a,b", [("imagenet", "/a,b")]),  # one dataset: its folder as given, commas and all
     ("cifar10,cifar100", "/data", [("cifar10", "/data"), ("cifar100", "/data")]),  # one folder for all
