@@ -313,7 +313,7 @@ class TrainingStream:
     of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's readers
     (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it passed
     over (`unreadable`, `reads`, `failed`, for RunLog), the seconds the loop waited in `next` (`waited`: RunLog's
-data_wait) and, from shards, where each reader stands (`lanes`).
+    data_wait) and, from shards, where each reader stands (`lanes`).
 
     start: the micro-batch to start from (a resumed run's step × --grad-accum); resumed: the checkpoint's record of a
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
