@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import time
 import warnings
 from functools import lru_cache
 
@@ -331,7 +332,8 @@ class TrainingStream:
     """This rank's micro-batches of training data, endlessly, as to_device takes them: from an indexed dataset, the
     rank's slice of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's
     readers (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it
-    passed over (`unreadable`, `reads`, `failed`, for RunLog) and, from shards, where each reader stands (`lanes`).
+    passed over (`unreadable`, `reads`, `failed`, for RunLog), the seconds the loop waited in `next` (`waited`:
+    RunLog's data_wait) and, from shards, where each reader stands (`lanes`).
 
     start: the micro-batch to start from (a resumed run's step × --grad-accum); resumed: the checkpoint's record of a
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
@@ -365,9 +367,10 @@ class TrainingStream:
                                              persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                              worker_init_fn=runlog.ignore_interrupts)
         self.batches = shards.join(iter(loader), k, device.startswith("cuda")) if self.shards else iter(loader)
-        self.unreadable, self.reads, self.failed, self.lanes = {}, 0, 0, {}
+        self.unreadable, self.reads, self.failed, self.lanes, self.waited = {}, 0, 0, {}, 0.0
 
     def __next__(self):
+        start = time.perf_counter()  # host time, no device sync
         try:
             batch = next(self.batches)
         except UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
@@ -381,6 +384,7 @@ class TrainingStream:
         batch = gpu_decode.decode_columns(batch, self.device, bad)  # --gpu-decode's, once; bad: + what nothing decodes
         self.unreadable.update(bad)
         self.reads, self.failed = self.reads + self.micro + len(bad), self.failed + len(bad)
+        self.waited += time.perf_counter() - start
         return batch
 
     def take_unreadable(self):

@@ -26,6 +26,7 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -163,23 +164,62 @@ def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
 
 
 def training_tasks(args, image_size):
-    """train.py's --eval-dataset's tasks, read now (a bad path stops here, not after hours of training); by default the
-    synthetic zero-shot tasks when training on the synthetic data (the quick start's check at the end)."""
+    """train.py's --eval-dataset's tasks, every dataset's, read now (a bad path stops here, not after hours of
+    training); by default the synthetic zero-shot tasks when training on the synthetic data (the quick start's check at
+    the end)."""
     name = args.eval_dataset
     if name is None and args.data == "synthetic" and (args.eval_every or args.eval_size > 0):
         name = "synthetic"
     if name is None and args.eval_every:
         fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
              f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
-    return name and prepare(name, args.eval_data_dir, image_size, size=args.eval_size)
+    return name is not None and [task for dataset, folder in eval_pairs(name, args.eval_data_dir)
+                                 for task in prepare(dataset, folder, image_size, size=args.eval_size)]
+
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "folder", *evalsets.RETRIEVAL)  # and .csv/.tsv
+
+
+def eval_pairs(names, folders):
+    """--eval-dataset's comma-separated datasets and their --eval-data-dir -> [(dataset, folder)]. The pairing: one
+    folder serves every dataset (those that read none ignore it); several folders, comma-separated, go one to each
+    dataset in order, an empty one to a dataset that reads none (synthetic,coco-5k with ,~/coco2014). Spaces around
+    the commas do not count; a value that is one existing path is one item, commas and all."""
+    names = [names] if os.path.exists(names) else [name.strip() for name in names.split(",")]
+    if "" in names:
+        fail(f"--eval-dataset {','.join(names)!r}: an empty name; give datasets separated by single commas, e.g. "
+             f"imagenet,coco-5k")
+    for name in names:
+        if name not in DATASETS and not name.endswith((".csv", ".tsv")):
+            fail(f"--eval-dataset {name}: unknown dataset; choose from {', '.join(DATASETS)} or a .csv/.tsv path")
+        if names.count(name) > 1:
+            fail(f"--eval-dataset names {name} twice: each dataset is evaluated once, and logged under its name")
+    if folders is None or len(names) == 1:  # one dataset: its folder as given
+        return [(name, folders) for name in names]
+    folders = [folders] if os.path.isdir(folders) else [os.path.expanduser(f.strip()) or None
+                                                        for f in folders.split(",")]
+    if len(folders) not in (1, len(names)):
+        fail(f"--eval-data-dir gives {len(folders)} folders for {len(names)} datasets of --eval-dataset: give one "
+             f"folder for all, or one per dataset in the same order, comma-separated (an empty one for a dataset that "
+             f"reads none, as in --eval-dataset synthetic,coco-5k --eval-data-dir ,~/coco2014)")
+    return list(zip(names, folders * len(names) if len(folders) == 1 else folders))
 
 
 def report(method, tokenizer, tasks, device, workers, step, log=None):
     """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
-    as without it), prints the results and logs them to log.jsonl when `log` is given."""
-    results = evaluate(method, tokenizer, tasks, device, workers=workers)
-    for r in results:
-        print(describe(r), flush=True)
+    as without it), prints the results and logs them to log.jsonl when `log` is given. A task that can no longer be
+    evaluated (an image gone since the start) is left out with one warning line: the run and the other tasks go on."""
+    results = []
+    for task in tasks:
+        try:
+            results += evaluate(method, tokenizer, [task], device, workers=workers)
+        except SystemExit as e:  # fail()'s line; another exit (a second SIGTERM or Ctrl-C) stops the run
+            if not str(e.code).startswith("error: "):
+                raise
+            print(f"warning: {task['dataset']} not evaluated at step {step}: {str(e.code).removeprefix('error: ')}",
+                  flush=True)
+            continue
+        print(describe(results[-1]), flush=True)
     if log:
         log.results(step, results)
 

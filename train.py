@@ -78,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--trust-checkpoint", action="store_true", help="--resume from a checkpoint that holds Python "
                    "objects besides tensors (this can run its code)")
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every-minutes", type=float, default=None, metavar="M", help="also save at the first step "
+                   "M minutes after the last save (several ranks: at the first log sync after)")
     p.add_argument("--log-every", type=int, default=10, help="console print interval (the JSON log gets every step)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-dataset every k steps and at the end, "
                    "logged to log.jsonl")
@@ -103,6 +105,8 @@ def get_args(argv=None):
         value = getattr(args, flag)
         if value is not None and not value >= low:  # "not >=" so that NaN fails too
             fail(f"--{flag.replace('_', '-')} must be {low} or more (got {value})")
+    if args.save_every_minutes is not None and not 0 < args.save_every_minutes < math.inf:
+        fail(f"--save-every-minutes must be above 0 and finite (got {args.save_every_minutes})")
     # AdamW moves each weight by about lr per step whatever the gradient's scale, so an lr above 1 overwrites the
     # weights at every step (these methods use 5e-4 to 3e-3; 1e38 even overflows float32 inside AdamW)
     if args.lr is not None and not 0 < args.lr <= 1:
@@ -263,7 +267,8 @@ def main(argv=None):
     if args.resume:
         start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args)
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what evaluation rebuilds
-    checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step))
+    checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step),
+                              args.save_every_minutes)
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
                                  args.csv_caption_key, args.gpu_decode)
@@ -272,7 +277,8 @@ def main(argv=None):
         train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     no_sync = train_model.no_sync if world > 1 else nullcontext
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop)
+    log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop,
+                 checkpoints.late)
     log.report_to(args.report_to, meta)  # OUT/config.json, and the trackers of --report-to
     log.print(f"{args.method} | {args.model} ({pretrained.trainable(method)}) | "
               f"{args.data}: {len(dataset)} {'shards' if stream.shards else 'samples'} | {world} rank(s) on {device} | "
@@ -298,7 +304,7 @@ def main(argv=None):
         # run on a loss that is not finite, or when most images are unreadable
         log.add(done, step_lr, loss, logs, stream, sync=checkpoints.waiting is not None or checkpoints.due(done))
         checkpoints.vouch(log.synced)  # ckpt.pt.tmp becomes ckpt.pt once a loss from its weights is finite
-        if checkpoints.due(done) or log.stopping:  # stopping: a signal (SIGTERM, Ctrl-C) stops the run here
+        if checkpoints.due(done) or log.clock_save or log.stopping:  # the clock: rank 0's; stopping: SIGTERM, Ctrl-C
             checkpoints.save(done, method, optimizer, stream, last=log.stopping)
             log.restart_clock()
         if log.stopping:

@@ -11,6 +11,7 @@ killed save or one never vouched for: not a checkpoint.
 
 import fcntl
 import os
+import time
 import warnings
 
 import torch
@@ -110,11 +111,11 @@ def finite(method, optimizer):
 
 
 class Checkpoints:
-    """train.py's OUT/ckpt.pt, saved every `save_every` steps and at the last, by the rule in the module docstring.
-    Every rank calls every method (saving gathers every rank's state); rank 0 writes. resumed: (path, step) of the
-    checkpoint the run resumed from."""
+    """train.py's OUT/ckpt.pt, saved every `save_every` steps, at the last, and where `late` says so, by the rule in the
+    module docstring. Every rank calls every method (saving gathers every rank's state); rank 0 writes. resumed: (path,
+    step) of the checkpoint the run resumed from; minutes: --save-every-minutes."""
 
-    def __init__(self, out_dir, steps, save_every, meta, resumed=None):
+    def __init__(self, out_dir, steps, save_every, meta, resumed=None, minutes=None):
         self.path = os.path.join(out_dir, "ckpt.pt")
         self.tmp = self.path + ".tmp"
         self.steps, self.save_every, self.meta = steps, save_every, meta
@@ -122,11 +123,18 @@ class Checkpoints:
         self.on_disk = resumed[1] if here else None  # the step ckpt.pt holds, once this run has one there
         self.waiting = None  # the step ckpt.pt.tmp holds, until a finite loss from its weights vouches for it
         self.master = distributed.rank_and_world()[0] == 0
+        self.minutes, self.t_saved = minutes, time.monotonic()  # the clock of late(), restarted by every save
         if self.master and os.path.lexists(self.tmp):
             os.remove(self.tmp)
 
     def due(self, step):
         return step % self.save_every == 0 or step == self.steps
+
+    def late(self):
+        """Whether --save-every-minutes have passed since the last save (or the start) on this rank's clock. RunLog asks
+        at its syncs and takes rank 0's answer for every rank (log.clock_save), so that all save the same step; alone,
+        it asks at every step, and syncs where the answer is yes."""
+        return self.minutes is not None and time.monotonic() - self.t_saved >= 60 * self.minutes
 
     def save(self, step, method, optimizer, stream, last=False):
         """last: the run's last step, or the step at which a signal stops it (RunLog.stopping): with no next step to
@@ -141,7 +149,7 @@ class Checkpoints:
             except OSError as e:
                 self.stop(f"could not write {self.tmp}: {(e.strerror or str(e)).lower()}; removed the partial file",
                           then="Free some space, then")
-        self.waiting = step
+        self.waiting, self.t_saved = step, time.monotonic()
         if last or step == self.steps:
             self.vouch(step + 1)
 

@@ -1,6 +1,7 @@
 """
 Plot training runs from their OUT/log.jsonl: the loss and each component the method logs, the learning rate, the
-logit scale, samples/s, and every evaluation that --eval-every logged, several runs overlaid on one PNG.
+logit scale, samples/s beside where the time and memory went (data_wait, max_memory_mb), and every evaluation that
+--eval-every logged, each dataset's own panels, several runs overlaid on one PNG.
 
     python scripts/plot.py out                                  # -> out/plot.png
     python scripts/plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
@@ -21,6 +22,7 @@ from plumbing.runlog import fail
 COLS, PANEL = 3, (4.0, 3.0)  # panels per row, each panel's size in inches (at 100 dpi: 400 × 300 pixels)
 NOT_CURVES = ("step", "skipped")  # keys of a step's line that are not plotted
 METRICS = {"zeroshot_classification": ("top1",), "retrieval": ("image->text R@1", "text->image R@1")}
+TITLES = {"data_wait": "data_wait (share of the time)", "max_memory_mb": "max_memory_mb (peak MiB)"}  # from 0
 
 
 def read_run(out_dir):
@@ -93,7 +95,9 @@ def plot(out_dirs, out):
             second = metric == "text->image R@1"  # a retrieval panel's second line: dashed
             ax.plot(xs, ys, "--" if second else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
                     marker="o" if len(xs) < 20 else None, label=runs[i][0] + (f" {metric}" if "R@1" in metric else ""))
-        ax.set_title(title, fontsize=10)
+        ax.set_title(TITLES.get(title, title), fontsize=10)
+        if title in TITLES:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         if title == "lr":

@@ -50,10 +50,11 @@ def has(pixels, colour):
     return bool((np.abs(pixels.astype(int) - colour).sum(axis=-1) < 30).sum() > 50)
 
 
-@pytest.mark.parametrize("names, panels", [(["clip"], 9), (["siglip"], 6), (["clip", "siglip"], 11)])
+@pytest.mark.parametrize("names, panels", [(["clip"], 11), (["siglip"], 8), (["clip", "siglip"], 13)])
 def test_plot_draws_every_curve_of_every_run(runs, names, panels):
-    # clip: loss, clip, logit_scale, lr, samples_per_s and 4 synthetic tasks' top-1; siglip: loss, siglip,
-    # logit_scale, logit_bias, lr, samples_per_s (no evaluation lines); both: their union
+    # clip: loss, clip, logit_scale, lr, samples_per_s, data_wait, max_memory_mb and 4 synthetic tasks' top-1; siglip:
+    # loss, siglip, logit_scale, logit_bias, lr, samples_per_s, data_wait, max_memory_mb (no evaluation lines); both:
+    # their union
     assert any("task" in e for e in read_log(runs / "clip")) and not any("task" in e for e in read_log(runs / "siglip"))
     out = runs / f"{'-'.join(names)}.png"
     p = run("scripts/plot.py", *[runs / n for n in names], "--out", out, cwd=runs)
@@ -66,11 +67,54 @@ def test_plot_draws_every_curve_of_every_run(runs, names, panels):
     assert has(pixels, BLUE) and has(pixels, ORANGE) == (len(names) == 2)
 
 
+def drawn(monkeypatch, out_dirs, out):
+    """plot.plot(out_dirs, out) -> {panel title: [(xs, ys) of each line drawn in it]}, as matplotlib was given them."""
+    import matplotlib.axes
+
+    lines, real_plot = [], matplotlib.axes.Axes.plot
+
+    def spy(ax, xs, ys, *args, **kwargs):
+        lines.append((ax, list(xs), list(ys)))
+        return real_plot(ax, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot.plot([str(d) for d in out_dirs], str(out))
+    panels = {}
+    for ax, xs, ys in lines:
+        panels.setdefault(ax.get_title(), []).append((xs, ys))
+    return panels
+
+
+def test_plot_draws_data_wait_and_memory_beside_samples_per_s(runs, tmp_path, monkeypatch):
+    log = [e for e in read_log(runs / "clip") if "task" not in e]
+    panels = drawn(monkeypatch, [runs / "clip"], tmp_path / "p.png")
+    titles = list(panels)
+    at = titles.index("samples_per_s")
+    assert titles[at + 1:at + 3] == ["data_wait (share of the time)", "max_memory_mb (peak MiB)"]
+    for title, key in (("data_wait (share of the time)", "data_wait"), ("max_memory_mb (peak MiB)", "max_memory_mb")):
+        assert panels[title] == [([e["step"] for e in log], [e[key] for e in log])]
+        assert all(0 <= e["data_wait"] <= 1 and e["max_memory_mb"] > 0 for e in log)
+
+    # a log of before these fields: no such panels; a log with them in some lines only: drawn where they are
+    (tmp_path / "old").mkdir()
+    (tmp_path / "mixed").mkdir()
+    old = [{k: v for k, v in e.items() if k not in ("data_wait", "max_memory_mb")} for e in log]
+    (tmp_path / "old" / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    mixed = old[:2] + log[2:]
+    (tmp_path / "mixed" / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in mixed))
+    assert not any(t.startswith(("data_wait", "max_memory_mb")) for t in drawn(monkeypatch, [tmp_path / "old"],
+                                                                               tmp_path / "old.png"))
+    panels = drawn(monkeypatch, [tmp_path / "mixed"], tmp_path / "mixed.png")
+    assert panels["data_wait (share of the time)"] == [([e["step"] for e in log[2:]],
+                                                         [e["data_wait"] for e in log[2:]])]
+    assert len(panels["loss"][0][0]) == len(log)
+
+
 def test_plot_labels_runs_by_method_and_model(runs):
     assert [plot.read_run(str(runs / n))[0] for n in ("clip", "siglip")] == \
         ["clip tiny-vit (clip)", "siglip tiny-vit (siglip)"]
     run("scripts/plot.py", runs / "siglip", cwd=runs)  # one run: OUT/plot.png by default
-    assert picture(runs / "siglip" / "plot.png")[0] == (1200, 600)
+    assert picture(runs / "siglip" / "plot.png")[0] == (1200, 900)  # 8 panels, 3 rows
 
 
 def test_plot_fails_with_one_line(runs, tmp_path, monkeypatch):
