@@ -29,7 +29,7 @@ def recorded(path, trust=False):
     """-> (config, model_config) of a train.py checkpoint, checked, read without loading its tensors (memory-mapped)"""
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            warnings.filterwarnings("ignore", "(Detected pickle protocol|'torch.load' received a zip file)")
             found = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except Exception:  # not a file torch maps, or one read refuses: read says which, in one line
         found = read(path, trust)
@@ -68,7 +68,7 @@ def resume(path, method, optimizer, args):
     if checkpoint["step"] >= args.steps:
         fail(f"{path} already trained {checkpoint['step']} steps; pass a larger --steps to train on")
     rank, world = distributed.rank_and_world()
-    rank_buffers = rank_buffers or ()  # each rank's own, where they differ (DeCLIP's queue)
+    rank_buffers = rank_buffers if isinstance(rank_buffers, (list, tuple)) else ()  # each rank's own (DeCLIP's queue)
     if rank == 0:
         print(f"resumed from {path} at step {checkpoint['step']}")
     return checkpoint["step"], stream, rank_buffers[rank] if len(rank_buffers) == world else None

@@ -53,7 +53,7 @@ def classification_set(name, data_dir, download, classnames_file, image_size, sp
         if name == "stl10":
             ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
             return ds, ds.classes, STL10_TEMPLATES
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted. You can use download=True", no network
         fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
     if name == "imagenet":  # OpenAI's class names: the folders must be the 1,000 WordNet ids, whose order they follow
         ds = image_folder(data_dir, name)
@@ -134,10 +134,10 @@ def check_outputs(outputs, inputs):
 def write_output(path, text):
     """An evaluation's file (--output, --show-file), whole or not at all: written beside it, then renamed over it (or
     the file a link names); a device or pipe (/dev/stdout) is written as it is."""
-    real = os.path.realpath(path)
-    tmp = f"{real}.{os.getpid()}.tmp" if os.path.isfile(real) or not os.path.exists(real) else None
+    real = os.path.realpath(path) if os.path.isfile(path) or not os.path.exists(path) else None  # not a pipe
+    tmp = real and f"{real}.{os.getpid()}.tmp"
     try:
-        with open(tmp or real, "w", encoding="utf-8") as f:
+        with open(tmp or path, "w", encoding="utf-8") as f:
             f.write(text)
         if tmp:
             os.replace(tmp, real)

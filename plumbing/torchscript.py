@@ -136,9 +136,9 @@ class Unpickler(pickle._Unpickler):
         if key not in self.storages:
             member = self.archive.getinfo(f"{self.folder}/data/{key}")  # KeyError: a storage missing (damaged)
             size = numel * dtype.itemsize
-            if member.compress_type != zipfile.ZIP_STORED or member.file_size < size:
-                raise TorchScriptError(f"storage {key} is compressed or holds {member.file_size} bytes, not the "
-                                       f"{size} of {numel} × {dtype}: damaged")
+            if member.compress_type != zipfile.ZIP_STORED or member.file_size < size:  # torch never compresses one
+                raise TorchScriptError(f"storage {key} is compressed" if member.compress_type else f"storage {key} "
+                                       f"holds {member.file_size} bytes, not the {size} of {numel} × {dtype}: damaged")
             data = bytearray(size)
             with self.archive.open(member) as f:
                 if size and f.readinto(data) != size:
@@ -197,7 +197,7 @@ def read(path):
             names = archive.namelist()
             pickles = [name for name in names if name.count("/") == 1 and name.endswith("/data.pkl")]
             if len(pickles) != 1 or len({name.split("/")[0] for name in names}) != 1:
-                raise TorchScriptError(f"{len(pickles)} data.pkl, not one, in {len(names)} members under one folder")
+                raise TorchScriptError(f"it holds {len(pickles)} data.pkl where an archive holds one, in one folder")
             folder = pickles[0].split("/")[0]
             if f"{folder}/byteorder" in names and archive.read(f"{folder}/byteorder").strip() != b"little":
                 raise TorchScriptError("a big-endian archive: its tensors would be read byte-swapped")

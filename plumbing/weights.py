@@ -153,12 +153,12 @@ def check_ours(checkpoint, path):
     expect("method", method, isinstance(method, str) and method in METHODS, f"one of {', '.join(METHODS)}")
     for key, kinds in (("model", (str,)), ("batch_size", (int,)), ("seed", (int,)), ("tokenizer", (str,)),
                        ("pretrained", (str, type(None)))):  # a default where train.py once wrote none
-        expect(key, config.get(key), type(config.get(key, "clip")) in kinds, f"a {kinds[0].__name__}")
+        expect(key, config.get(key), type(config.get(key, "clip")) in kinds, f"of type {kinds[0].__name__}")
     step, model_config, kwargs = (checkpoint.get(key) for key in ("step", "model_config", "method_kwargs"))
     expect("step", step, type(step) is int and step >= 0, "a count of steps")
     for key, entry in ((key, checkpoint.get(key)) for key in ("model", "method")):
-        expect(key, type(entry), isinstance(entry, dict) and all(isinstance(k, str) and torch.is_tensor(v)
-                                                                for k, v in entry.items()), "a dict of tensors")
+        expect(key, type(entry).__name__, isinstance(entry, dict) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                                         for k, v in entry.items()), "named tensors")
     keys = set(inspect.signature(CLIPModel).parameters) - {"patch_dropout"}  # a train.py run's model_config
     expect("model_config", model_config, isinstance(model_config, dict) and keys - {"quick_gelu"} <= set(model_config)
            <= keys and type(model_config.get("quick_gelu", True)) is bool, f"a dict of {', '.join(sorted(keys))}")
@@ -197,8 +197,8 @@ def load_method(path, device="cpu", trust=False, quick_gelu=None):
         try:
             with torch.device("meta"):  # shapes only: method_kwargs that ask for a huge head or queue allocate nothing
                 shapes = Method(CLIPModel(**model_config), **kwargs).state_dict()
-            if any(k in shapes and shapes[k].shape != v.shape for k, v in state.items()):
-                raise ValueError("its tensors have other shapes")
+            if shapes.keys() != state.keys() or any(shapes[k].shape != v.shape for k, v in state.items()):
+                raise ValueError("its tensors are other ones, or of other shapes")
             method = Method(CLIPModel(**model_config), **kwargs)
             method.load_state_dict(state)
         except (RuntimeError, TypeError, ValueError) as e:  # method_kwargs the method does not take, other heads

@@ -125,6 +125,8 @@ def main(argv=None):
                    "for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
+    if os.path.isdir(out) or not (os.path.splitext(out)[1] or os.path.exists(out)):  # as savefig names it
+        out += ".png"
     print(plot(args.out_dirs, out))
 
 

@@ -73,6 +73,8 @@ CHANGES = {  # what a train.py checkpoint holds, changed -> the refusal's words
     "a model_config entry that is a tensor": (lambda c: c["model_config"].update(embed_dim=torch.ones(3)),
                                               "model_config's embed_dim"),
     "an unknown method argument": (lambda c: c["method_kwargs"].update(nope=1), "unexpected keyword argument"),
+    "DeCLIP asked for a 51 GB queue": (lambda c: c["config"].update(method="declip") or c["method_kwargs"].update(
+        queue_size=10 ** 8), "its tensors are other ones"),  # seen on the meta device: nothing allocated
     "NaN weights": (nan, "ln_final.weight holds NaN"),
     "a tensor of stride 0": (lambda c: c["model"].update({"ln_final.weight": torch.ones(1).expand(128)}),
                              "of its own elements"),
@@ -105,6 +107,12 @@ def test_what_a_checkpoint_holds_is_checked_before_anything_is_built(runs, tmp_p
 def test_a_checkpoint_to_resume_is_checked_too(runs, tmp_path, change, words):
     torch.save(checkpoint(runs, change), tmp_path / "ck.pt")
     assert words in main_error(*QUIET, "--steps", "4", "--resume", tmp_path / "ck.pt", "--out-dir", tmp_path / "o")
+
+
+def test_resume_ignores_rank_buffers_that_are_not_a_list(runs, tmp_path):
+    torch.save(checkpoint(runs, lambda c: c.update(rank_buffers=5)), tmp_path / "ck.pt")
+    train.main([*QUIET, "--steps", "3", "--resume", str(tmp_path / "ck.pt"), "--out-dir", str(tmp_path / "o")])
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 @pytest.mark.parametrize("change, words", [
