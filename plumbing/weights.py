@@ -135,7 +135,8 @@ def build_model(state_dict, quick_gelu=True):
         model = CLIPModel(**config, quick_gelu=quick_gelu)
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError, ZeroDivisionError, AssertionError) as e:  # odd shapes: odd errors
-        raise ValueError(f"its weights do not fit the architecture their shapes describe, {config}: {e}") from None
+        raise ValueError(f"state dict does not fit the architecture inferred from its shapes {config}: "
+                         f"{str(e)[:400]}") from None
     return model.eval()
 
 
