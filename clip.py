@@ -48,6 +48,8 @@ import data
 from plumbing.distributed import all_gather, rank_and_world
 
 MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
+# the methods, by module name, each `Method` following this file's interface: train.py's --method, and checkpoints'
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Augmentation: one view per image, one caption

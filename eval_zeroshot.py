@@ -263,12 +263,7 @@ def describe(r):
 
 def write_results(path, results, checkpoint):
     """--output: a JSON list, one object per task, each naming its checkpoint (for tables across checkpoints)."""
-    try:
-        with open(path, "w") as f:
-            json.dump([dict(r, checkpoint=checkpoint) for r in results], f, indent=1)
-            f.write("\n")
-    except OSError as e:
-        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}")
+    evalsets.write_output(path, json.dumps([dict(r, checkpoint=checkpoint) for r in results], indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -310,6 +305,14 @@ def load_evaluated(args):
     alpha = 0.5 if alpha is None else alpha
     if pair and not 0 <= alpha <= 1:  # "not" so that NaN fails too
         fail(f"--alpha must be from 0 (A alone) to 1 (B alone) (got {alpha:g})")
+    try:  # a device torch knows and this process has: else a traceback, once the checkpoint is read
+        if torch.empty(0, device=args.device).device.type not in ("cpu", "cuda", "mps"):  # meta: no values
+            raise RuntimeError
+    except (RuntimeError, AssertionError):  # not a device name, no GPU, not compiled with CUDA, ...
+        fail(f"--device {args.device}: not a device this process has; use cpu or cuda")
+    page = args.show_file if getattr(args, "show", None) else None  # eval_zeroshot.py's --show page
+    inputs = [*(pair or [args.checkpoint]), *(getattr(args, key, None) for key in ("image", "classnames", "dataset"))]
+    evalsets.check_outputs([("--output", args.output), ("--show-file", page)], inputs)  # before a download, hours
     paths = [pretrained.resolve(path) for path in pair or [args.checkpoint]]
     load = [load_method(path, args.device, args.trust_checkpoint, None if args.act is None else args.act == "quickgelu")
             for path in paths]
@@ -332,9 +335,35 @@ def interpolate(method_a, method_b, tokenizer, alpha):
     return method_b, tokenizer
 
 
+def check_flags(args, labels):
+    """main's flags, before anything is read: one that this run would not read stops it with one line."""
+    if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
+        fail("--image and --labels go together, with 2 or more comma-separated labels: --image a.jpg --labels dog,cat")
+    if len(set(labels)) < len(labels):  # one label twice would split its probability, and --output keep one
+        fail(f"--labels names {next(x for x in labels if labels.count(x) > 1)!r} twice: give each label once")
+    dataset = args.dataset or "synthetic"
+    retrieval = dataset in evalsets.RETRIEVAL or dataset.endswith((".csv", ".tsv"))
+    where = "with --image, which classifies one image" if args.image else f"with --dataset {dataset}"
+    for flag, given, read in (
+            ("--dataset", args.dataset, not args.image), ("--show", args.show is not None, not args.image),
+            ("--data-dir", args.data_dir, not args.image and not dataset.startswith("synthetic")),
+            ("--classnames", args.classnames, dataset == "folder" and not args.image),
+            ("--templates", args.templates, args.image or not (retrieval or dataset == "synthetic")),
+            ("--download", args.download, dataset in ("cifar10", "cifar100", "stl10") and not args.image),
+            ("--csv-*", args.csv_img_key or args.csv_caption_key or args.csv_separator,
+             dataset.endswith((".csv", ".tsv"))),
+            ("--show-file", args.show_file is not None, args.show is not None)):
+        if given and not read:
+            fail(f"{flag} would be ignored {'without --show' if flag == '--show-file' else where}: leave it out "
+                 f"(--help says what it applies to)")
+    if args.show is not None and args.show < 1:
+        fail(f"--show {args.show}: the number of queries (or mistakes) to show must be 1 or more")
+    args.show_file = "show.html" if args.show_file is None else args.show_file
+
+
 def main(argv=None):
     p = evaluation_args(__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="synthetic",
+    p.add_argument("--dataset", default=None,
                    help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder (classification); "
                         "synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
     p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
@@ -344,21 +373,20 @@ def main(argv=None):
     p.add_argument("--templates", default=None,
                    help="80 (OpenAI's ImageNet templates: the default for imagenet and --image), 7 (their subset: "
                         "the default for folder), or one template with {} for the class name ('{}': the names alone); "
-                        "the synthetic tasks keep their own")
+                        "not for retrieval or the synthetic tasks, which keep their own")
     p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
     p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="instead of --checkpoint: WiSE-FT, "
                    "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
     p.add_argument("--alpha", type=float, default=None, help="--interpolate's weight of B, from 0 to 1 (WiSE-FT's "
                    "0.5 if left out)")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="write --show-file: N queries' top 5 per direction "
-                   "of retrieval, N mistakes per classification task, the correct items marked (plumbing/show.py)")
-    p.add_argument("--show-file", default="show.html", help="the HTML page of --show")
+    p.add_argument("--show", type=int, default=None, metavar="N", help="write --show-file: N queries' top 5 per "
+                   "direction of retrieval, N mistakes per classification task, the correct items marked "
+                   "(plumbing/show.py)")
+    p.add_argument("--show-file", default=None, help="the HTML page of --show (default: show.html)")
     args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
-    if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
-        fail("--image and --labels go together, with 2 or more comma-separated labels: --image a.jpg --labels dog,cat")
-
+    check_flags(args, labels)
     method, tokenizer = load_evaluated(args)
     if args.image:
         templates = evalsets.templates_for(args.templates, evalsets.IMAGENET_TEMPLATES_80)
@@ -367,16 +395,19 @@ def main(argv=None):
             print(f"{label}: {100 * probability:.2f}%")
         results = [dict(task="inference", image=args.image, probabilities=dict(zip(labels, probabilities)))]
     else:
-        tasks = prepare(args.dataset, args.data_dir, method.model.image_resolution, args.download, args.classnames,
-                        args.templates, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+        tasks = prepare(args.dataset or "synthetic", args.data_dir, method.model.image_resolution, args.download,
+                        args.classnames, args.templates, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                         sep=args.csv_separator)
         results = evaluate(method, tokenizer, tasks, args.device, args.batch_size, args.workers)
         for r in results:
             print(describe(r))
-        if args.show > 0:
-            show.write(args.show_file, args.checkpoint, [show.section(t, show.rankings(
-                method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)) for t in tasks])
-            print(args.show_file)
+        if args.show:
+            panels = [show.rankings(method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)
+                      for t in tasks]
+            show.write(args.show_file, args.checkpoint, [show.section(t, p, args.show) for t, p in zip(tasks, panels)])
+            notes = [f"{t['dataset']}: {show.shortfall(t, p, args.show)}" for t, p in zip(tasks, panels)
+                     if show.shortfall(t, p, args.show)]  # fewer than N: said, not left to be noticed
+            print("\n".join([args.show_file, *notes]))
     if args.output:
         write_results(args.output, results, args.checkpoint)
 

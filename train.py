@@ -27,14 +27,13 @@ import torch
 
 import data
 import eval_zeroshot
+from clip import METHODS  # the methods, by module name
 from model import CONFIGS, CLIPModel, compiled, frozen_batchnorm_statistics
 from plumbing import distributed, pretrained, runlog
 from plumbing.checkpoint import Checkpoints, claim, resume, resume_path
 from plumbing.runlog import RunLog, fail
 from plumbing.samples import seed_of
 from plumbing.tokenizer import get_tokenizer
-
-METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")  # modules whose `Method` follows clip.py
 
 
 def get_args(argv=None):

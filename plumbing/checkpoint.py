@@ -18,7 +18,7 @@ import torch
 
 from plumbing import distributed
 from plumbing.runlog import fail
-from plumbing.weights import method_state, read
+from plumbing.weights import check_ours, check_tensors, method_state, read
 
 
 def resume_path(args):
@@ -27,15 +27,14 @@ def resume_path(args):
 
 
 def recorded(path, trust=False):
-    """-> (config, model_config) of a train.py checkpoint, read without loading its tensors (memory-mapped)"""
+    """-> (config, model_config) of a train.py checkpoint, checked, read without loading its tensors (memory-mapped)"""
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            warnings.filterwarnings("ignore", "(Detected pickle protocol|'torch.load' received a zip file)")
             found = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except Exception:  # not a file torch maps, or one read refuses: read says which, in one line
         found = read(path, trust)
-    if not (isinstance(found, dict) and "config" in found and "model_config" in found and "step" in found):
-        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    check_ours(found, path)
     return found["config"], found["model_config"]
 
 
@@ -44,8 +43,15 @@ def resume(path, method, optimizer, args):
     method and model -> (its step, its record of a shard stream or None, this rank's own buffers or None). The lr
     schedule and the weight decay stay this run's flags; AdamW's moments and step counts are the checkpoint's."""
     checkpoint = read(path, args.trust_checkpoint)
-    if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
-        fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
+    check_ours(checkpoint, path)
+    saved, stream, rank_buffers = (checkpoint.get(key) for key in ("optimizer", "stream", "rank_buffers"))
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list) and saved["param_groups"]):
+        fail(f"{path} has no optimiser state to resume from: its optimizer is {str(saved)[:40]!r}, not AdamW's")
+    moments = [(f"optimizer state {k}.{name}", v) for k, state in saved["state"].items() if isinstance(state, dict)
+               for name, v in state.items() if torch.is_tensor(v)]
+    check_tensors([*method_state(checkpoint).items(), *moments], path)  # a NaN moment: a NaN loss blamed on the lr
+    check_stream(stream, path)
     config = checkpoint["config"]
     for flag in ("method", "model", "batch_size", "seed"):  # another batch size or seed: other samples in the stream
         if config[flag] != getattr(args, flag):
@@ -54,18 +60,31 @@ def resume(path, method, optimizer, args):
     try:
         method.load_state_dict(method_state(checkpoint))
         decays = [group["weight_decay"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError) as e:
-        fail(f"{path} does not fit this run's --method-args, --tokenizer, --freeze-patch-embed or --lock-* flags: {e}")
+        optimizer.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:  # torch's checks, then its indexing
+        fail(f"{path} does not fit this run's --method-args, --tokenizer, --freeze-patch-embed or --lock-* flags: "
+             f"{type(e).__name__}: {e}")
     for group, decay in zip(optimizer.param_groups, decays):
         group["weight_decay"] = decay
     if checkpoint["step"] >= args.steps:
         fail(f"{path} already trained {checkpoint['step']} steps; pass a larger --steps to train on")
     rank, world = distributed.rank_and_world()
-    rank_buffers = checkpoint.get("rank_buffers") or ()  # each rank's own, where they differ (DeCLIP's queue)
+    rank_buffers = rank_buffers if isinstance(rank_buffers, (list, tuple)) else ()  # each rank's own (DeCLIP's queue)
     if rank == 0:
         print(f"resumed from {path} at step {checkpoint['step']}")
-    return checkpoint["step"], checkpoint.get("stream"), rank_buffers[rank] if len(rank_buffers) == world else None
+    return checkpoint["step"], stream, rank_buffers[rank] if len(rank_buffers) == world else None
+
+
+def check_stream(record, path):
+    """A shard stream's record (Checkpoints.save; None for other data): positions (epoch, shard, sample, taken)."""
+    try:
+        good = record is None or type(record["readers"]) is type(record["shards"]) is int and min(
+            record["readers"], record["shards"]) > 0 and len(record["lanes"]) == record["readers"] and all(
+            len(p) == 4 and all(type(x) is int and x >= 0 for x in p) for p in record["lanes"])
+    except (TypeError, KeyError):  # not a dict, a count or a list
+        good = False
+    if not good:
+        fail(f"{path}: its record of the shard stream is not train.py's: {str(record)[:80]}")
 
 
 def write(path, method, optimizer, step, meta):

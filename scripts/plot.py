@@ -23,12 +23,15 @@ COLS, PANEL = 3, (4.0, 3.0)  # panels per row, each panel's size in inches (at 1
 NOT_CURVES = ("step", "skipped")  # keys of a step's line that are not plotted
 METRICS = {"zeroshot_classification": ("top1",), "retrieval": ("image->text R@1", "text->image R@1")}
 TITLES = {"data_wait": "data_wait (share of the time)", "max_memory_mb": "max_memory_mb (peak MiB)"}  # from 0
+HUGE = 1e300  # beyond it, a panel's range overflows matplotlib's arithmetic: such points are left out, as NaN ones are
 
 
 def read_run(out_dir):
     """OUT -> (label, training lines, evaluation lines). The label is the run's method and model (OUT/config.json,
     which train.py writes), else the folder's name."""
     path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a device or pipe (/dev/zero: never ends)
+        fail(f"{path} is not a file; is {out_dir} the --out-dir of a train.py run?")
     try:
         with open(path) as f:
             lines = f.readlines()
@@ -53,7 +56,8 @@ def read_run(out_dir):
         label = f"{config['method']} {config['model']} ({label})"
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return label, [e for e in entries if "loss" in e], [e for e in entries if "task" in e]
+    evaluations = [e for e in entries if isinstance(e.get("task"), str) and isinstance(e.get("dataset"), str)]
+    return label, [e for e in entries if "loss" in e], evaluations  # a damaged evaluation line: the rest is plotted
 
 
 def curves(runs):
@@ -68,11 +72,11 @@ def curves(runs):
     for i, (_, steps, evaluations) in enumerate(runs):
         for entry in steps:
             for key, value in entry.items():
-                if key not in NOT_CURVES and isinstance(value, (int, float)):
-                    add(key, (i, key), entry["step"], value)
+                if key not in NOT_CURVES and isinstance(value, (int, float)) and not abs(entry["step"]) > HUGE:
+                    add(key, (i, key), entry["step"], math.nan if abs(value) > HUGE else value)
         for entry in evaluations:
             for metric in METRICS.get(entry["task"], ()):
-                if isinstance(entry.get(metric), (int, float)):
+                if isinstance(entry.get(metric), (int, float)) and max(abs(entry[metric]), abs(entry["step"])) <= HUGE:
                     title = f"{entry['dataset']} {'R@1' if entry['task'] == 'retrieval' else 'top-1'} (%)"
                     add(title, (i, metric), entry["step"], 100 * entry[metric], evaluations_panels)
     return {**panels, **evaluations_panels}
@@ -88,6 +92,8 @@ def plot(out_dirs, out):
 
     runs = [read_run(d) for d in out_dirs]
     panels = curves(runs)
+    if not panels:
+        fail(f"{', '.join(out_dirs)}: the log holds steps but no number to plot (no loss, lr or evaluation)")
     rows = math.ceil(len(panels) / COLS)
     fig, axes = plt.subplots(rows, COLS, figsize=(PANEL[0] * COLS, PANEL[1] * rows), dpi=100, squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels.items()):
@@ -110,8 +116,8 @@ def plot(out_dirs, out):
     fig.tight_layout()
     try:
         fig.savefig(out)
-    except OSError as e:
-        fail(f"could not write {out}: {(e.strerror or str(e)).lower()}")
+    except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write (--out x.foo)
+        fail(f"could not write {out}: {(getattr(e, 'strerror', None) or str(e)).lower()}")
     plt.close(fig)
     return out
 
@@ -123,6 +129,8 @@ def main(argv=None):
                    "for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
+    if os.path.isdir(out) or not (os.path.splitext(out)[1] or os.path.exists(out)):  # as savefig names it
+        out += ".png"
     print(plot(args.out_dirs, out))
 
 
