@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 import data
 from clip import CLIP
 from model import ModifiedResNet
+from plumbing import tiled
 from plumbing.distributed import GlobalBatchNorm, all_gather, rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,6 +103,12 @@ def simclr_loss(z_a, z_b, temperature=0.1):
         rank, _ = rank_and_world()
         B, N = q_a.shape[0], k_a.shape[0]
         labels = torch.arange(B, device=q_a.device) + rank * B  # (B,) own index in the global batch
+        # a paper-sized batch on one rank (e.g. --grad-accum): (B, 2N) logits past tiled.LIMIT_MB are never built; the
+        # same cross-entropies by tiles, each view's row against [other view's keys, own view's keys], itself left out
+        if tiled.needed(B, 2 * N):
+            loss_a = tiled.cross_entropy(q_a, torch.cat([k_b, k_a]), 1 / temperature, labels, exclude=labels + N)
+            loss_b = tiled.cross_entropy(q_b, torch.cat([k_a, k_b]), 1 / temperature, labels, exclude=labels + N)
+            return (loss_a + loss_b) / 2, (tiled.argmax(q_a, k_b) == labels).float().mean()
         self_mask = F.one_hot(labels, N) * 1e9  # (B, N): a view must not find itself
         logits_aa = q_a @ k_a.T / temperature - self_mask  # (B, N)
         logits_bb = q_b @ k_b.T / temperature - self_mask  # (B, N)
