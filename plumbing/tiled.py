@@ -15,7 +15,8 @@ columns), a running log-sum-exp, log Σ_{a ∪ b} = logaddexp(lse_a, lse_b), and
 only sums. Backward: visit the tiles again, recompute each from its rows and columns of the features, form its
 ∂L/∂l from those statistics, and let autograd of that tile alone send it on (for a dot product: G·K to the queries,
 Gᵀ·Q to the keys, Σ G ∘ l / s to s). Held at any time: the features and their gradients, O(N·D), the statistics,
-O(N), and a few tiles, O(TILE²), whatever N. The price: each tile's logits are computed twice.
+O(N), and a few tiles, O(TILE²), whatever N. The price: each tile's logits are computed twice. Not the sigmoid's:
+its ∂L/∂l of a tile needs that tile alone, so the forward's one visit also sends it back, and keeps the gradients.
 
 Under DDP the method files gather with gradient as before and pass their local rows against the gathered ones: the
 keys' gradients flow back through the gather. The logits are float32, autocast or not, as in the method files.
@@ -64,6 +65,7 @@ class _InfoNCE:
     row has no term), and likewise of its columns against their label rows (col_labels; None: rows only). The loss
     is the mean over the labelled rows, or ½ (mean over labelled rows + mean over labelled columns).
     exclude: (M,) a column each row leaves out of its softmax (SimCLR: the view itself), or None."""
+    local = False  # ∂CE/∂l of a tile needs the log-sum-exps of whole rows: known after the forward only
 
     def __init__(self, M, N, tile, row_labels, col_labels=None, exclude=None):
         self.labels = {"row": row_labels, "col": col_labels}
@@ -118,6 +120,7 @@ class _InfoNCE:
 class _Sigmoid:
     """Σ_ij softplus(l_ij) − Σ_i l_{i,y_i} over an (M, N) matrix of logits: SigLIP's −Σ log σ(z · l) with z = +1 at
     the positives (labels: (M,) each row's positive column, or None: negatives only), −1 elsewhere."""
+    local = True  # ∂/∂l_ij = σ(l_ij) − [j = y_i]: the tile alone
 
     def __init__(self, M, N, tile, labels=None):
         self.labels = labels
@@ -148,39 +151,59 @@ class _Sigmoid:
 class _Tiled(torch.autograd.Function):
     """loss (an _InfoNCE or _Sigmoid) of the logits l = score(*queries[rows], *keys[cols], *shared), tile by tile.
     tensors: n_queries tensors of M rows, then n_keys of N rows (FILIP: tokens, and the captions' masks), then the
-    tensors every tile shares (s, b). The backward recomputes each tile with autograd, on that tile's slices alone."""
+    tensors every tile shares (s, b). The backward recomputes each tile with autograd, on that tile's slices alone.
+    A loss whose ∂L/∂l of a tile needs that tile only (loss.local: the sigmoid's) has its gradient computed in the
+    forward instead, at its one visit of the tile, and kept, O(N·D), for the backward to scale."""
 
     @staticmethod
     def forward(ctx, loss, score, n_queries, n_keys, *tensors):
         ctx.loss, ctx.score, ctx.split = loss, score, (n_queries, n_keys)
-        ctx.save_for_backward(*tensors)
+        ctx.eager = loss.local and any(ctx.needs_input_grad[4:])
+        ctx.save_for_backward(*(() if ctx.eager else tensors))
+        grads = _zeros(tensors, ctx.needs_input_grad[4:])
         with torch.autocast(tensors[0].device.type, enabled=False):  # float32 logits, as the plain forms
             for r, c in loss.tiles:
-                loss.forward(score(*_slices(tensors, ctx.split, r, c)), r, c)
-            return loss.value().to(tensors[0].device)
+                if ctx.eager:
+                    _through_tile(loss, score, tensors, ctx.split, ctx.needs_input_grad[4:], r, c, grads, True)
+                else:
+                    loss.forward(score(*_slices(tensors, ctx.split, r, c)), r, c)
+        ctx.grads = grads if ctx.eager else None
+        return loss.value().to(tensors[0].device)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        tensors, (n_queries, n_keys), wants = ctx.saved_tensors, ctx.split, ctx.needs_input_grad[4:]
-        grads = [torch.zeros_like(t) if want else None for t, want in zip(tensors, wants)]
-        for r, c in ctx.loss.tiles:
-            parts = [p.detach().requires_grad_(want) for p, want in zip(_slices(tensors, ctx.split, r, c), wants)]
-            with torch.enable_grad(), torch.autocast(tensors[0].device.type, enabled=False):
-                l = ctx.score(*parts)  # (b, c) the tile's logits again, now with their graph
-            inputs = [k for k, p in enumerate(parts) if p.requires_grad]
-            if not inputs:
-                continue
-            part_grads = torch.autograd.grad(l, [parts[k] for k in inputs], ctx.loss.gradient(l.detach(), r, c))
-            for k, g in zip(inputs, part_grads):
-                where = r if k < n_queries else c if k < n_queries + n_keys else ...  # shared: the whole
-                grads[k][where] += g * grad_loss
-        return None, None, None, None, *grads
+        grads = ctx.grads
+        if not ctx.eager:
+            tensors, wants = ctx.saved_tensors, ctx.needs_input_grad[4:]
+            grads = _zeros(tensors, wants)
+            with torch.autocast(grad_loss.device.type, enabled=False):
+                for r, c in ctx.loss.tiles:
+                    _through_tile(ctx.loss, ctx.score, tensors, ctx.split, wants, r, c, grads, False)
+        return None, None, None, None, *(None if g is None else g * grad_loss for g in grads)
+
+
+def _zeros(tensors, wants):
+    return [torch.zeros_like(t) if want else None for t, want in zip(tensors, wants)]
 
 
 def _slices(tensors, split, r, c):
     n_queries, n_keys = split
     return [t[r] for t in tensors[:n_queries]] + [t[c] for t in tensors[n_queries:n_queries + n_keys]] + \
         list(tensors[n_queries + n_keys:])
+
+
+def _through_tile(loss, score, tensors, split, wants, r, c, grads, first_visit):
+    """The tile's logits l, with autograd on its slices alone, and its ∂L/∂l (loss.gradient) sent back through them,
+    added to grads at the tile's rows and columns; on the tile's first visit (the eager forward) loss.forward too."""
+    parts = [p.detach().requires_grad_(want) for p, want in zip(_slices(tensors, split, r, c), wants)]
+    with torch.enable_grad():
+        l = score(*parts)  # (b, c)
+    if first_visit:
+        loss.forward(l.detach(), r, c)
+    inputs = [k for k, p in enumerate(parts) if p.requires_grad]
+    n_queries, n_keys = split
+    for k, g in zip(inputs, torch.autograd.grad(l, [parts[k] for k in inputs], loss.gradient(l.detach(), r, c))):
+        grads[k][r if k < n_queries else c if k < n_queries + n_keys else ...] += g  # shared (s, b): the whole
 
 
 # ---------------------------------------------------------------------------------------------------------------------
