@@ -8,6 +8,10 @@ import collections
 import copy
 import importlib
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,6 +138,22 @@ def test_filip_matches_loop_value_and_gradients(calls, monkeypatch, tile):
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     for a, b in zip(_grads(loss, ours), _grads(expected, reference)):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_fraction,half_gather", [(0.5, False), (1.0, True)])
+def test_filip_options_tiled_equal_plain(calls, monkeypatch, keep_fraction, half_gather):
+    """The top tokens as keys (fewer key tokens than query tokens: the tiles count them apart) and float16 keys."""
+    monkeypatch.setattr(tiled, "TILE", 12)
+    image, text, ids, t = (x.float() for x in filip_inputs(L=9))
+    mask, gather_dtype = filip.text_padding_mask(ids), torch.float16 if half_gather else None
+    ours, theirs = _leaves(image, text, t), _leaves(image, text, t)
+    loss = filip.filip_loss(ours[0], ours[1], mask, ours[2].exp(), keep_fraction, gather_dtype)
+    assert calls == {"filip_loss": 1}
+    plain(monkeypatch)
+    expected = filip.filip_loss(theirs[0], theirs[1], mask, theirs[2].exp(), keep_fraction, gather_dtype)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for a, b in zip(_grads(loss, ours), _grads(expected, theirs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("valid", [None, 0, 5, 13])
@@ -277,3 +297,20 @@ def test_two_ranks_tiled_with_accumulation_equal_one_plain_process(two_ranks, na
     rank_logs = [r[name][1] for r in ranks]
     assert {k: sum(r[k] for r in rank_logs) / 2 for k in logs if k != "queue"} == pytest.approx(
         {k: v for k, v in logs.items() if k != "queue"}, rel=1e-5, abs=1e-6)
+
+
+def test_bench_loss_sweep_measures_plain_and_tiled():
+    """scripts/bench_loss.py --sweep: a line per loss, both peaks and times, and the same loss plain and tiled."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--sweep", "--sizes", "32", "--repeats", "2", "--embed-dim", "8", "--ssl-dim", "8", "--tokens", "2",
+            "--queue-size", "64", "--device", "cpu"]
+    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), *argv], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = re.findall(r"^loss-sweep (\w+) +N +32 \| plain matrices [\d,]+ MiB \| plain [\d,]+ MiB [\d.e-]+ s \(.*\) \| "
+                       r"tiled [\d,]+ MiB [\d.e-]+ s \(.*\) \| tiled/plain time [\d.]+ \| loss plain ([\d.]+) tiled ([\d.]+)$",
+                       p.stdout, re.M)
+    assert [name for name, _, _ in lines] == ["clip", "siglip", "slip", "declip", "filip"], p.stdout
+    for _, plain_loss, tiled_loss in lines:
+        assert float(plain_loss) == pytest.approx(float(tiled_loss), rel=1e-5)
+
