@@ -259,6 +259,7 @@ def filip_loss(image_to_text, text_to_image, image_tokens, text_tokens, text_mas
     return (i2t + t2i) / 2
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def argmax(queries, keys, valid=None):
     """(M, D), (N, D) -> (M,): each row's column of the largest q · k (the first of equals, as torch.argmax), among
