@@ -160,7 +160,8 @@ def test_filip_options_tiled_equal_plain(calls, monkeypatch, keep_fraction, half
 def test_argmax_takes_the_first_of_equals_among_valid_columns(calls, valid):
     """Small integers: every dot product is exact, so ties are real, inside a tile and across tiles."""
     g = torch.Generator().manual_seed(0)
-    queries, keys = torch.randint(-1, 2, (20, 4), generator=g).float(), torch.randint(-1, 2, (13, 4), generator=g).float()
+    queries = torch.randint(-1, 2, (20, 4), generator=g).float()
+    keys = torch.randint(-1, 2, (13, 4), generator=g).float()
     similarity = queries @ keys.T
     if valid is not None:
         similarity = similarity.masked_fill(torch.arange(13) >= valid, -math.inf)
@@ -304,11 +305,12 @@ def test_bench_loss_sweep_measures_plain_and_tiled():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["--sweep", "--sizes", "32", "--repeats", "2", "--embed-dim", "8", "--ssl-dim", "8", "--tokens", "2",
             "--queue-size", "64", "--device", "cpu"]
-    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), *argv], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    p = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), *argv], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert p.returncode == 0, p.stderr
-    lines = re.findall(r"^loss-sweep (\w+) +N +32 \| plain matrices [\d,]+ MiB \| plain [\d,]+ MiB [\d.e-]+ s \(.*\) \| "
-                       r"tiled [\d,]+ MiB [\d.e-]+ s \(.*\) \| tiled/plain time [\d.]+ \| loss plain ([\d.]+) tiled ([\d.]+)$",
+    measured = r"[\d,]+ MiB [\d.e-]+ s \(.*\)"  # peak, time (spread)
+    lines = re.findall(rf"^loss-sweep (\w+) +N +32 \| plain matrices [\d,]+ MiB \| plain {measured} \| "
+                       rf"tiled {measured} \| tiled/plain time [\d.]+ \| loss plain ([\d.]+) tiled ([\d.]+)$",
                        p.stdout, re.M)
     assert [name for name, _, _ in lines] == ["clip", "siglip", "slip", "declip", "filip"], p.stdout
     for _, plain_loss, tiled_loss in lines:
