@@ -95,7 +95,7 @@ def clip_loss(image_features, text_features, logit_scale):
         # a paper-sized batch on one rank (e.g. --grad-accum): (B, N) logits past tiled.LIMIT_MB are never built; the
         # same loss by tiles of s·Î T̂ᵀ, keeping per-row and per-column log-sum-exps (plumbing/tiled.py)
         if tiled.needed(B, all_text_features.shape[0]):
-            return tiled.clip_loss(all_image_features, all_text_features, logit_scale, labels)
+            return tiled.infonce(all_image_features, all_text_features, logit_scale, labels)
         # s scales the (B, D) features, not the (B, N) product: one (B, N) tensor fewer kept for the backward
         logits_per_image = (logit_scale * image_features) @ all_text_features.T  # (B, N)
         logits_per_text = (logit_scale * text_features) @ all_image_features.T  # (B, N)

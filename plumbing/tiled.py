@@ -10,8 +10,8 @@ SigLIP with its bias b, SLIP, DeCLIP) or s · FILIP's token-wise similarity, and
     InfoNCE   CE_i = lse_i − l_{i,y_i},  lse_i = log Σ_j exp(l_ij)     ∂CE_i/∂l_ij = exp(l_ij − lse_i) − [j = y_i]
     sigmoid   Σ_j softplus(l_ij) − l_{i,y_i}                           ∂/∂l_ij     = σ(l_ij) − [j = y_i]
 
-Forward: visit the logits in tiles of TILE × TILE and keep, per row (and per column: CLIP's text→image rows are its
-columns), a running log-sum-exp, log Σ_{a ∪ b} = logaddexp(lse_a, lse_b), and the positive's logit; the sigmoid loss
+Forward: visit the logits in tiles of TILE × TILE and keep, per row (and per column: CLIP's text→image rows, SimCLR's
+b-views, are its columns), a running log-sum-exp, log Σ_{a ∪ b} = logaddexp(lse_a, lse_b), and the positive's logit; the sigmoid loss
 only sums. Backward: visit the tiles again, recompute each from its rows and columns of the features, form its
 ∂L/∂l from those statistics, and let autograd of that tile alone send it on (for a dot product: G·K to the queries,
 Gᵀ·Q to the keys, Σ G ∘ l / s to s). Held at any time: the features and their gradients, O(N·D), the statistics,
@@ -64,7 +64,8 @@ class _InfoNCE:
     """Softmax cross-entropy of the rows of an (M, N) matrix of logits, row i against its label column y_i (−1: the
     row has no term), and likewise of its columns against their label rows (col_labels; None: rows only). The loss
     is the mean over the labelled rows, or ½ (mean over labelled rows + mean over labelled columns).
-    exclude: (M,) a column each row leaves out of its softmax (SimCLR: the view itself), or None."""
+    exclude: (M,) a column each row leaves out of its softmax (SimCLR: the view itself, the plain form's −1e9), or
+    None; the matrix has no such entry, for the columns' softmax either."""
     local = False  # ∂CE/∂l of a tile needs the log-sum-exps of whole rows: known after the forward only
 
     def __init__(self, M, N, tile, row_labels, col_labels=None, exclude=None):
@@ -211,23 +212,24 @@ def _through_tile(loss, score, tensors, split, wants, r, c, grads, first_visit):
 
 
 @torch.compiler.disable  # a loop over tiles, eagerly; torch.compile splits its graph here
-def clip_loss(image, text, logit_scale, local):
-    """clip.clip_loss by tiles of ONE matrix l = (s · Î) T̂ᵀ: the rows `local` against every column (image→text) and
-    the columns `local` against every row (text→image), a tile visited only where it holds one of them (one rank:
-    every tile once, for both directions). image, text: (N, D) normalised, gathered; logit_scale: s;
-    local: (B,) this rank's rows, their indices in the global batch. -> ½ (mean CE_image→text + mean CE_text→image)."""
-    N = image.shape[0]
-    labels = torch.full((N,), -1, dtype=torch.long, device=image.device)  # (N,): own index at local rows, else −1
+def infonce(rows, cols, scale, local, exclude=None):
+    """The symmetric InfoNCE of ONE matrix l = (s · rows) colsᵀ, by tiles: the rows `local` against every column,
+    each positive at its own index, and the columns `local` against every row, a tile visited only where it holds one
+    of them (one rank: every tile once, for both directions). clip.clip_loss: rows, cols the gathered (N, D) unit
+    images and texts; slip.simclr_loss: [k_a; k_b] and [k_b; k_a], each view itself left out (exclude: (N,) a column
+    each row leaves out, or None). local: (B,) this rank's indices. -> ½ (mean CE of the rows + mean CE of columns)."""
+    N = rows.shape[0]
+    labels = torch.full((N,), -1, dtype=torch.long, device=rows.device)  # (N,): own index at local rows, else −1
     labels[local] = local
-    return _Tiled.apply(_InfoNCE(N, N, (TILE, TILE), labels, labels), _scaled_dot, 1, 1, image, text, logit_scale)
+    loss = _InfoNCE(N, cols.shape[0], (TILE, TILE), labels, labels, exclude)
+    return _Tiled.apply(loss, _scaled_dot, 1, 1, rows, cols, torch.as_tensor(scale, device=rows.device))
 
 
 @torch.compiler.disable
-def cross_entropy(queries, keys, scale, labels, exclude=None):
-    """F.cross_entropy((scale · queries) @ keysᵀ, labels) by tiles: (M, D) queries, (N, D) keys, (M,) labels.
-    exclude: (M,) a column each row leaves out (SimCLR's own view, the plain form's −1e9), or None."""
-    scale = torch.as_tensor(scale, dtype=queries.dtype, device=queries.device)
-    loss = _InfoNCE(queries.shape[0], keys.shape[0], (TILE, TILE), labels, exclude=exclude)
+def cross_entropy(queries, keys, scale, labels):
+    """F.cross_entropy((scale · queries) @ keysᵀ, labels) by tiles, rows only: (M, D) queries, (N, D) keys, (M,)
+    labels (declip.nn_loss: the local images against the gathered neighbours)."""
+    loss = _InfoNCE(queries.shape[0], keys.shape[0], (TILE, TILE), labels)
     return _Tiled.apply(loss, _scaled_dot, 1, 1, queries, keys, scale)
 
 
