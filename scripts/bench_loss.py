@@ -225,13 +225,12 @@ def sweep(args, argv):
         for x in inputs:
             x.grad = None
 
-    def variants(name, N):  # plain where its matrices, and their kin (softmax, gradients), fit
-        fits = 4 * 4 * cases[name][2](N) <= 0.8 * available_bytes(device)
-        return ("plain", "tiled") if fits else ("tiled",)
-
+    # plain where its matrices, and their kin (softmax, gradients), fit; decided once, for both phases
+    variants = {(name, N): ("plain", "tiled") if 4 * 4 * cases[name][2](N) <= 0.8 * available_bytes(device)
+                else ("tiled",) for name, N in runs}
     times = {}
     for name, N in runs:
-        if len(variants(name, N)) == 2:
+        if len(variants[name, N]) == 2:
             inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
             times[name, N] = {"plain": [], "tiled": []}
             for variant in ("plain", "tiled"):
@@ -243,7 +242,7 @@ def sweep(args, argv):
         inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
         once, losses = {"tiled": []}, {}
         mib = {variant: peak_memory(lambda: step(name, N, variant, inputs, once.get(variant), losses), device)
-               for variant in variants(name, N)}
+               for variant in variants[name, N]}
         print(sweep_line(name, N, 4 * cases[name][2](N) / 2**20, mib, times.get((name, N), once), losses), flush=True)
 
 
