@@ -30,7 +30,7 @@ import json
 import torch
 
 import data
-from plumbing import distributed, evalsets, pretrained, show
+from plumbing import distributed, evalsets, pretrained, show, stops
 from plumbing.evalsets import cat, class_embeddings, loader
 from plumbing.runlog import fail
 from plumbing.synthetic import TASKS, SyntheticTask
@@ -176,8 +176,12 @@ def training_tasks(args, image_size):
 
 def report(method, tokenizer, tasks, device, workers, step, log=None):
     """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
-    as without it), prints the results and logs them to log.jsonl when `log` is given."""
-    results = evaluate(method, tokenizer, tasks, device, workers=workers)
+    as without it), prints the results and logs them to log.jsonl when `log` is given. A stop signal cuts it short,
+    with nothing printed or logged: the run stops (train.py)."""
+    try:
+        results = evaluate(method, tokenizer, tasks, device, workers=workers)
+    except stops.Stopped:
+        return
     for r in results:
         print(describe(r), flush=True)
     if log:

@@ -32,6 +32,7 @@ from plumbing import distributed, pretrained, runlog
 from plumbing.checkpoint import Checkpoints, claim, resume, resume_path
 from plumbing.runlog import RunLog, fail
 from plumbing.samples import seed_of
+from plumbing.stops import Stopped
 from plumbing.tokenizer import get_tokenizer
 
 METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")  # modules whose `Method` follows clip.py
@@ -266,7 +267,7 @@ def main(argv=None):
     checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step))
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
-                                 args.csv_caption_key, args.gpu_decode)
+                                 args.csv_caption_key, args.gpu_decode, args.grad_accum)
     train_model = distributed.wrap_ddp(method, device, own_buffers) if world > 1 else method
     if args.compile:
         train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets
@@ -284,7 +285,10 @@ def main(argv=None):
         step_lr = lr_at(step, lr, warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
+        try:
+            micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
+        except Stopped:  # a stop signal while the data does not come (a stalled source, a worker that died with it)
+            checkpoints.stopped_waiting(step, method, optimizer, stream, log)
         loss, logs = forward_backward(method, train_model, micro_batches, seed_of(args.seed, step, rank),
                                       autocast, no_sync)
         if args.grad_clip > 0:
@@ -310,6 +314,8 @@ def main(argv=None):
     log.print(f"saved {checkpoints.path}")
     if rank == 0 and tasks:
         eval_zeroshot.report(method, tokenizer, tasks, device, workers, args.steps, log if args.eval_every else None)
+        if runlog.signals:  # it cut the final evaluation short
+            log.end(args.steps, checkpoints.path, last=True)
     elif not tasks:
         log.print(f"evaluate with: python eval_zeroshot.py --checkpoint {checkpoints.path} --dataset ...")
     if world > 1:

@@ -11,12 +11,14 @@ killed save or one never vouched for: not a checkpoint.
 
 import fcntl
 import os
+import signal
+import sys
 import warnings
 
 import torch
 
 from plumbing import distributed
-from plumbing.runlog import fail
+from plumbing.runlog import fail, signals
 from plumbing.weights import method_state, read
 
 
@@ -76,7 +78,7 @@ def write(path, method, optimizer, step, meta):
         writes = Writes(f)
         try:
             torch.save(checkpoint, writes)
-        except (OSError, RuntimeError) as e:
+        except BaseException as e:  # a full disk; a second stop signal (SystemExit), within a write or not
             os.remove(path)
             if writes.error or isinstance(e, OSError):
                 raise writes.error or e from None
@@ -84,7 +86,8 @@ def write(path, method, optimizer, step, meta):
 
 
 class Writes:
-    """A file that keeps the error of its failed write: torch.save reports one only as "unexpected pos ..."."""
+    """A file that keeps the error of its failed write, which torch.save reports only as "unexpected pos ...": an
+    OSError, or the SystemExit of a second stop signal (runlog.stop_on_signals) that came during it."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -92,7 +95,7 @@ class Writes:
     def write(self, b):
         try:
             return self.f.write(b)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
 
@@ -145,6 +148,23 @@ class Checkpoints:
         if last or step == self.steps:
             self.vouch(step + 1)
 
+    def stopped_waiting(self, step, method, optimizer, stream, log):
+        """A stop signal came while this rank waited for the data of step + 1, which did not come (stops.Stopped: a
+        stalled source, a DataLoader worker that died with the signal). One rank saves the steps done, as at a step's
+        end. Several cannot: saving is collective, and the other ranks are within their step (waiting for this one);
+        this rank ends without saving, the last checkpoint kept, and torchrun stops the others."""
+        rank, world = distributed.rank_and_world()
+        if world == 1:
+            log.flush(stream)  # the steps done: synced, logged, their losses checked
+            if step and self.on_disk != step:
+                self.save(step, method, optimizer, stream, last=True)
+            log.end(step, self.path if step else None)
+        name = signal.Signals(signals[0]).name
+        kept = f"{self.path} holds step {self.on_disk}" if self.on_disk is not None else "no checkpoint was written"
+        print(f"stopped by {name} at step {step}: rank {rank}'s data did not come, so the ranks could not save it "
+              f"together; {kept}: continue with --resume", flush=True)
+        sys.exit(128 + signals[0])
+
     def vouch(self, finite_through):
         """The losses up to step `finite_through` are finite: a checkpoint of an earlier step becomes ckpt.pt."""
         if self.waiting is not None and finite_through > self.waiting:
@@ -186,3 +206,4 @@ def claim(out_dir, fresh):
     if fresh and found:
         fail(f"{out_dir} holds a run ({' and '.join(found)}): pass --resume to continue it, or another --out-dir "
              f"(or remove it) to start a new one")
+

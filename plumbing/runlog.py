@@ -34,12 +34,6 @@ def stop_on_signals():
         signal.signal(signum, handler)
 
 
-def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process (which stops the run: runlog.stop_on_signals), instead of
-    each printing its traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def fail(message):
     sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
 
@@ -168,10 +162,20 @@ class RunLog:
             for sink in self.sinks:
                 sink(entries)
 
-    def end(self, step, path):
-        """The run stopped on a signal at `step`, saved to `path`: exit as killed by it (128 + its number)."""
+    def flush(self, stream):
+        """Sync the steps not synced yet (a stop between two steps: train.py saves the last of them)."""
+        if self.pending:
+            step, lr, names, values = self.pending.pop()
+            self.add(step, lr, values[0], dict(zip(names, values[1:])), stream, sync=True)
+
+    def end(self, step, path, last=False):
+        """The run stopped on a signal at `step` (the run's last, during the final evaluation), saved to `path` (None:
+        no checkpoint written): exit as killed by it (128 + its number)."""
+        self.stopping = self.stopping or signals[0]
         name = signal.Signals(self.stopping).name
-        self.print(f"stopped by {name} at step {step}; {path} holds it: continue with --resume")
+        self.print(f"stopped by {name} during the final evaluation; {path} holds step {step}, the last" if last else
+                   f"stopped by {name} at step {step}; {path} holds it: continue with --resume" if path else
+                   f"stopped by {name} before step {step + 1}; no checkpoint was written")
         sys.exit(128 + self.stopping)
 
     def restart_clock(self):  # after a save or an evaluation: samples/s measures training

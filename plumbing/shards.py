@@ -253,12 +253,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 samples, bad = [], []
 
 
-def join(chunks, k, pin):
-    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
+def join(parts, pin):
+    """A shard stream's micro-batch: one chunk from each of this rank's k readers (DataLoader workers, which the
     DataLoader returns in turn), concatenated on the host, into pinned memory when the batches go to a GPU."""
-    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: concatenated([p[key] for p in parts], pin) if all(torch.is_tensor(p[key]) for p in parts)
-               else [x for p in parts for x in p[key]] for key in parts[0]}  # lists: DeferredCrops, "bad", "lanes"
+    return {key: concatenated([p[key] for p in parts], pin) if all(torch.is_tensor(p[key]) for p in parts)
+            else [x for p in parts for x in p[key]] for key in parts[0]}  # lists: DeferredCrops, "bad", "lanes"
 
 
 def concatenated(tensors, pin):
