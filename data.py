@@ -339,7 +339,7 @@ class TrainingStream:
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
 
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
-                 shuffle_buffer=2000, caption_key=None, decode_on_device=False, per_step=1):
+                 shuffle_buffer=2000, caption_key=None, decode_on_device=False, per_step=1, shard_timeout=60):
         self.device, self.micro, self.readers, self.shards, k = device, micro, None, None, 1
         transform = gpu_decode.Deferring(transform) if decode_on_device else transform  # decoded in __next__
         self.note_deferred = decode_on_device and rank == 0  # at the first batch
@@ -359,7 +359,7 @@ class TrainingStream:
             sizes = [micro // k + (i < micro % k) for i in range(k)]  # reader i's share of each micro-batch
             source = dict(batch_size=None, dataset=shards.ShardStream(
                 dataset, transform, seed, self.readers, first_lane=rank * k, sizes=sizes, buffer=shuffle_buffer,
-                start=resumed and resumed["lanes"], caption_key=caption_key))
+                start=resumed and resumed["lanes"], caption_key=caption_key, timeout=shard_timeout))
         else:
             source = dict(dataset=Seeded(dataset, transform, seed, micro * world), collate_fn=collate,
                           batch_sampler=Batches(len(dataset), micro, rank, world, seed, start))
