@@ -48,10 +48,14 @@ def resume(path, method, optimizer, args):
     if not (isinstance(checkpoint, dict) and "config" in checkpoint and "step" in checkpoint):
         fail(f"{path} is not a checkpoint of train.py (it has no config and step to resume from)")
     config = checkpoint["config"]
-    for flag in ("method", "model", "batch_size", "seed"):  # another batch size or seed: other samples in the stream
-        if config[flag] != getattr(args, flag):
-            fail(f"{path} was trained with --{flag.replace('_', '-')} {config[flag]}, this run has "
-                 f"{getattr(args, flag)}: pass the checkpoint's to resume it")
+    # another batch size or seed: other samples in the stream; --gpu-decode: other pixels (a full decode, not the
+    # workers' reduced one); from shards, another --shuffle-buffer: other blocks, which a reader's position counts in
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    shard_flags = ("shuffle_buffer",) if checkpoint.get("stream") else ()
+    for flag in ("method", "model", "batch_size", "seed", "gpu_decode", *shard_flags):
+        if config.get(flag, False) != getattr(args, flag):  # (checkpoints older than --gpu-decode: without it)
+            fail(f"{path} was trained with --{flag.replace('_', '-')} {shown(config.get(flag, False))}, this run has "
+                 f"{shown(getattr(args, flag))}: pass the checkpoint's to resume it")
     try:
         method.load_state_dict(method_state(checkpoint))
         decays = [group["weight_decay"] for group in optimizer.param_groups]

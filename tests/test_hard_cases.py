@@ -100,12 +100,12 @@ def test_a_second_run_in_the_same_out_dir_stops_and_a_fresh_run_keeps_an_old_one
     assert (out / "log.jsonl").read_text() == log and (out / "ckpt.pt").read_bytes() == ckpt
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "4"), ("--seed", "1")])
-def test_resuming_with_another_batch_size_or_seed_is_refused(tmp_path, flag, value):
+@pytest.mark.parametrize("change", [("--batch-size", "4"), ("--seed", "1"), ("--gpu-decode",)])  # other pixels
+def test_resuming_with_another_batch_size_seed_or_decoding_is_refused(tmp_path, change):
     out = tmp_path / "out"
     run("train.py", *QUIET, "--steps", "1", "--out-dir", out, cwd=tmp_path)
-    message = main_error(*QUIET, "--steps", "2", "--out-dir", out, "--resume", flag, value)  # the last flag wins
-    assert f"was trained with {flag} " in message and "pass the checkpoint's to resume it" in message
+    message = main_error(*QUIET, "--steps", "2", "--out-dir", out, "--resume", *change)  # the last flag wins
+    assert f"was trained with {change[0]} " in message and "pass the checkpoint's to resume it" in message
 
 
 def test_a_disk_that_fills_during_a_save_keeps_the_last_checkpoint(tmp_path):

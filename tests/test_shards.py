@@ -438,6 +438,8 @@ def test_training_resumes_mid_epoch_exactly(tmp_path, killed_while_saving):
     # the resumed run's readers must be as many as before: they define the stream
     message = main_error(*args, "--workers", "1", "--steps", "8", "--out-dir", out, "--resume")
     assert "streamed 5 shards with 2 readers" in message and "this run 5 with 1" in message
+    message = main_error(*args, "--shuffle-buffer", "5", "--steps", "8", "--out-dir", out, "--resume")
+    assert "was trained with --shuffle-buffer 6, this run has 5" in message  # other blocks: other positions
 
 
 def test_bad_samples_are_counted_like_unreadable_images(tmp_path, capsys):
