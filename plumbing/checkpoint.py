@@ -12,6 +12,7 @@ killed save or one never vouched for: not a checkpoint.
 import fcntl
 import os
 import signal
+import stat
 import sys
 import warnings
 
@@ -129,7 +130,7 @@ class Checkpoints:
         self.on_disk = resumed[1] if here else None  # the step ckpt.pt holds, once this run has one there
         self.waiting = None  # the step ckpt.pt.tmp holds, until a finite loss from its weights vouches for it
         self.master = distributed.rank_and_world()[0] == 0
-        if self.master and os.path.lexists(self.tmp):
+        if self.master and os.path.lexists(self.tmp):  # (claim refused one that is not a file)
             os.remove(self.tmp)
 
     def due(self, step):
@@ -195,6 +196,13 @@ def claim(out_dir, fresh):
     held.clear()
     try:
         os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
+    for name in (".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "config.json"):  # what this run opens or removes
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would wait, a folder's fail
+            fail(f"{path} is {kind(path)}, where the run keeps a file: move it away (or pass another --out-dir)")
+    try:
         fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
     except OSError as e:
         fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
@@ -211,3 +219,9 @@ def claim(out_dir, fresh):
         fail(f"{out_dir} holds a run ({' and '.join(found)}): pass --resume to continue it, or another --out-dir "
              f"(or remove it) to start a new one")
 
+
+def kind(path):
+    """what a path that is not a regular file is, in words"""
+    mode = os.stat(path).st_mode if os.path.exists(path) else None
+    return ("a broken link" if mode is None else "a folder" if stat.S_ISDIR(mode) else "a named pipe"
+            if stat.S_ISFIFO(mode) else "not a regular file")

@@ -46,11 +46,24 @@ def duration(seconds):
 TRACKERS = ("tensorboard", "wandb")  # --report-to: optional sinks besides log.jsonl
 
 
+def rewrite(path, write, what=""):
+    """write(f) to path.tmp, then renamed over path: a failed write (a full disk) leaves the file as it was."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.lexists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path}{what}: {(e.strerror or str(e)).lower()}; it is as it was")
+
+
 def keep_log(path, step):
-    """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again, a fresh
-    run (step 0) starts a new log."""
-    if not os.path.exists(path):
+    """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again."""
+    if not os.path.lexists(path):
         return
+    if not os.path.isfile(path):  # a folder, or a FIFO, whose open would wait for a writer
+        fail(f"{path} is not a file; move it away to resume")
     kept, damaged = [], 0
     with open(path, errors="replace") as f:
         for line in f:  # a run killed while writing leaves a last line cut short, or NUL bytes where its blocks were
@@ -60,10 +73,9 @@ def keep_log(path, step):
                     kept.append(line)
             except (ValueError, TypeError, KeyError):  # not a line of ours: damage, dropped
                 damaged += 1
+    rewrite(path, lambda f: f.writelines(kept), f" (cut back to step {step})")
     if damaged:
         print(f"{path}: dropped {damaged} damaged line(s)", flush=True)
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 class RunLog:
@@ -75,8 +87,7 @@ class RunLog:
         self.start_step, self.steps, self.batch_size, self.log_every, self.stop = \
             start_step, steps, batch_size, log_every, stop
         self.path = os.path.join(out_dir, "log.jsonl")
-        if self.master:
-            keep_log(self.path, start_step)
+        self.cut = not self.master  # the log is cut back (keep_log) at its first write: a run refused before keeps it
         self.stopping = None  # the signal that stops the run (stop_on_signals), once every rank knows of it
         self.pending = []  # (step, lr, logs names, values on the device) of the steps not synced yet
         self.unreadable = {}  # {path: reason} of every rank's unreadable samples, each file once
@@ -96,8 +107,7 @@ class RunLog:
         if not self.master:
             return
         out_dir = os.path.dirname(self.path)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
+        rewrite(os.path.join(out_dir, "config.json"), lambda f: json.dump(meta, f, indent=1, default=str))
         for name in names:
             try:
                 self.sinks.append(tensorboard(out_dir, self.start_step, meta) if name == "tensorboard"
@@ -152,6 +162,9 @@ class RunLog:
         self.write([dict(step=step, **r) for r in results])
 
     def write(self, entries):  # the file is opened for each write, so that no exit can leave it open or unflushed
+        if not self.cut:
+            keep_log(self.path, self.start_step)
+            self.cut = True
         if self.master:
             try:
                 with open(self.path, "a") as f:

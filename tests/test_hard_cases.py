@@ -4,6 +4,7 @@ cannot be written, a second run in the same --out-dir, a fresh run over an old o
 or seed), a disk that fills during a save leaves the last checkpoint and no partial file, and a signal (SIGTERM, how
 clusters preempt; Ctrl-C) stops a run at the step it reached, saved, so that --resume continues it exactly."""
 
+import errno
 import io
 import os
 import resource
@@ -287,3 +288,64 @@ def test_a_second_signal_during_a_save_abandons_it_in_one_line(tmp_path, monkeyp
             signal.signal(s, handler)
     assert stopped.value.code == "stopped by SIGTERM, without saving" and not os.listdir(tmp_path)
 
+
+class FullDisk:
+    """open() of a file whose writes fail as on a full disk: what opening it for writing truncated is lost"""
+
+    def __init__(self, path, mode="r", **kwargs):
+        self.f = open(path, mode, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def writelines(self, lines):
+        raise OSError(errno.EFBIG, "File too large")
+
+
+def test_a_damaged_run_folder_resumes_or_stops_in_one_line_and_its_log_is_kept(tmp_path, monkeypatch, capsys):
+    """log.jsonl's lines that are not ours (NUL bytes, {}, a list, a string or null step, an empty line, bytes that
+    are not UTF-8) are dropped, counted, when a run resumes; OUT's files replaced by a folder or a named pipe stop it in
+    one line naming the file (a pipe would block its open); a resume refused after it began (--report-to nope), or a
+    full disk while the log is cut back to the checkpoint, leaves log.jsonl as it was."""
+    import shutil
+
+    first = tmp_path / "first"
+    train.main([*QUIET, "--steps", "2", "--out-dir", str(first)])
+    with open(first / "log.jsonl", "ab") as f:  # what a killed run leaves past its checkpoint, and damage
+        f.write(b'{"step": 3, "loss": 1.0}\n{}\n[1, 2]\n{"step": "1"}\n\n\xff\xfe\n{"step": null}\n"step"\n'
+                + b"\0" * 40 + b"\n")
+    logged = (first / "log.jsonl").read_bytes()
+
+    def damaged(name, damage=None):
+        out = tmp_path / name
+        shutil.copytree(first, out)
+        if damage:
+            os.remove(out / damage[0]) if os.path.isfile(out / damage[0]) else None
+            damage[1](str(out / damage[0]))
+        return out
+
+    out = damaged("refused")
+    assert "--report-to nope" in main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume", "--report-to", "nope")
+    assert (out / "log.jsonl").read_bytes() == logged
+    out = damaged("full")
+    monkeypatch.setattr(runlog, "open", lambda path, mode="r", **kw: FullDisk(path, mode, **kw) if "log.jsonl" in
+                        path and "w" in mode else open(path, mode, **kw), raising=False)
+    message = main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+    assert message == f"error: could not write {out / 'log.jsonl'} (cut back to step 2): file too large; it is as it " \
+                      f"was"
+    assert (out / "log.jsonl").read_bytes() == logged and not (out / "log.jsonl.tmp").exists()
+    monkeypatch.undo()
+
+    out = damaged("resumed")
+    train.main([*QUIET, "--steps", "3", "--out-dir", str(out), "--resume"])
+    assert f"{out / 'log.jsonl'}: dropped 8 damaged line(s)" in capsys.readouterr().out
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+    for name, make, what in [("log.jsonl", os.mkdir, "a folder"), ("log.jsonl", os.mkfifo, "a named pipe"),
+                             ("config.json", os.mkdir, "a folder"), ("ckpt.pt.tmp", os.mkdir, "a folder"),
+                             (".lock", os.mkdir, "a folder")]:
+        out = damaged(f"{name}-{what}", (name, make))
+        message = main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+        assert message.startswith(f"error: {out / name} is {what}, where the run keeps a file"), message
