@@ -53,9 +53,9 @@ def rewrite(path, write, what=""):
             write(f)
         os.replace(path + ".tmp", path)
     except OSError as e:
-        if os.path.lexists(path + ".tmp"):
+        if os.path.isfile(path + ".tmp"):
             os.remove(path + ".tmp")
-        fail(f"could not write {path}{what}: {(e.strerror or str(e)).lower()}; it is as it was")
+        fail(f"could not write {path}{what}, through {path}.tmp: {(e.strerror or str(e)).lower()}; it is as it was")
 
 
 def keep_log(path, step):
@@ -65,7 +65,7 @@ def keep_log(path, step):
     if not os.path.isfile(path):  # a folder, or a FIFO, whose open would wait for a writer
         fail(f"{path} is not a file; move it away to resume")
     kept, damaged = [], 0
-    with open(path, errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (an editor's byte-order mark is no damage)
         for line in f:  # a run killed while writing leaves a last line cut short, or NUL bytes where its blocks were
             try:
                 entry = json.loads(line) if line.endswith("\n") else None

@@ -334,15 +334,19 @@ def test_a_damaged_run_folder_resumes_or_stops_in_one_line_and_its_log_is_kept(t
     monkeypatch.setattr(runlog, "open", lambda path, mode="r", **kw: FullDisk(path, mode, **kw) if "log.jsonl" in
                         path and "w" in mode else open(path, mode, **kw), raising=False)
     message = main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
-    assert message == f"error: could not write {out / 'log.jsonl'} (cut back to step 2): file too large; it is as it " \
-                      f"was"
+    assert message == f"error: could not write {out / 'log.jsonl'} (cut back to step 2), through " \
+                      f"{out / 'log.jsonl'}.tmp: file too large; it is as it was"
     assert (out / "log.jsonl").read_bytes() == logged and not (out / "log.jsonl.tmp").exists()
     monkeypatch.undo()
 
     out = damaged("resumed")
+    (out / "log.jsonl").write_bytes(b"\xef\xbb\xbf" + logged)  # and a byte-order mark (an editor's): no damage
     train.main([*QUIET, "--steps", "3", "--out-dir", str(out), "--resume"])
     assert f"{out / 'log.jsonl'}: dropped 8 damaged line(s)" in capsys.readouterr().out
     assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+    out = damaged("tmp", ("config.json.tmp", os.mkdir))  # what the rewrite of config.json writes first
+    assert "through " in main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+    assert (out / "config.json.tmp").is_dir() and (out / "log.jsonl").read_bytes() == logged
     for name, make, what in [("log.jsonl", os.mkdir, "a folder"), ("log.jsonl", os.mkfifo, "a named pipe"),
                              ("config.json", os.mkdir, "a folder"), ("ckpt.pt.tmp", os.mkdir, "a folder"),
                              (".lock", os.mkdir, "a folder")]:
