@@ -30,6 +30,8 @@ def resume_path(args):
 
 def recorded(path, trust=False):
     """-> (config, model_config) of a train.py checkpoint, read without loading its tensors (memory-mapped)"""
+    if not os.path.isfile(path):  # (a named pipe's open would wait for a writer)
+        fail(f"no checkpoint at {path}" + (f": it is {kind(path)}" if os.path.lexists(path) else ""))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")

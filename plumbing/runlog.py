@@ -114,6 +114,8 @@ class RunLog:
                                   else wandb(out_dir, self.start_step, meta))
             except ImportError:
                 fail(f"--report-to {name} needs the {name} package: pip install {name}")
+            except OSError as e:  # OUT/tensorboard a file, OUT/wandb_id a folder, ...
+                fail(f"--report-to {name}: cannot write {e.filename}: {(e.strerror or str(e)).lower()}")
 
     def add(self, step, lr, loss, logs, stream, sync=False):
         """Step `step` trained at `lr` with this loss and these logs (the method's components, 0-d tensors). Synced

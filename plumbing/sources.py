@@ -43,7 +43,7 @@ class Source:
             self.errors = tempfile.TemporaryFile()  # no amount of standard error can block the command
             self.command = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE, stderr=self.errors,
                                             start_new_session=True)
-            stops.children.add(self.command.pid)
+            stops.children.add(self.command.pid)  # killed with SIGKILL (in a worker, it inherits SIGTERM blocked)
         threading.Thread(target=self.pump, daemon=True).start()
 
     def pump(self):  # the thread: each chunk, then b"" at the end, or the exception that ended the source
@@ -90,8 +90,8 @@ class Source:
     def stalled(self, got):
         what = "the command's output" if self.command else "the server's response" if not self.got else "the rest " \
             "of the server's response"
-        reason = (f"stalled: {f'{got} bytes' if got else 'no data'} in {self.timeout:g} s (--shard-timeout) waiting for "
-                  f"{what}" + (f", after {self.got - got:,} bytes" if self.got > got else ""))
+        reason = (f"stalled: {f'{got} bytes' if got else 'no data'} in {self.timeout:g} s (--shard-timeout) "
+                  f"waiting for {what}" + (f", after {self.got - got:,} bytes" if self.got > got else ""))
         print(f"warning: {self.path}: {reason}; passed over as a bad shard", file=sys.stderr, flush=True)
         return TimeoutError(reason)
 

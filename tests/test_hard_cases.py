@@ -347,6 +347,12 @@ def test_a_damaged_run_folder_resumes_or_stops_in_one_line_and_its_log_is_kept(t
     out = damaged("tmp", ("config.json.tmp", os.mkdir))  # what the rewrite of config.json writes first
     assert "through " in main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
     assert (out / "config.json.tmp").is_dir() and (out / "log.jsonl").read_bytes() == logged
+    out = damaged("tb", ("tensorboard", lambda path: open(path, "w").close()))  # --report-to's folder a file
+    assert main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume", "--report-to", "tensorboard") == \
+        f"error: --report-to tensorboard: cannot write {out / 'tensorboard'}: file exists"
+    out = damaged("fifo", ("ckpt.pt", os.mkfifo))  # read (for its config) before OUT is claimed: must not block
+    assert main_error(*QUIET, "--out-dir", out, "--resume") == f"error: no checkpoint at {out / 'ckpt.pt'}: it is a " \
+                                                               f"named pipe"
     for name, make, what in [("log.jsonl", os.mkdir, "a folder"), ("log.jsonl", os.mkfifo, "a named pipe"),
                              ("config.json", os.mkdir, "a folder"), ("ckpt.pt.tmp", os.mkdir, "a folder"),
                              (".lock", os.mkdir, "a folder")]:
