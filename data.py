@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from plumbing import gpu_decode, runlog, shards
+from plumbing import gpu_decode, shards, stops
 from plumbing.runlog import fail
 from plumbing.samples import (MAX_UNREADABLE, DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image,
                               seed_of, stack)
@@ -333,14 +333,16 @@ class TrainingStream:
     rank's slice of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's
     readers (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it
     passed over (`unreadable`, `reads`, `failed`, for RunLog), the seconds the loop waited in `next` (`waited`:
-    RunLog's data_wait) and, from shards, where each reader stands (`lanes`).
+    RunLog's data_wait) and, from shards, where each reader stands after the last whole step (`lanes`: a step is
+    `per_step` micro-batches). A stop signal while a batch does not come raises stops.Stopped (stops.next_batch;
+    with shards read by this process, their reads: plumbing/sources.py).
 
     start: the micro-batch to start from (a resumed run's step × --grad-accum); resumed: the checkpoint's record of a
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
 
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
-                 shuffle_buffer=2000, caption_key=None, decode_on_device=False):
-        self.device, self.micro, self.readers, self.shards = device, micro, None, None
+                 shuffle_buffer=2000, caption_key=None, decode_on_device=False, per_step=1, shard_timeout=60):
+        self.device, self.micro, self.readers, self.shards, k = device, micro, None, None, 1
         transform = gpu_decode.Deferring(transform) if decode_on_device else transform  # decoded in __next__
         self.note_deferred = decode_on_device and rank == 0  # at the first batch
         if isinstance(dataset, list):  # tar shards (make_dataset)
@@ -359,29 +361,35 @@ class TrainingStream:
             sizes = [micro // k + (i < micro % k) for i in range(k)]  # reader i's share of each micro-batch
             source = dict(batch_size=None, dataset=shards.ShardStream(
                 dataset, transform, seed, self.readers, first_lane=rank * k, sizes=sizes, buffer=shuffle_buffer,
-                start=resumed and resumed["lanes"], caption_key=caption_key))
+                start=resumed and resumed["lanes"], caption_key=caption_key, timeout=shard_timeout))
         else:
             source = dict(dataset=Seeded(dataset, transform, seed, micro * world), collate_fn=collate,
                           batch_sampler=Batches(len(dataset), micro, rank, world, seed, start))
         loader = torch.utils.data.DataLoader(**source, num_workers=workers, pin_memory=device.startswith("cuda"),
                                              persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                             worker_init_fn=runlog.ignore_interrupts)
-        self.batches = shards.join(iter(loader), k, device.startswith("cuda")) if self.shards else iter(loader)
-        self.unreadable, self.reads, self.failed, self.lanes, self.waited = {}, 0, 0, {}, 0.0
+                                             worker_init_fn=stops.ignore_interrupts, timeout=workers and stops.TICK)
+        self.batches, self.k, self.pin = iter(loader), k, device.startswith("cuda")
+        stops.found_when_read()
+        self.unreadable, self.reads, self.failed, self.lanes, self.moved, self.waited = {}, 0, 0, {}, {}, 0.0
+        self.per_step, self.taken = per_step, 0
 
     def __next__(self):
         start = time.perf_counter()  # host time, no device sync
         try:
-            batch = next(self.batches)
+            parts = [stops.next_batch(self.batches) for _ in range(self.k)]  # a chunk from each reader, in turn
+            batch = shards.join(parts, self.pin) if self.shards else parts[0]
+            bad, lanes = batch.pop("bad"), batch.pop("lanes", ())
+            if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):
+                print("--gpu-decode: nothing to decode on the device in the first batch (no JPEGs, or every view is "
+                      "colour-jittered, on the CPU)", flush=True)
+            self.note_deferred = False
+            batch = gpu_decode.decode_columns(batch, self.device, bad)  # --gpu-decode's; bad: + what nothing decodes
         except UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
             fail(str(e).strip().splitlines()[-1].removeprefix("plumbing.samples.UnreadableImages: "))
-        bad = batch.pop("bad")
-        self.lanes.update(batch.pop("lanes", ()))
-        if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):
-            print("--gpu-decode: nothing to decode on the device in the first batch (no JPEGs, or every view is colour-"
-                  "jittered, on the CPU)", flush=True)
-        self.note_deferred = False
-        batch = gpu_decode.decode_columns(batch, self.device, bad)  # --gpu-decode's, once; bad: + what nothing decodes
+        self.moved.update(lanes)
+        self.taken += 1
+        if self.taken % self.per_step == 0:  # a stop between micro-batches saves the positions of the steps done
+            self.lanes.update(self.moved)
         self.unreadable.update(bad)
         self.reads, self.failed = self.reads + self.micro + len(bad), self.failed + len(bad)
         self.waited += time.perf_counter() - start

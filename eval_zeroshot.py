@@ -31,7 +31,7 @@ import os
 import torch
 
 import data
-from plumbing import distributed, evalsets, pretrained, show
+from plumbing import distributed, evalsets, pretrained, show, stops
 from plumbing.evalsets import cat, class_embeddings, loader
 from plumbing.runlog import fail
 from plumbing.synthetic import TASKS, SyntheticTask
@@ -208,11 +208,14 @@ def eval_pairs(names, folders):
 def report(method, tokenizer, tasks, device, workers, step, log=None):
     """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
     as without it), prints the results and logs them to log.jsonl when `log` is given. A task that can no longer be
-    evaluated (an image gone since the start) is left out with one warning line: the run and the other tasks go on."""
+    evaluated (an image gone since the start) is left out with one warning line: the run and the other tasks go on.
+    A stop signal cuts it short, with nothing logged: the run stops (train.py)."""
     results = []
     for task in tasks:
         try:
             results += evaluate(method, tokenizer, [task], device, workers=workers)
+        except stops.Stopped:
+            return
         except SystemExit as e:  # fail()'s line; another exit (a second SIGTERM or Ctrl-C) stops the run
             if not str(e.code).startswith("error: "):
                 raise

@@ -33,6 +33,7 @@ from plumbing import distributed, pretrained, runlog
 from plumbing.checkpoint import Checkpoints, claim, resume, resume_path
 from plumbing.runlog import RunLog, fail
 from plumbing.samples import seed_of
+from plumbing.stops import Stopped
 from plumbing.tokenizer import get_tokenizer
 
 
@@ -68,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
     p.add_argument("--shuffle-buffer", type=int, default=2000, help="tar shards: each reader shuffles blocks of this "
                    "many samples")
+    p.add_argument("--shard-timeout", type=float, default=60, help="tar shards from pipe: or http(s): a read that "
+                   "gets less than 64 KiB in this many seconds passes the shard over as a bad one, named")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores "
                    "available per rank less one, at most 8)")
     p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG), not in the workers: "
@@ -99,7 +102,7 @@ def get_args(argv=None):
     if args.steps < 1:
         fail(f"--steps must be at least 1 (got {args.steps})")
     least = dict(batch_size=1, grad_accum=1, save_every=1, log_every=1, weight_decay=0, warmup=0, grad_clip=0,
-                 workers=0, eval_every=0, eval_size=0, shuffle_buffer=1)
+                 workers=0, eval_every=0, eval_size=0, shuffle_buffer=1, shard_timeout=1)
     for flag, low in least.items():
         value = getattr(args, flag)
         if value is not None and not value >= low:  # "not >=" so that NaN fails too
@@ -270,7 +273,7 @@ def main(argv=None):
                               args.save_every_minutes)
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
-                                 args.csv_caption_key, args.gpu_decode)
+                                 args.csv_caption_key, args.gpu_decode, args.grad_accum, args.shard_timeout)
     train_model = distributed.wrap_ddp(method, device, own_buffers) if world > 1 else method
     if args.compile:
         train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets
@@ -289,7 +292,10 @@ def main(argv=None):
         step_lr = lr_at(step, lr, warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
+        try:
+            micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
+        except Stopped:  # a stop signal while the data does not come (a stalled source, a worker that died with it)
+            checkpoints.stopped_waiting(step, method, optimizer, stream, log)
         loss, logs = forward_backward(method, train_model, micro_batches, seed_of(args.seed, step, rank),
                                       autocast, no_sync)
         if args.grad_clip > 0:
@@ -315,6 +321,8 @@ def main(argv=None):
     log.print(f"saved {checkpoints.path}")
     if rank == 0 and tasks:
         eval_zeroshot.report(method, tokenizer, tasks, device, workers, args.steps, log if args.eval_every else None)
+        if runlog.signals:  # it cut the final evaluation short
+            log.end(args.steps, checkpoints.path, last=True)
     elif not tasks:
         log.print(f"evaluate with: python eval_zeroshot.py --checkpoint {checkpoints.path} --dataset ...")
     if world > 1:

@@ -11,13 +11,16 @@ killed save or one never vouched for: not a checkpoint.
 
 import fcntl
 import os
+import signal
+import stat
+import sys
 import time
 import warnings
 
 import torch
 
 from plumbing import distributed
-from plumbing.runlog import fail
+from plumbing.runlog import fail, signals
 from plumbing.weights import check_ours, check_tensors, method_state, read
 
 
@@ -28,6 +31,8 @@ def resume_path(args):
 
 def recorded(path, trust=False):
     """-> (config, model_config) of a train.py checkpoint, checked, read without loading its tensors (memory-mapped)"""
+    if not os.path.isfile(path):  # (a named pipe's open would wait for a writer)
+        fail(f"no checkpoint at {path}" + (f": it is {kind(path)}" if os.path.lexists(path) else ""))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "(Detected pickle protocol|'torch.load' received a zip file)")
@@ -53,10 +58,14 @@ def resume(path, method, optimizer, args):
     check_tensors([*method_state(checkpoint).items(), *moments], path)  # a NaN moment: a NaN loss blamed on the lr
     check_stream(stream, path)
     config = checkpoint["config"]
-    for flag in ("method", "model", "batch_size", "seed"):  # another batch size or seed: other samples in the stream
-        if config[flag] != getattr(args, flag):
-            fail(f"{path} was trained with --{flag.replace('_', '-')} {config[flag]}, this run has "
-                 f"{getattr(args, flag)}: pass the checkpoint's to resume it")
+    # another batch size or seed: other samples in the stream; --gpu-decode: other pixels (a full decode, not the
+    # workers' reduced one); from shards, another --shuffle-buffer: other blocks, which a reader's position counts in
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    shard_flags = ("shuffle_buffer",) if checkpoint.get("stream") else ()
+    for flag in ("method", "model", "batch_size", "seed", "gpu_decode", *shard_flags):
+        if config.get(flag, False) != getattr(args, flag):  # (checkpoints older than --gpu-decode: without it)
+            fail(f"{path} was trained with --{flag.replace('_', '-')} {shown(config.get(flag, False))}, this run has "
+                 f"{shown(getattr(args, flag))}: pass the checkpoint's to resume it")
     try:
         method.load_state_dict(method_state(checkpoint))
         decays = [group["weight_decay"] for group in optimizer.param_groups]
@@ -96,7 +105,7 @@ def write(path, method, optimizer, step, meta):
         writes = Writes(f)
         try:
             torch.save(checkpoint, writes)
-        except (OSError, RuntimeError) as e:
+        except BaseException as e:  # a full disk; a second stop signal (SystemExit), within a write or not
             os.remove(path)
             if writes.error or isinstance(e, OSError):
                 raise writes.error or e from None
@@ -104,7 +113,8 @@ def write(path, method, optimizer, step, meta):
 
 
 class Writes:
-    """A file that keeps the error of its failed write: torch.save reports one only as "unexpected pos ..."."""
+    """A file that keeps the error of its failed write, which torch.save reports only as "unexpected pos ...": an
+    OSError, or the SystemExit of a second stop signal (runlog.stop_on_signals) that came during it."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -112,7 +122,7 @@ class Writes:
     def write(self, b):
         try:
             return self.f.write(b)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
 
@@ -143,7 +153,7 @@ class Checkpoints:
         self.waiting = None  # the step ckpt.pt.tmp holds, until a finite loss from its weights vouches for it
         self.master = distributed.rank_and_world()[0] == 0
         self.minutes, self.t_saved = minutes, time.monotonic()  # the clock of late(), restarted by every save
-        if self.master and os.path.lexists(self.tmp):
+        if self.master and os.path.lexists(self.tmp):  # (claim refused one that is not a file)
             os.remove(self.tmp)
 
     def due(self, step):
@@ -172,6 +182,23 @@ class Checkpoints:
         if last or step == self.steps:
             self.vouch(step + 1)
 
+    def stopped_waiting(self, step, method, optimizer, stream, log):
+        """A stop signal came while this rank waited for the data of step + 1, which did not come (stops.Stopped: a
+        stalled source, a DataLoader worker that died with the signal). One rank saves the steps done, as at a step's
+        end. Several cannot: saving is collective, and the other ranks are within their step (waiting for this one);
+        this rank ends without saving, the last checkpoint kept, and torchrun stops the others."""
+        rank, world = distributed.rank_and_world()
+        if world == 1:
+            log.flush(stream)  # the steps done: synced, logged, their losses checked
+            if step and self.on_disk != step:
+                self.save(step, method, optimizer, stream, last=True)
+            log.end(step, self.path if step else None)
+        name = signal.Signals(signals[0]).name
+        kept = f"{self.path} holds step {self.on_disk}" if self.on_disk is not None else "no checkpoint was written"
+        print(f"stopped by {name} at step {step}: rank {rank}'s data did not come, so the ranks could not save it "
+              f"together; {kept}: continue with --resume", flush=True)
+        sys.exit(128 + signals[0])
+
     def vouch(self, finite_through):
         """The losses up to step `finite_through` are finite: a checkpoint of an earlier step becomes ckpt.pt."""
         if self.waiting is not None and finite_through > self.waiting:
@@ -198,6 +225,13 @@ def claim(out_dir, fresh):
     held.clear()
     try:
         os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
+    for name in (".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "config.json"):  # what this run opens or removes
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would wait, a folder's fail
+            fail(f"{path} is {kind(path)}, where the run keeps a file: move it away (or pass another --out-dir)")
+    try:
         fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
     except OSError as e:
         fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
@@ -213,3 +247,10 @@ def claim(out_dir, fresh):
     if fresh and found:
         fail(f"{out_dir} holds a run ({' and '.join(found)}): pass --resume to continue it, or another --out-dir "
              f"(or remove it) to start a new one")
+
+
+def kind(path):
+    """what a path that is not a regular file is, in words"""
+    mode = os.stat(path).st_mode if os.path.exists(path) else None
+    return ("a broken link" if mode is None else "a folder" if stat.S_ISDIR(mode) else "a named pipe"
+            if stat.S_ISFIFO(mode) else "not a regular file")

@@ -13,8 +13,8 @@ import torchvision
 from PIL import Image
 
 import data
-from plumbing import samples
-from plumbing.runlog import fail, ignore_interrupts
+from plumbing import samples, stops
+from plumbing.runlog import fail, signals
 from plumbing.synthetic import SyntheticCaptions
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
@@ -169,8 +169,17 @@ def cat(chunks):
 
 
 def loader(dataset, batch_size, workers):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                       worker_init_fn=ignore_interrupts)
+    """The dataset's batches in order. A stop signal (train.py's evaluation: runlog.stop_on_signals) ends them at the
+    next batch with stops.Stopped, and so does a worker that died with it."""
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                               worker_init_fn=stops.ignore_interrupts, timeout=workers and stops.TICK))
+    stops.found_when_read()
+    while not signals:
+        try:
+            yield stops.next_batch(batches)
+        except StopIteration:
+            return
+    raise stops.Stopped("evaluating")
 
 
 def class_embeddings(method, tokenizer, classnames, templates, device):

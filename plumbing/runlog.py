@@ -36,12 +36,6 @@ def stop_on_signals():
         signal.signal(signum, handler)
 
 
-def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process (which stops the run: runlog.stop_on_signals), instead of
-    each printing its traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def fail(message):
     sys.exit("error: " + " ".join(str(message).split()))  # one line, whatever the message
 
@@ -55,13 +49,26 @@ TRACKERS = ("tensorboard", "wandb")  # --report-to: optional sinks besides log.j
 WAIT = 0.1  # a window whose data_wait is above this prints the run's one warning about its input
 
 
+def rewrite(path, write, what=""):
+    """write(f) to path.tmp, then renamed over path: a failed write (a full disk) leaves the file as it was."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.isfile(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path}{what}, through {path}.tmp: {(e.strerror or str(e)).lower()}; it is as it was")
+
+
 def keep_log(path, step):
-    """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again, a fresh
-    run (step 0) starts a new log."""
-    if not os.path.exists(path):
+    """Keep the log's lines of steps up to `step`: a resumed run logs the steps after its checkpoint again."""
+    if not os.path.lexists(path):
         return
+    if not os.path.isfile(path):  # a folder, or a FIFO, whose open would wait for a writer
+        fail(f"{path} is not a file; move it away to resume")
     kept, damaged = [], 0
-    with open(path, errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (an editor's byte-order mark is no damage)
         for line in f:  # a run killed while writing leaves a last line cut short, or NUL bytes where its blocks were
             try:
                 entry = json.loads(line) if line.endswith("\n") else None
@@ -69,10 +76,9 @@ def keep_log(path, step):
                     kept.append(line)
             except (ValueError, TypeError, KeyError):  # not a line of ours: damage, dropped
                 damaged += 1
+    rewrite(path, lambda f: f.writelines(kept), f" (cut back to step {step})")
     if damaged:
         print(f"{path}: dropped {damaged} damaged line(s)", flush=True)
-    with open(path, "w") as f:
-        f.writelines(kept)
 
 
 class RunLog:
@@ -87,8 +93,7 @@ class RunLog:
             start_step, steps, batch_size, log_every, stop
         self.late, self.clock_save = late, False
         self.path = os.path.join(out_dir, "log.jsonl")
-        if self.master:
-            keep_log(self.path, start_step)
+        self.cut = not self.master  # the log is cut back (keep_log) at its first write: a run refused before keeps it
         self.stopping = None  # the signal that stops the run (stop_on_signals), once every rank knows of it
         self.pending = []  # (step, lr, logs names, values on the device) of the steps not synced yet
         self.unreadable = {}  # {path: reason} of every rank's unreadable samples, each file once
@@ -110,14 +115,15 @@ class RunLog:
         if not self.master:
             return
         out_dir = os.path.dirname(self.path)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
+        rewrite(os.path.join(out_dir, "config.json"), lambda f: json.dump(meta, f, indent=1, default=str))
         for name in names:
             try:
                 self.sinks.append(tensorboard(out_dir, self.start_step, meta) if name == "tensorboard"
                                   else wandb(out_dir, self.start_step, meta))
             except ImportError:
                 fail(f"--report-to {name} needs the {name} package: pip install {name}")
+            except OSError as e:  # OUT/tensorboard a file, OUT/wandb_id a folder, ...
+                fail(f"--report-to {name}: cannot write {e.filename}: {(e.strerror or str(e)).lower()}")
 
     def add(self, step, lr, loss, logs, stream, sync=False):
         """Step `step` trained at `lr` with this loss and these logs (the method's components, 0-d tensors). Synced
@@ -186,6 +192,9 @@ class RunLog:
         self.write([dict(step=step, **r) for r in results])
 
     def write(self, entries):  # the file is opened for each write, so that no exit can leave it open or unflushed
+        if not self.cut:
+            keep_log(self.path, self.start_step)
+            self.cut = True
         if self.master:
             try:
                 with open(self.path, "a") as f:
@@ -196,10 +205,20 @@ class RunLog:
             for sink in self.sinks:
                 sink(entries)
 
-    def end(self, step, path):
-        """The run stopped on a signal at `step`, saved to `path`: exit as killed by it (128 + its number)."""
+    def flush(self, stream):
+        """Sync the steps not synced yet (a stop between two steps: train.py saves the last of them)."""
+        if self.pending:
+            step, lr, names, values = self.pending.pop()
+            self.add(step, lr, values[0], dict(zip(names, values[1:])), stream, sync=True)
+
+    def end(self, step, path, last=False):
+        """The run stopped on a signal at `step` (the run's last, during the final evaluation), saved to `path` (None:
+        no checkpoint written): exit as killed by it (128 + its number)."""
+        self.stopping = self.stopping or signals[0]
         name = signal.Signals(self.stopping).name
-        self.print(f"stopped by {name} at step {step}; {path} holds it: continue with --resume")
+        self.print(f"stopped by {name} during the final evaluation; {path} holds step {step}, the last" if last else
+                   f"stopped by {name} at step {step}; {path} holds it: continue with --resume" if path else
+                   f"stopped by {name} before step {step + 1}; no checkpoint was written")
         sys.exit(128 + self.stopping)
 
     def restart_clock(self):  # after a save or an evaluation: samples/s and data_wait measure training alone

@@ -252,6 +252,9 @@ def test_gpu_decode_of_files_the_device_or_nothing_can_decode(tmp_path, monkeypa
         if index != 2:
             assert torch.equal(deferred["text"][position], on_cpu["text"][position])
             assert psnr(unnormalised(deferred["image"][position]), unnormalised(on_cpu["image"][position])) > 30
+    with pytest.raises(SystemExit) as stopped:  # a batch of them: nothing to take their place, one line
+        first_batch([paths[2]] * 3, decode_on_device=True)
+    assert stopped.value.code == f"error: no image of a batch decodes, the first {paths[2]}"
 
 
 def test_train_py_gpu_decode(tmp_path):
