@@ -45,9 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from plumbing import tiled
 from plumbing.distributed import all_gather, rank_and_world
 
 MIN_LR = 5e-4  # the learning-rate rule's floor (CLIP.learning_rate)
+# the methods, by module name, each `Method` following this file's interface: train.py's --method, and checkpoints'
+METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Augmentation: one view per image, one caption
@@ -89,6 +92,10 @@ def clip_loss(image_features, text_features, logit_scale):
         rank, _ = rank_and_world()
         B = image_features.shape[0]
         labels = torch.arange(B, device=image_features.device) + rank * B  # (B,) own index in the global batch
+        # a paper-sized batch on one rank (e.g. --grad-accum): (B, N) logits past tiled.LIMIT_MB are never built; the
+        # same loss by tiles of s·Î T̂ᵀ, keeping per-row and per-column log-sum-exps (plumbing/tiled.py)
+        if tiled.needed(B, all_text_features.shape[0]):
+            return tiled.infonce(all_image_features, all_text_features, logit_scale, labels)
         # s scales the (B, D) features, not the (B, N) product: one (B, N) tensor fewer kept for the backward
         logits_per_image = (logit_scale * image_features) @ all_text_features.T  # (B, N)
         logits_per_text = (logit_scale * text_features) @ all_image_features.T  # (B, N)

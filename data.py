@@ -8,7 +8,7 @@ import itertools
 import json
 import math
 import os
-import signal
+import time
 import warnings
 from functools import lru_cache
 
@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from plumbing import gpu_decode, shards
+from plumbing import gpu_decode, shards, stops
 from plumbing.runlog import fail
 from plumbing.samples import (MAX_UNREADABLE, DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image,
                               seed_of, stack)
@@ -112,13 +112,35 @@ def normalise(images):
     return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
-def to_device(batch, device, bad=None):
-    """A collated training batch on the device, its uint8 images (the training transforms') normalised there, its
-    columns of JPEGs left to the device decoded there first (--gpu-decode: gpu_decode.decode_columns, which appends
-    to `bad` the images nothing could decode)."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    batch = gpu_decode.decode_columns(batch, device, bad)
+def to_device(batch, device):
+    """A micro-batch as the stream hands it (uint8 images, in pinned memory on CUDA) on the device, its uint8 images
+    (the training transforms') normalised there: float32, four times the bytes, so made only when a pass needs it."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return {k: normalise(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
+
+
+def on_device(batches, device):
+    """A step's micro-batches, each moved and normalised (to_device) when the caller asks for it: the device holds
+    the float images of the micro-batch in use and of the next, never all K (--grad-accum's passes each take them
+    again). On CUDA the next one's copy runs on a side stream while the caller computes on this one."""
+    if not str(device).startswith("cuda"):
+        yield from (to_device(batch, device) for batch in batches)
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def start(batch):
+        side.wait_stream(main)  # --gpu-decode's crops, decoded on the main stream, are ready
+        with torch.cuda.stream(side):
+            return to_device(batch, device)
+    ahead = start(batches[0])
+    for i in range(len(batches)):
+        main.wait_stream(side)
+        batch = ahead
+        for v in batch.values():
+            v.record_stream(main)  # made on the side stream: its memory is reused only after main's use of it
+        if i + 1 < len(batches):
+            ahead = start(batches[i + 1])  # queued before this batch's compute: the two overlap
+        yield batch
 
 
 def eval_transform(image_size):
@@ -306,20 +328,22 @@ def collate(samples):
     return {**stack(samples), "bad": bad}
 
 
-
 class TrainingStream:
-    """This rank's micro-batches of training data, endlessly, on the device: from an indexed dataset, the rank's slice
-    of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's readers
-    (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it passed
-    over (`unreadable`, `reads`, `failed`, for RunLog) and, from shards, where each reader stands (`lanes`).
+    """This rank's micro-batches of training data, endlessly, as to_device takes them: from an indexed dataset, the
+    rank's slice of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's
+    readers (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it
+    passed over (`unreadable`, `reads`, `failed`, for RunLog), the seconds the loop waited in `next` (`waited`:
+    RunLog's data_wait) and, from shards, where each reader stands after the last whole step (`lanes`: a step is
+    `per_step` micro-batches). A stop signal while a batch does not come raises stops.Stopped (stops.next_batch;
+    with shards read by this process, their reads: plumbing/sources.py).
 
     start: the micro-batch to start from (a resumed run's step × --grad-accum); resumed: the checkpoint's record of a
     shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
 
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
-                 shuffle_buffer=2000, caption_key=None, decode_on_device=False):
-        self.device, self.micro, self.readers, self.shards = device, micro, None, None
-        transform = gpu_decode.Deferring(transform) if decode_on_device else transform  # decoded by to_device
+                 shuffle_buffer=2000, caption_key=None, decode_on_device=False, per_step=1, shard_timeout=60):
+        self.device, self.micro, self.readers, self.shards, k = device, micro, None, None, 1
+        transform = gpu_decode.Deferring(transform) if decode_on_device else transform  # decoded in __next__
         self.note_deferred = decode_on_device and rank == 0  # at the first batch
         if isinstance(dataset, list):  # tar shards (make_dataset)
             k = max(1, workers)  # this rank's readers
@@ -337,30 +361,38 @@ class TrainingStream:
             sizes = [micro // k + (i < micro % k) for i in range(k)]  # reader i's share of each micro-batch
             source = dict(batch_size=None, dataset=shards.ShardStream(
                 dataset, transform, seed, self.readers, first_lane=rank * k, sizes=sizes, buffer=shuffle_buffer,
-                start=resumed and resumed["lanes"], caption_key=caption_key))
+                start=resumed and resumed["lanes"], caption_key=caption_key, timeout=shard_timeout))
         else:
             source = dict(dataset=Seeded(dataset, transform, seed, micro * world), collate_fn=collate,
                           batch_sampler=Batches(len(dataset), micro, rank, world, seed, start))
         loader = torch.utils.data.DataLoader(**source, num_workers=workers, pin_memory=device.startswith("cuda"),
                                              persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                             worker_init_fn=ignore_interrupts)
-        self.batches = shards.join(iter(loader), k, device) if self.shards else iter(loader)
-        self.unreadable, self.reads, self.failed, self.lanes = {}, 0, 0, {}
+                                             worker_init_fn=stops.ignore_interrupts, timeout=workers and stops.TICK)
+        self.batches, self.k, self.pin = iter(loader), k, device.startswith("cuda")
+        stops.found_when_read()
+        self.unreadable, self.reads, self.failed, self.lanes, self.moved, self.waited = {}, 0, 0, {}, {}, 0.0
+        self.per_step, self.taken = per_step, 0
 
     def __next__(self):
+        start = time.perf_counter()  # host time, no device sync
         try:
-            batch = next(self.batches)
+            parts = [stops.next_batch(self.batches) for _ in range(self.k)]  # a chunk from each reader, in turn
+            batch = shards.join(parts, self.pin) if self.shards else parts[0]
+            bad, lanes = batch.pop("bad"), batch.pop("lanes", ())
+            if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):
+                print("--gpu-decode: nothing to decode on the device in the first batch (no JPEGs, or every view is "
+                      "colour-jittered, on the CPU)", flush=True)
+            self.note_deferred = False
+            batch = gpu_decode.decode_columns(batch, self.device, bad)  # --gpu-decode's; bad: + what nothing decodes
         except UnreadableImages as e:  # from a worker it arrives in the worker's traceback: its last line
             fail(str(e).strip().splitlines()[-1].removeprefix("plumbing.samples.UnreadableImages: "))
-        bad = batch.pop("bad")
-        self.lanes.update(batch.pop("lanes", ()))
-        if self.note_deferred and not any(isinstance(v, list) for v in batch.values()):
-            print("--gpu-decode: nothing to decode on the device in the first batch (no JPEGs, or every view is colour-"
-                  "jittered, on the CPU)", flush=True)
-        self.note_deferred = False
-        batch = to_device(batch, self.device, bad)  # bad: + the images the device could not decode
+        self.moved.update(lanes)
+        self.taken += 1
+        if self.taken % self.per_step == 0:  # a stop between micro-batches saves the positions of the steps done
+            self.lanes.update(self.moved)
         self.unreadable.update(bad)
         self.reads, self.failed = self.reads + self.micro + len(bad), self.failed + len(bad)
+        self.waited += time.perf_counter() - start
         return batch
 
     def take_unreadable(self):
@@ -368,16 +400,3 @@ class TrainingStream:
         start)"""
         taken, self.unreadable = self.unreadable, {}
         return taken, self.reads, self.failed
-
-
-def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process (which stops the run: runlog.stop_on_signals), instead of
-    each printing its traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def default_workers(ranks_per_node=1):
-    """DataLoader workers per rank: the cores this process may run on (its CPU affinity, as torch's "too many
-    workers" warning counts them), less one for the training or evaluation loop, at least 1, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return min(8, max(1, cores // ranks_per_node - 1))

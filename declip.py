@@ -43,7 +43,6 @@ CLIP's, SLIP's and open_clip's training train it.
 Logs: clip (mean of the 4 CLIP losses), simsiam, mlm, nn, logit_scale (s as used), queue (fraction of the queue filled).
 """
 
-import math
 import re
 
 import torch
@@ -51,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip import CLIP, clip_loss
+from plumbing import tiled
 from plumbing.distributed import GlobalBatchNorm, all_gather, rank_and_world
 from plumbing.synonyms import SYNONYMS
 from slip import ssl_augmentation
@@ -197,14 +197,14 @@ def clamped_exp(t, max_value=100.0):
 
 
 def nn_loss(image_features, nn_text_features, logit_scale):
-    """Image→text InfoNCE whose text side is the nearest neighbours of the captions (DeCLIP's L_NNS, one term).
-    image_features (B, D) local, unnormalised; nn_text_features (B, D) local neighbours (unit vectors from the queue,
-    constants). Each local image scores the N gathered neighbours; its positive is its own caption's neighbour."""
+    """DeCLIP's L_NNS, one term: image→text InfoNCE of the (B, D) local images, unnormalised, against the N gathered
+    neighbours of the captions ((B, D) per rank: unit vectors from the queue, constants); positive: its caption's."""
     image_features = F.normalize(image_features.float(), dim=-1)  # (B, D)
     all_nn = all_gather(nn_text_features.float())  # (N, D)
-    rank, _ = rank_and_world()
     B = image_features.shape[0]
-    labels = torch.arange(B, device=image_features.device) + rank * B  # (B,) own index in the global batch
+    labels = torch.arange(B, device=image_features.device) + rank_and_world()[0] * B  # (B,) own global index
+    if tiled.needed(B, all_nn.shape[0]):  # (B, N) logits past tiled.LIMIT_MB: the same cross-entropy by tiles
+        return tiled.cross_entropy(image_features, all_nn, logit_scale.float(), labels)
     with torch.autocast(image_features.device.type, enabled=False):  # float32 logits (autocast would use bf16)
         return F.cross_entropy(logit_scale.float() * image_features @ all_nn.T, labels)
 
@@ -272,13 +272,13 @@ class DeCLIP(CLIP):
 
     @torch.no_grad()
     def nearest_neighbour(self, x):
-        """(B, D) unit vectors -> (B, D) their top-1 cosine neighbours among the filled slots of the queue. With an
-        empty queue the rows are zero vectors (the caller then drops the loss)."""
+        """(B, D) unit vectors -> (B, D) their top-1 cosine neighbours in the queue's filled slots (zeros if none)."""
+        if tiled.needed(x.shape[0], self.queue.shape[0]):  # (B, Q) cosines past tiled.LIMIT_MB: argmax by tiles
+            return self.queue[tiled.argmax(x, self.queue, valid=self.queue_filled)]
         with torch.autocast(x.device.type, enabled=False):  # float32: bf16 cosines would blur near-ties
             similarity = x.float() @ self.queue.T  # (B, Q): cosine, both sides are unit vectors
         filled = torch.arange(self.queue.shape[0], device=x.device) < self.queue_filled  # (Q,) only written slots
-        similarity = similarity.masked_fill(~filled, -math.inf)
-        return self.queue[similarity.argmax(dim=1)]  # (B, D)
+        return self.queue[similarity.masked_fill(~filled, -torch.inf).argmax(dim=1)]  # (B, D)
 
     @torch.no_grad()
     def enqueue(self, x):

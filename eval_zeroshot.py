@@ -26,11 +26,12 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 
 import argparse
 import json
+import os
 
 import torch
 
 import data
-from plumbing import evalsets, pretrained, show
+from plumbing import distributed, evalsets, pretrained, show, stops
 from plumbing.evalsets import cat, class_embeddings, loader
 from plumbing.runlog import fail
 from plumbing.synthetic import TASKS, SyntheticTask
@@ -163,23 +164,65 @@ def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
 
 
 def training_tasks(args, image_size):
-    """train.py's --eval-dataset's tasks, read now (a bad path stops here, not after hours of training); by default the
-    synthetic zero-shot tasks when training on the synthetic data (the quick start's check at the end)."""
+    """train.py's --eval-dataset's tasks, every dataset's, read now (a bad path stops here, not after hours of
+    training); by default the synthetic zero-shot tasks when training on the synthetic data (the quick start's check at
+    the end)."""
     name = args.eval_dataset
     if name is None and args.data == "synthetic" and (args.eval_every or args.eval_size > 0):
         name = "synthetic"
     if name is None and args.eval_every:
         fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
              f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
-    return name and prepare(name, args.eval_data_dir, image_size, size=args.eval_size)
+    return name is not None and [task for dataset, folder in eval_pairs(name, args.eval_data_dir)
+                                 for task in prepare(dataset, folder, image_size, size=args.eval_size)]
+
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "folder", *evalsets.RETRIEVAL)  # and .csv/.tsv
+
+
+def eval_pairs(names, folders):
+    """--eval-dataset's comma-separated datasets and their --eval-data-dir -> [(dataset, folder)]. The pairing: one
+    folder serves every dataset (those that read none ignore it); several folders, comma-separated, go one to each
+    dataset in order, an empty one to a dataset that reads none (synthetic,coco-5k with ,~/coco2014). Spaces around
+    the commas do not count; a value that is one existing path is one item, commas and all."""
+    names = [names] if os.path.exists(names) else [name.strip() for name in names.split(",")]
+    if "" in names:
+        fail(f"--eval-dataset {','.join(names)!r}: an empty name; give datasets separated by single commas, e.g. "
+             f"imagenet,coco-5k")
+    for name in names:
+        if name not in DATASETS and not name.endswith((".csv", ".tsv")):
+            fail(f"--eval-dataset {name}: unknown dataset; choose from {', '.join(DATASETS)} or a .csv/.tsv path")
+        if names.count(name) > 1:
+            fail(f"--eval-dataset names {name} twice: each dataset is evaluated once, and logged under its name")
+    if folders is None or len(names) == 1:  # one dataset: its folder as given
+        return [(name, folders) for name in names]
+    folders = [folders] if os.path.isdir(folders) else [os.path.expanduser(f.strip()) or None
+                                                        for f in folders.split(",")]
+    if len(folders) not in (1, len(names)):
+        fail(f"--eval-data-dir gives {len(folders)} folders for {len(names)} datasets of --eval-dataset: give one "
+             f"folder for all, or one per dataset in the same order, comma-separated (an empty one for a dataset that "
+             f"reads none, as in --eval-dataset synthetic,coco-5k --eval-data-dir ,~/coco2014)")
+    return list(zip(names, folders * len(names) if len(folders) == 1 else folders))
 
 
 def report(method, tokenizer, tasks, device, workers, step, log=None):
     """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
-    as without it), prints the results and logs them to log.jsonl when `log` is given."""
-    results = evaluate(method, tokenizer, tasks, device, workers=workers)
-    for r in results:
-        print(describe(r), flush=True)
+    as without it), prints the results and logs them to log.jsonl when `log` is given. A task that can no longer be
+    evaluated (an image gone since the start) is left out with one warning line: the run and the other tasks go on.
+    A stop signal cuts it short, with nothing logged: the run stops (train.py)."""
+    results = []
+    for task in tasks:
+        try:
+            results += evaluate(method, tokenizer, [task], device, workers=workers)
+        except stops.Stopped:
+            return
+        except SystemExit as e:  # fail()'s line; another exit (a second SIGTERM or Ctrl-C) stops the run
+            if not str(e.code).startswith("error: "):
+                raise
+            print(f"warning: {task['dataset']} not evaluated at step {step}: {str(e.code).removeprefix('error: ')}",
+                  flush=True)
+            continue
+        print(describe(results[-1]), flush=True)
     if log:
         log.results(step, results)
 
@@ -223,12 +266,7 @@ def describe(r):
 
 def write_results(path, results, checkpoint):
     """--output: a JSON list, one object per task, each naming its checkpoint (for tables across checkpoints)."""
-    try:
-        with open(path, "w") as f:
-            json.dump([dict(r, checkpoint=checkpoint) for r in results], f, indent=1)
-            f.write("\n")
-    except OSError as e:
-        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}")
+    evalsets.write_output(path, json.dumps([dict(r, checkpoint=checkpoint) for r in results], indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +281,7 @@ def evaluation_args(description):
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR/STL-10")
     p.add_argument("--output", default=None, help="write the metrics to this JSON file, one object per task")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=data.default_workers(),
+    p.add_argument("--workers", type=int, default=distributed.default_workers(),
                    help="DataLoader workers (default: the cores available less one, at most 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -264,12 +302,26 @@ def load_evaluated(args):
     if bool(pair) == bool(args.checkpoint):
         fail("pass --checkpoint" + (", or --interpolate A B (WiSE-FT), not both" if hasattr(args, "interpolate")
                                     else ""))
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and not pair:
+        fail("--alpha is --interpolate's weight of B: it goes with --interpolate A B")
+    alpha = 0.5 if alpha is None else alpha
+    if pair and not 0 <= alpha <= 1:  # "not" so that NaN fails too
+        fail(f"--alpha must be from 0 (A alone) to 1 (B alone) (got {alpha:g})")
+    try:  # a device torch knows and this process has: else a traceback, once the checkpoint is read
+        if torch.empty(0, device=args.device).device.type not in ("cpu", "cuda", "mps"):  # meta: no values
+            raise RuntimeError
+    except (RuntimeError, AssertionError):  # not a device name, no GPU, not compiled with CUDA, ...
+        fail(f"--device {args.device}: not a device this process has; use cpu or cuda")
+    page = args.show_file if getattr(args, "show", None) else None  # eval_zeroshot.py's --show page
+    inputs = [*(pair or [args.checkpoint]), *(getattr(args, key, None) for key in ("image", "classnames", "dataset"))]
+    evalsets.check_outputs([("--output", args.output), ("--show-file", page)], inputs)  # before a download, hours
     paths = [pretrained.resolve(path) for path in pair or [args.checkpoint]]
     load = [load_method(path, args.device, args.trust_checkpoint, None if args.act is None else args.act == "quickgelu")
             for path in paths]
     if pair:
-        args.checkpoint = f"{pair[0]} + {args.alpha:g} * ({pair[1]} - {pair[0]})"  # how --output names it
-        return interpolate(load[0][0], *load[1], args.alpha)
+        args.checkpoint = f"{pair[0]} + {alpha:g} * ({pair[1]} - {pair[0]})"  # how --output names it
+        return interpolate(load[0][0], *load[1], alpha)
     args.checkpoint = paths[0]
     return load[0]
 
@@ -286,9 +338,35 @@ def interpolate(method_a, method_b, tokenizer, alpha):
     return method_b, tokenizer
 
 
+def check_flags(args, labels):
+    """main's flags, before anything is read: one that this run would not read stops it with one line."""
+    if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
+        fail("--image and --labels go together, with 2 or more comma-separated labels: --image a.jpg --labels dog,cat")
+    if len(set(labels)) < len(labels):  # one label twice would split its probability, and --output keep one
+        fail(f"--labels names {next(x for x in labels if labels.count(x) > 1)!r} twice: give each label once")
+    dataset = args.dataset or "synthetic"
+    retrieval = dataset in evalsets.RETRIEVAL or dataset.endswith((".csv", ".tsv"))
+    where = "with --image, which classifies one image" if args.image else f"with --dataset {dataset}"
+    for flag, given, read in (
+            ("--dataset", args.dataset, not args.image), ("--show", args.show is not None, not args.image),
+            ("--data-dir", args.data_dir, not args.image and not dataset.startswith("synthetic")),
+            ("--classnames", args.classnames, dataset == "folder" and not args.image),
+            ("--templates", args.templates, args.image or not (retrieval or dataset == "synthetic")),
+            ("--download", args.download, dataset in ("cifar10", "cifar100", "stl10") and not args.image),
+            ("--csv-*", args.csv_img_key or args.csv_caption_key or args.csv_separator,
+             dataset.endswith((".csv", ".tsv"))),
+            ("--show-file", args.show_file is not None, args.show is not None)):
+        if given and not read:
+            fail(f"{flag} would be ignored {'without --show' if flag == '--show-file' else where}: leave it out "
+                 f"(--help says what it applies to)")
+    if args.show is not None and args.show < 1:
+        fail(f"--show {args.show}: the number of queries (or mistakes) to show must be 1 or more")
+    args.show_file = "show.html" if args.show_file is None else args.show_file
+
+
 def main(argv=None):
     p = evaluation_args(__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="synthetic",
+    p.add_argument("--dataset", default=None,
                    help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder (classification); "
                         "synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
     p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
@@ -298,20 +376,20 @@ def main(argv=None):
     p.add_argument("--templates", default=None,
                    help="80 (OpenAI's ImageNet templates: the default for imagenet and --image), 7 (their subset: "
                         "the default for folder), or one template with {} for the class name ('{}': the names alone); "
-                        "the synthetic tasks keep their own")
+                        "not for retrieval or the synthetic tasks, which keep their own")
     p.add_argument("--image", default=None, help="classify this one image among --labels and print each probability")
     p.add_argument("--labels", default=None, help="with --image: the candidate labels, comma-separated")
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="instead of --checkpoint: WiSE-FT, "
                    "the weight-space average (1 - alpha)·A + alpha·B of a pretrained A and its fine-tuned B")
-    p.add_argument("--alpha", type=float, default=0.5, help="--interpolate's weight of B")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="write --show-file: N queries' top 5 per direction "
-                   "of retrieval, N mistakes per classification task, the correct items marked (plumbing/show.py)")
-    p.add_argument("--show-file", default="show.html", help="the HTML page of --show")
+    p.add_argument("--alpha", type=float, default=None, help="--interpolate's weight of B, from 0 to 1 (WiSE-FT's "
+                   "0.5 if left out)")
+    p.add_argument("--show", type=int, default=None, metavar="N", help="write --show-file: N queries' top 5 per "
+                   "direction of retrieval, N mistakes per classification task, the correct items marked "
+                   "(plumbing/show.py)")
+    p.add_argument("--show-file", default=None, help="the HTML page of --show (default: show.html)")
     args = p.parse_args(argv)
     labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
-    if bool(args.image) != bool(args.labels) or (args.image and len(labels) < 2):
-        fail("--image and --labels go together, with 2 or more comma-separated labels: --image a.jpg --labels dog,cat")
-
+    check_flags(args, labels)
     method, tokenizer = load_evaluated(args)
     if args.image:
         templates = evalsets.templates_for(args.templates, evalsets.IMAGENET_TEMPLATES_80)
@@ -320,16 +398,19 @@ def main(argv=None):
             print(f"{label}: {100 * probability:.2f}%")
         results = [dict(task="inference", image=args.image, probabilities=dict(zip(labels, probabilities)))]
     else:
-        tasks = prepare(args.dataset, args.data_dir, method.model.image_resolution, args.download, args.classnames,
-                        args.templates, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+        tasks = prepare(args.dataset or "synthetic", args.data_dir, method.model.image_resolution, args.download,
+                        args.classnames, args.templates, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                         sep=args.csv_separator)
         results = evaluate(method, tokenizer, tasks, args.device, args.batch_size, args.workers)
         for r in results:
             print(describe(r))
-        if args.show > 0:
-            show.write(args.show_file, args.checkpoint, [show.section(t, show.rankings(
-                method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)) for t in tasks])
-            print(args.show_file)
+        if args.show:
+            panels = [show.rankings(method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)
+                      for t in tasks]
+            show.write(args.show_file, args.checkpoint, [show.section(t, p, args.show) for t, p in zip(tasks, panels)])
+            notes = [f"{t['dataset']}: {show.shortfall(t, p, args.show)}" for t, p in zip(tasks, panels)
+                     if show.shortfall(t, p, args.show)]  # fewer than N: said, not left to be noticed
+            print("\n".join([args.show_file, *notes]))
     if args.output:
         write_results(args.output, results, args.checkpoint)
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clip import CLIP
+from plumbing import tiled
 from plumbing.distributed import all_gather, rank_and_world
 
 # one chunk of the token interaction holds at most this many similarities: 2^25 floats = 128 MiB in float32
@@ -159,12 +160,15 @@ def filip_loss(image_tokens, text_tokens, text_mask, logit_scale, keep_fraction=
         all_image_keys = all_gather(image_keys).float()  # (N, P', d)
         all_text_keys = all_gather(text_keys).float()  # (N, L', d)
         all_text_key_mask = all_gather(text_key_mask.float()) > 0.5  # (N, L'): float, as every backend gathers it
-
-        sim_i2t = image_to_text_similarity(image_tokens, all_text_keys, all_text_key_mask, chunk_size)  # (B, N)
-        sim_t2i = text_to_image_similarity(text_tokens, text_mask, all_image_keys, chunk_size)  # (B, N)
         rank, _ = rank_and_world()
         B = image_tokens.shape[0]
         labels = torch.arange(B, device=image_tokens.device) + rank * B  # (B,) own index in the global batch
+        if tiled.needed(B, all_text_keys.shape[0]):  # (B, N) similarities past tiled.LIMIT_MB: by tiles of both sides
+            return tiled.filip_loss(_image_to_text_block, _text_to_image_block, image_tokens, text_tokens, text_mask,
+                                    all_image_keys, all_text_keys, all_text_key_mask, logit_scale, labels)
+
+        sim_i2t = image_to_text_similarity(image_tokens, all_text_keys, all_text_key_mask, chunk_size)  # (B, N)
+        sim_t2i = text_to_image_similarity(text_tokens, text_mask, all_image_keys, chunk_size)  # (B, N)
         return (F.cross_entropy(logit_scale * sim_i2t, labels) + F.cross_entropy(logit_scale * sim_t2i, labels)) / 2
 
 

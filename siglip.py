@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from clip import CLIP
+from plumbing import tiled
 from plumbing.distributed import rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -94,6 +95,10 @@ def _sigmoid_block(image_features, text_features, logit_scale, logit_bias, posit
     """−Σ log σ(z · logits) over one B×B block; z = 2I − 1 for a rank's own block, −1 for another rank's texts.
     With −log σ(−x) = softplus(x) and −log σ(x) = softplus(x) − x this is Σ_ij softplus(logits_ij), minus
     Σ_i logits_ii where the positives are: z is never built, and the backward keeps one B×B tensor, not three."""
+    # one rank holding many pairs (e.g. --grad-accum): a block past tiled.LIMIT_MB is never built, the same sum by
+    # tiles (plumbing/tiled.py)
+    if tiled.needed(image_features.shape[0], text_features.shape[0]):
+        return tiled.sigmoid_loss(image_features, text_features, logit_scale, logit_bias, positives_on_diagonal)
     # float32 logits: autocast would run this matmul in bf16 even on float32 inputs, and s·cos + b, of order ±10,
     # would carry errors of ~0.05
     with torch.autocast(image_features.device.type, enabled=False):
@@ -127,6 +132,8 @@ def _other_ranks(image_features, text_features, logit_scale, logit_bias):
     recomputed in the backward, so the rank holds one block at a time instead of W − 1 (the chunks, (B, D) each,
     stay). open_clip keeps every block for the backward: (W − 1)·B² floats, the B×N it set out to avoid."""
     def block(texts):  # (B, D) texts of another rank -> scalar
+        if tiled.needed(len(image_features), len(texts)):  # tiles are recomputed in the backward: no checkpoint
+            return _sigmoid_block(image_features, texts, logit_scale, logit_bias, False)
         return checkpoint(_sigmoid_block, image_features, texts, logit_scale, logit_bias, False, use_reentrant=False)
 
     rank, world = rank_and_world()

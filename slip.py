@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 import data
 from clip import CLIP
 from model import ModifiedResNet
+from plumbing import tiled
 from plumbing.distributed import GlobalBatchNorm, all_gather, rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,6 +103,13 @@ def simclr_loss(z_a, z_b, temperature=0.1):
         rank, _ = rank_and_world()
         B, N = q_a.shape[0], k_a.shape[0]
         labels = torch.arange(B, device=q_a.device) + rank * B  # (B,) own index in the global batch
+        # a paper-sized batch on one rank (e.g. --grad-accum): (B, 2N) logits past tiled.LIMIT_MB are never built. By
+        # tiles of ONE matrix [k_a; k_b] [k_b; k_a]ᵀ / τ, without logits_ba = logits_abᵀ: a-view i's row and b-view i's
+        # column hold the positive at (i, i), the view itself at i ± N (left out); this rank's are loss_a's and loss_b's
+        if tiled.needed(B, 2 * N):
+            itself = (torch.arange(2 * N, device=q_a.device) + N) % (2 * N)  # (2N,) each row's own view's column
+            loss = tiled.infonce(torch.cat([k_a, k_b]), torch.cat([k_b, k_a]), 1 / temperature, labels, exclude=itself)
+            return loss, (tiled.argmax(q_a, k_b) == labels).float().mean()
         self_mask = F.one_hot(labels, N) * 1e9  # (B, N): a view must not find itself
         logits_aa = q_a @ k_a.T / temperature - self_mask  # (B, N)
         logits_bb = q_b @ k_b.T / temperature - self_mask  # (B, N)

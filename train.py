@@ -27,14 +27,14 @@ import torch
 
 import data
 import eval_zeroshot
+from clip import METHODS  # the methods, by module name
 from model import CONFIGS, CLIPModel, compiled, frozen_batchnorm_statistics
 from plumbing import distributed, pretrained, runlog
 from plumbing.checkpoint import Checkpoints, claim, resume, resume_path
 from plumbing.runlog import RunLog, fail
 from plumbing.samples import seed_of
+from plumbing.stops import Stopped
 from plumbing.tokenizer import get_tokenizer
-
-METHODS = ("clip", "siglip", "slip", "declip", "filip", "defilip")  # modules whose `Method` follows clip.py
 
 
 def get_args(argv=None):
@@ -69,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", default="clip", help="clip (OpenAI's BPE) or a tiktoken encoding name")
     p.add_argument("--shuffle-buffer", type=int, default=2000, help="tar shards: each reader shuffles blocks of this "
                    "many samples")
+    p.add_argument("--shard-timeout", type=float, default=60, help="tar shards from pipe: or http(s): a read that "
+                   "gets less than 64 KiB in this many seconds passes the shard over as a bad one, named")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: the cores "
                    "available per rank less one, at most 8)")
     p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG), not in the workers: "
@@ -78,6 +80,8 @@ def get_args(argv=None):
     p.add_argument("--trust-checkpoint", action="store_true", help="--resume from a checkpoint that holds Python "
                    "objects besides tensors (this can run its code)")
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every-minutes", type=float, default=None, metavar="M", help="also save at the first step "
+                   "M minutes after the last save (several ranks: at the first log sync after)")
     p.add_argument("--log-every", type=int, default=10, help="console print interval (the JSON log gets every step)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-dataset every k steps and at the end, "
                    "logged to log.jsonl")
@@ -98,11 +102,13 @@ def get_args(argv=None):
     if args.steps < 1:
         fail(f"--steps must be at least 1 (got {args.steps})")
     least = dict(batch_size=1, grad_accum=1, save_every=1, log_every=1, weight_decay=0, warmup=0, grad_clip=0,
-                 workers=0, eval_every=0, eval_size=0, shuffle_buffer=1)
+                 workers=0, eval_every=0, eval_size=0, shuffle_buffer=1, shard_timeout=1)
     for flag, low in least.items():
         value = getattr(args, flag)
         if value is not None and not value >= low:  # "not >=" so that NaN fails too
             fail(f"--{flag.replace('_', '-')} must be {low} or more (got {value})")
+    if args.save_every_minutes is not None and not 0 < args.save_every_minutes < math.inf:
+        fail(f"--save-every-minutes must be above 0 and finite (got {args.save_every_minutes})")
     # AdamW moves each weight by about lr per step whatever the gradient's scale, so an lr above 1 overwrites the
     # weights at every step (these methods use 5e-4 to 3e-3; 1e38 even overflows float32 inside AdamW)
     if args.lr is not None and not 0 < args.lr <= 1:
@@ -170,10 +176,10 @@ def lr_at(step, peak, warmup, total):
 
 
 def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
-    """The loss of the whole local batch, given as K micro-batches, with its gradients added to the parameters' .grad
-    -> (loss, logs). train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`).
-    Micro-batch i draws its in-model randomness (patch dropout) after torch.manual_seed(seed_of(seed, i)), in every
-    pass.
+    """The loss of the whole local batch, given as K micro-batches (as the stream hands them: each pass moves each to
+    the device when it needs it, data.on_device), with its gradients added to the parameters' .grad -> (loss, logs).
+    train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`). Micro-batch i draws its
+    in-model randomness (patch dropout) after torch.manual_seed(seed_of(seed, i)), in every pass.
 
     K = 1: the plain step, loss.backward(). K > 1: GradCache (Gao et al. 2021), exact for every method:
       1. each micro-batch's features (method.features: encoders and per-sample heads), without a graph, so that
@@ -188,16 +194,17 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     same way, but recomputes the whole batch's loss for every micro-batch and draws new patch-dropout masks in its
     second pass. The one thing in the features that is not per sample: a ResNet encoder's own BatchNorm, which
     normalises each micro-batch with that micro-batch's statistics (as open_clip), counted once (in step 1)."""
+    device = next(method.parameters()).device
     if len(batches) == 1:
         torch.manual_seed(seed_of(seed, 0))
         with autocast:
-            loss, logs = train_model(batches[0])
+            loss, logs = train_model(data.to_device(batches[0], device))
         loss.backward()
         return loss.detach(), logs
 
     with torch.no_grad(), autocast:  # 1.
         parts = []
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(data.on_device(batches, device)):
             torch.manual_seed(seed_of(seed, i))
             parts.append(method.features(batch))
     features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -211,8 +218,8 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     param_grads = {name: g for name, g in zip(params, grads[len(leaves):]) if g is not None}
 
     start = 0  # 3.
-    for i, (batch, part) in enumerate(zip(batches, parts)):
-        rows = slice(start, start + len(next(iter(part.values()))))
+    for i, batch in enumerate(data.on_device(batches, device)):  # (zip would keep the previous micro-batch alive)
+        rows = slice(start, start + len(next(iter(parts[i].values()))))
         start = rows.stop
         last = i == len(batches) - 1
         torch.manual_seed(seed_of(seed, i))
@@ -234,7 +241,7 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = "
              f"{world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
-    workers = data.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
+    workers = distributed.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
 
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
     try:
@@ -262,16 +269,18 @@ def main(argv=None):
     if args.resume:
         start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args)
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what evaluation rebuilds
-    checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step))
+    checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step),
+                              args.save_every_minutes)
     stream = data.TrainingStream(dataset, method.transform(tokenizer), args.seed, micro, rank, world, workers, device,
                                  start_step * args.grad_accum, resumed_stream, args.shuffle_buffer,
-                                 args.csv_caption_key, args.gpu_decode)
+                                 args.csv_caption_key, args.gpu_decode, args.grad_accum, args.shard_timeout)
     train_model = distributed.wrap_ddp(method, device, own_buffers) if world > 1 else method
     if args.compile:
         train_model = compiled(train_model)  # compiling DDP lets it split the graph at its gradient buckets
     no_sync = train_model.no_sync if world > 1 else nullcontext
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop)
+    log = RunLog(args.out_dir, start_step, args.steps, args.batch_size, args.log_every, checkpoints.stop,
+                 checkpoints.late)
     log.report_to(args.report_to, meta)  # OUT/config.json, and the trackers of --report-to
     log.print(f"{args.method} | {args.model} ({pretrained.trainable(method)}) | "
               f"{args.data}: {len(dataset)} {'shards' if stream.shards else 'samples'} | {world} rank(s) on {device} | "
@@ -283,7 +292,10 @@ def main(argv=None):
         step_lr = lr_at(step, lr, warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        micro_batches = [next(stream) for _ in range(args.grad_accum)]  # on the device, for both passes
+        try:
+            micro_batches = [next(stream) for _ in range(args.grad_accum)]  # uint8, on the host until their pass
+        except Stopped:  # a stop signal while the data does not come (a stalled source, a worker that died with it)
+            checkpoints.stopped_waiting(step, method, optimizer, stream, log)
         loss, logs = forward_backward(method, train_model, micro_batches, seed_of(args.seed, step, rank),
                                       autocast, no_sync)
         if args.grad_clip > 0:
@@ -297,7 +309,7 @@ def main(argv=None):
         # run on a loss that is not finite, or when most images are unreadable
         log.add(done, step_lr, loss, logs, stream, sync=checkpoints.waiting is not None or checkpoints.due(done))
         checkpoints.vouch(log.synced)  # ckpt.pt.tmp becomes ckpt.pt once a loss from its weights is finite
-        if checkpoints.due(done) or log.stopping:  # stopping: a signal (SIGTERM, Ctrl-C) stops the run here
+        if checkpoints.due(done) or log.clock_save or log.stopping:  # the clock: rank 0's; stopping: SIGTERM, Ctrl-C
             checkpoints.save(done, method, optimizer, stream, last=log.stopping)
             log.restart_clock()
         if log.stopping:
@@ -309,6 +321,8 @@ def main(argv=None):
     log.print(f"saved {checkpoints.path}")
     if rank == 0 and tasks:
         eval_zeroshot.report(method, tokenizer, tasks, device, workers, args.steps, log if args.eval_every else None)
+        if runlog.signals:  # it cut the final evaluation short
+            log.end(args.steps, checkpoints.path, last=True)
     elif not tasks:
         log.print(f"evaluate with: python eval_zeroshot.py --checkpoint {checkpoints.path} --dataset ...")
     if world > 1:

@@ -40,6 +40,13 @@ def setup(device=None):
     return *rank_and_world(), device
 
 
+def default_workers(ranks_per_node=1):
+    """DataLoader workers per rank: the cores this process may run on (its CPU affinity, as torch's "too many
+    workers" warning counts them), less one for the training or evaluation loop, at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return min(8, max(1, cores // ranks_per_node - 1))
+
+
 def wrap_ddp(method, device, buffers=None):
     """DistributedDataParallel around the method. Its buffers stay per rank: DeCLIP's queue holds the rank's own
     captions and must not be overwritten with rank 0's at every forward (torch 2.14 calls that forward_sync_buffers

@@ -13,8 +13,8 @@ import torchvision
 from PIL import Image
 
 import data
-from plumbing import samples
-from plumbing.runlog import fail
+from plumbing import samples, stops
+from plumbing.runlog import fail, signals
 from plumbing.synthetic import SyntheticCaptions
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
@@ -53,7 +53,7 @@ def classification_set(name, data_dir, download, classnames_file, image_size, sp
         if name == "stl10":
             ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
             return ds, ds.classes, STL10_TEMPLATES
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted. You can use download=True", no network
         fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
     if name == "imagenet":  # OpenAI's class names: the folders must be the 1,000 WordNet ids, whose order they follow
         ds = image_folder(data_dir, name)
@@ -66,11 +66,17 @@ def classification_set(name, data_dir, download, classnames_file, image_size, sp
         ds = image_folder(data_dir, name)
         classnames = [c.replace("_", " ") for c in ds.classes]
         if classnames_file:
-            with open(classnames_file) as f:
-                classnames = [line.strip() for line in f if line.strip()]
+            try:
+                with open(classnames_file, encoding="utf-8") as f:
+                    classnames = [line.strip() for line in f if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:  # a name that is not a file, a file that is not UTF-8
+                fail(f"--classnames {classnames_file} cannot be read: {getattr(e, 'strerror', None) or e}")
             if len(classnames) != len(ds.classes):
                 fail(f"{classnames_file} has {len(classnames)} names but {data_dir} has {len(ds.classes)} class "
                      f"folders")
+        twice = [name for name in classnames if classnames.count(name) > 1]
+        if twice:  # two classes of one name get one prompt embedding: neither can be told from the other
+            fail(f"class name {twice[0]!r} is given to two classes ({classnames_file or data_dir}): give each its own")
         return ds, classnames, IMAGENET_TEMPLATES
     fail(f"unknown dataset '{name}'; choose synthetic, cifar10, cifar100, stl10, imagenet, folder (classification), "
          f"{', '.join(RETRIEVAL)} or a .csv/.tsv path (retrieval)")
@@ -101,9 +107,44 @@ def templates_for(choice, default):
         return default
     if choice in ("80", "7"):
         return IMAGENET_TEMPLATES_80 if choice == "80" else IMAGENET_TEMPLATES
-    if "{}" not in choice:
-        fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes")
+    if "{}" not in choice or set("{}") & set(choice.replace("{}", "")):  # 'a {} of {kind}' stops str.format
+        fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes (no other "
+             f"brace)")
     return [choice]
+
+
+def check_outputs(outputs, inputs):
+    """[(flag, path)] an evaluation will write, before hours of it: each a file, in a folder this user can write, and
+    none of `inputs` (a checkpoint overwritten with JSON is lost), nor each other."""
+    outputs = [(flag, path) for flag, path in outputs if path is not None]
+    for flag, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path))
+        problem = "names no file" if not path.strip() else "is a folder" if os.path.isdir(path) else \
+            f"is in {folder}, no folder this user can write" if not os.access(folder, os.W_OK | os.X_OK) else \
+            "is a file this user may not write" if os.path.exists(path) and not os.access(path, os.W_OK) else None
+        if problem:
+            fail(f"{flag} {path!r} {problem}")
+        for i in inputs:
+            if i and os.path.exists(i) and os.path.exists(path) and os.path.samefile(i, path):
+                fail(f"{flag} {path} is {i}, an input of this evaluation, which it would overwrite: pick another file")
+    if len({os.path.abspath(path) for _, path in outputs}) < len(outputs):
+        fail(f"{' and '.join(flag for flag, _ in outputs)} name one file: give each its own")
+
+
+def write_output(path, text):
+    """An evaluation's file (--output, --show-file), whole or not at all: written beside it, then renamed over it (or
+    the file a link names); a device or pipe (/dev/stdout) is written as it is."""
+    real = os.path.realpath(path) if os.path.isfile(path) or not os.path.exists(path) else None  # not a pipe
+    tmp = real and f"{real}.{os.getpid()}.tmp"
+    try:
+        with open(tmp or path, "w", encoding="utf-8") as f:
+            f.write(text)
+        if tmp:
+            os.replace(tmp, real)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}")
 
 
 class Images(torch.utils.data.Dataset):
@@ -128,8 +169,17 @@ def cat(chunks):
 
 
 def loader(dataset, batch_size, workers):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                       worker_init_fn=data.ignore_interrupts)
+    """The dataset's batches in order. A stop signal (train.py's evaluation: runlog.stop_on_signals) ends them at the
+    next batch with stops.Stopped, and so does a worker that died with it."""
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                               worker_init_fn=stops.ignore_interrupts, timeout=workers and stops.TICK))
+    stops.found_when_read()
+    while not signals:
+        try:
+            yield stops.next_batch(batches)
+        except StopIteration:
+            return
+    raise stops.Stopped("evaluating")
 
 
 def class_embeddings(method, tokenizer, classnames, templates, device):

@@ -1,9 +1,12 @@
 """
-Memory as the benchmarks measure it (scripts/bench.py, scripts/bench_loss.py): the peak of one call, beyond what was
-allocated before it, on CUDA from the caching allocator's counters, on a CPU from the process's resident memory.
+Peak memory: the benchmarks' (scripts/bench.py, scripts/bench_loss.py), the peak of one call beyond what was allocated
+before it; and a training run's (RunLog's max_memory_mb), the peak of each logged window. On CUDA from the caching
+allocator's counters, on a CPU from the process's resident memory.
 """
 import ctypes
 import gc
+import resource
+import sys
 
 import torch
 
@@ -35,3 +38,23 @@ def peak_memory(fn, device):
     start = process_memory("VmRSS")
     fn()
     return process_memory("VmHWM") - start
+
+
+def window_peak(device):
+    """MiB at the peak since the last call (or the start), then the peak reset, for the next window. CUDA: the tensors
+    allocated on `device` (max_memory_allocated: what the caching allocator hands out, not what it holds; a host-side
+    counter, no device sync). CPU: this process's peak resident memory (VmHWM, reset through /proc/self/clear_refs;
+    the DataLoader workers are processes of their own); where /proc is missing or cannot be written, the peak since
+    the process started (getrusage)."""
+    if str(device).startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    try:
+        peak = process_memory("VmHWM")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        return peak
+    except (OSError, StopIteration, ValueError):  # not Linux, or /proc hidden or read-only
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)

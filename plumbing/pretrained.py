@@ -64,6 +64,9 @@ def add_args(p):
 def check_args(args):
     """train.py's flags of this file, checked before anything is built; --model's default (tiny-rn, or none: the
     weights' architecture)."""
+    if args.pretrained is not None and not args.pretrained.strip():  # '' is how an unset shell variable arrives
+        fail("--pretrained '' names no weights (an unset variable?): pass a file or one of OpenAI's names, or leave "
+             "it out to train from scratch")
     if args.pretrained and args.tokenizer != "clip":
         fail(f"--pretrained weights were trained with CLIP's BPE tokenizer; --tokenizer {args.tokenizer} would feed "
              f"their token embedding other ids")
@@ -78,7 +81,7 @@ def check_args(args):
 def lr_and_warmup(args):
     """-> (peak lr or None for the method's rule, how it was chosen, warmup steps): the flags'; with --pretrained and
     no --lr, FINETUNE_LR and FINETUNE_WARMUP; a default warmup is at most 10% of --steps (10k at most otherwise)."""
-    finetune = args.pretrained is not None and args.lr is None
+    finetune = bool(args.pretrained) and args.lr is None
     lr, source = (FINETUNE_LR, FINETUNE_SOURCE) if finetune else (args.lr, "--lr")
     warmup = min(FINETUNE_WARMUP if finetune else 10_000, args.steps // 10) if args.warmup is None else args.warmup
     return lr, source, warmup
@@ -133,28 +136,35 @@ def resolve(source):
 
 
 def model_config(args, vocab_size):
-    """train.py's model config and the weights to start from -> (config, state dict or None). Without --pretrained:
-    --model's config. With it: the file's architecture, its activation (OpenAI's QuickGELU, or what our checkpoint
-    records; --act overrides), and args.model set to the CONFIGS name of that architecture, if there is one. With
-    --resume: the checkpoint's architecture, and its --model and --pretrained where this run leaves them out (so that
-    a fine-tuning run's same command with --resume, or the command without --pretrained, keeps its defaults); the
-    weights are the checkpoint's (checkpoint.resume), --pretrained's file is not read again."""
+    """train.py's model config and the weights to start from -> (config, state dict or None), the lock flags checked
+    against them. Without --pretrained: --model's config. With it: the file's architecture, its activation (OpenAI's
+    QuickGELU, or what our checkpoint records; --act overrides), and args.model set to the CONFIGS name of that
+    architecture, if there is one. With --resume: the checkpoint's architecture, its --model where this run leaves it
+    out, and its --pretrained (so that the same command with --resume, or without --pretrained, keeps fine-tuning's
+    lr); the weights are the checkpoint's (checkpoint.resume): another --pretrained, never loaded, is refused."""
     if args.resume:
-        recorded, config = checkpoint.recorded(checkpoint.resume_path(args), args.trust_checkpoint)
-        args.model = args.model or recorded["model"]
-        args.pretrained = args.pretrained or recorded.get("pretrained")  # its fine-tuning lr and warmup
-        return config, None
+        path = checkpoint.resume_path(args)
+        recorded, config = checkpoint.recorded(path, args.trust_checkpoint)
+        source = recorded.get("pretrained")
+        if args.pretrained is not None and args.pretrained != source:  # as given: "the same command with --resume"
+            fail(f"{path} was {f'fine-tuned from {source}' if source else 'trained from scratch'}, not from "
+                 f"{args.pretrained}, which --resume would record but never load: resume without --pretrained, or "
+                 f"start a new run from it in another --out-dir")
+        args.model, args.pretrained = args.model or recorded["model"], source  # its fine-tuning lr and warmup
+        return check_locks(args, config), None
     if not args.pretrained:
         act = {} if args.act is None else {"quick_gelu": args.act == "quickgelu"}
-        return dict(CONFIGS[args.model], vocab_size=vocab_size, **act), None
+        return check_locks(args, dict(CONFIGS[args.model], vocab_size=vocab_size, **act)), None
     path = resolve(args.pretrained)
     loaded = weights.read(path, args.trust_checkpoint)
-    if isinstance(loaded, dict) and "config" in loaded and "model_config" in loaded:  # our ckpt.pt
+    if isinstance(loaded, dict) and "config" in loaded:  # our ckpt.pt
+        weights.check_ours(loaded, path)
         if loaded["config"].get("tokenizer", "clip") != "clip":
             fail(f"{path} was trained with --tokenizer {loaded['config']['tokenizer']}; --pretrained needs CLIP's BPE")
         state_dict, quick_gelu = loaded["model"], loaded["model_config"].get("quick_gelu", True)
     else:  # OpenAI's and open_clip's files do not record the activation: OpenAI's is QuickGELU
         state_dict, quick_gelu = weights.clip_state_dict(loaded, path), True
+    weights.check_tensors(state_dict.items(), path)
     try:
         config = dict(weights.infer_config(state_dict), quick_gelu=quick_gelu if args.act is None
                       else args.act == "quickgelu")
@@ -170,14 +180,36 @@ def model_config(args, vocab_size):
     for flag, on in (("--patch-dropout", args.patch_dropout), ("--freeze-patch-embed", args.freeze_patch_embed)):
         if on and not vit:
             fail(f"{flag}: {args.pretrained} is a ResNet, which has no patch tokens or patch embedding")
-    return config, state_dict
+    return check_locks(args, config), state_dict
+
+
+def check_locks(args, config):
+    """The lock flags against the run's weights and architecture -> config: a lock keeps a tower as it starts
+    (pretrained, or it stays random), leaves something to train, and fewer groups or blocks unlocked than it has."""
+    if (args.lock_image or args.lock_text) and not args.pretrained:
+        fail("--lock-image and --lock-text keep a tower as it starts: without --pretrained, random; pass --pretrained")
+    if args.lock_image and args.lock_text and not (args.lock_image_unlocked_groups or args.lock_text_unlocked_layers):
+        fail("--lock-image with --lock-text locks both towers whole: only the temperature would train; lock one, or "
+             "keep part of one trainable (--lock-image-unlocked-groups N, --lock-text-unlocked-layers N)")
+    groups = config["vision_layers"] + 2 if isinstance(config["vision_layers"], int) else 6  # image_groups' count
+    blocks = config["transformer_layers"]
+    for on, flag, n, parts, kind in (
+            (args.lock_image, "--lock-image-unlocked-groups", args.lock_image_unlocked_groups, groups, "groups"),
+            (args.lock_text, "--lock-text-unlocked-layers", args.lock_text_unlocked_layers, blocks, "blocks")):
+        if on and n >= parts:  # all of them unlocked: the flag would lock nothing (the text tower: its embeddings)
+            fail(f"{flag} {n}: the tower has {parts} {kind}, which would all be trained; pass at most {parts - 1}, "
+                 f"or leave {flag.split('-unlocked')[0]} out")
+    return config
 
 
 def start(method, state_dict, args):
     """Load the pretrained weights into the method's model (when there are any), then lock what the flags say."""
     if state_dict is not None:
         keep = {} if type(method).pretrained_temperature else {"logit_scale": method.model.logit_scale.detach()}
-        method.model.load_state_dict({**state_dict, **keep}, strict=True)
+        try:
+            method.model.load_state_dict({**state_dict, **keep}, strict=True)
+        except RuntimeError as e:  # a key missing or unexpected, a shape that differs: not one CLIP's weights
+            fail(f"{args.pretrained} does not fit the architecture its shapes describe: {str(e)[:500]}")
     lock(method.model, args.lock_image_unlocked_groups if args.lock_image else None,
          args.lock_text_unlocked_layers if args.lock_text else None)
 

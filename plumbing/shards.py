@@ -20,29 +20,34 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
-import tempfile
-import urllib.request
 
 import torch
 
+from plumbing.sources import Source
 # images from shards follow the policy of image files
 from plumbing.samples import MAX_UNREADABLE, UnreadableImage, UnreadableImages, decode_image, seed_of, stack
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+MAX_SHARDS = 1_000_000  # what a brace pattern may name (a typo such as {00000000..99999999} would name 10^8)
+
+
 def braces(pattern):
-    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar']; '{x,y}' lists too (as braceexpand,
-    which webdataset and open_clip use)."""
+    """'a/{00000..00002}.tar' -> 'a/00000.tar', 'a/00001.tar', 'a/00002.tar', one at a time; '{x,y}' lists too, and
+    '{00002..00000}' counts down (as braceexpand, which webdataset and open_clip use, and bash)."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
-        return [pattern]
+        yield pattern
+        return
     r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r else \
-        m.group(1).split(",")
-    return [p for item in items for p in braces(pattern[:m.start()] + item + pattern[m.end():])]
+    if r:
+        a, b = int(r.group(1)), int(r.group(2))
+        items = (str(i).zfill(len(r.group(1))) for i in range(a, b + (1 if b >= a else -1), 1 if b >= a else -1))
+    else:
+        items = m.group(1).split(",")
+    for item in items:
+        yield from braces(pattern[:m.start()] + item + pattern[m.end():])
 
 
 REMOTE = ("pipe:", "http://", "https://")
@@ -60,7 +65,9 @@ def shard_list(spec):
         if not shards:
             raise FileNotFoundError(f"{spec} holds no .tar files")
         return shards
-    shards = [path for part in spec.split("::") for path in braces(part)]
+    shards = list(itertools.islice((path for part in spec.split("::") for path in braces(part)), MAX_SHARDS + 1))
+    if len(shards) > MAX_SHARDS:
+        raise ValueError(f"{spec} names more than {MAX_SHARDS:,} shards: a typo in its braces?")
     if not all(path.endswith(".tar") or path.startswith(REMOTE) for path in shards):
         return None
     missing = [path for path in shards if not path.startswith(REMOTE) and not os.path.isfile(path)]
@@ -70,16 +77,31 @@ def shard_list(spec):
     return shards
 
 
+MAX_MEMBER = 1 << 28  # bytes: a member over 256 MiB is no image or caption (and reading it could exhaust memory)
+
+
+def octal(field):
+    """A tar header's number field: octal digits, NUL- or space-padded, or none (0). No sign: a size of -1 would
+    read the rest of the shard as one member."""
+    digits = field.strip(b"\0 ")
+    if not re.fullmatch(rb"[0-7]*", digits):
+        raise ValueError("not a tar header: the shard is cut short or corrupt")
+    return int(digits or b"0", 8)
+
+
 def tar_members(f):
     """(name, bytes) of each file of an uncompressed tar, read in order: ustar headers, and the long names that pax and
     GNU records carry; other entries (folders, links) are skipped. A file cut short ends with (name, None), the entry it
-    cuts; a header whose checksum is wrong raises ValueError."""
+    cuts; a header whose checksum is wrong, or a member over MAX_MEMBER, raises ValueError."""
     long_name = None
     while (header := f.read(512)).strip(b"\0"):  # a block of zeros, or the file's end, ends the archive
         checksum = sum(header) - sum(header[148:156]) + 8 * ord(" ")  # the checksum field counts as 8 spaces
-        if len(header) < 512 or int(header[148:156].strip(b"\0 ") or b"-1", 8) != checksum:
+        if len(header) < 512 or octal(header[148:156]) != checksum:
             raise ValueError("not a tar header: the shard is cut short or corrupt")
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        size = octal(header[124:136])
+        if size > MAX_MEMBER:
+            raise ValueError(f"a member of {size:,} bytes, over {MAX_MEMBER >> 20} MiB: not a shard of images and "
+                             f"captions, or corrupt")
         payload, _ = f.read(size), f.read(-size % 512)  # members are padded to 512 bytes
         prefix = header[345:500].rstrip(b"\0") + b"/" if header[257:263] == b"ustar\0" and header[345] else b""
         name = long_name or (prefix + header[:100].rstrip(b"\0")).decode("utf-8", "replace")
@@ -99,34 +121,24 @@ def tar_members(f):
         long_name = None
 
 
-def open_shard(path):
+def open_shard(path, timeout=60):
     """-> (a binary file of the shard's bytes, failure): failure(), once the file is closed, is why its source failed
-    (a command's exit status and last line of standard error) or None. As open_clip's and WebDataset's `pipe:`, the
-    command runs in a shell; its standard error goes to a temporary file, which no amount of it can block."""
-    if path.startswith("pipe:"):
-        errors = tempfile.TemporaryFile()
-        command = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE, stderr=errors)
-
-        def failure():
-            # stdout is closed: a command still writing ends on SIGPIPE (as itself, or as a shell's 128 + 13), which
-            # is no failure of its own (the reader stopped: a corrupt shard)
-            if command.wait() not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):
-                errors.seek(0)
-                last = (errors.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
-                return f"the command exited with status {command.returncode}" + (f": {last}" if last else "")
-        return command.stdout, failure
+    (a command's exit status and the last line of its standard error) or None. A command's or URL's reads give up
+    after `timeout` seconds without progress (plumbing/sources.py)."""
     if path.startswith(REMOTE):
-        return urllib.request.urlopen(path, timeout=60), lambda: None  # HTTPError, URLError: OSErrors
+        source = Source(path, timeout)
+        return source, source.failure
     return open(path, "rb"), lambda: None
 
 
-def tar_samples(path):
+def tar_samples(path, timeout=60):
     """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the member's
-    name up to the first dot of its base name, as webdataset groups them); then ("", reason) if the shard cannot be
-    read to its end (a file, URL or command: open_shard), in which case the sample it was reading is dropped."""
+    name up to the first dot of its base name, as webdataset groups them); then ("", reason: one line) if the shard
+    cannot be read to its end (a file, URL or command: open_shard), in which case the sample it was reading is
+    dropped."""
     key, members = None, {}
     try:
-        f, failure = open_shard(path)
+        f, failure = open_shard(path, timeout)
         try:
             with f:
                 for name, payload in tar_members(f):
@@ -144,7 +156,7 @@ def tar_samples(path):
         if reason := failure():
             raise ValueError(reason)
     except (OSError, ValueError, http.client.HTTPException) as e:  # missing, cut short, corrupt, a URL or command that
-        # fails, a server whose answer is not HTTP (urlopen raises BadStatusLine: "garbage\r\n"), said in one line
+        # fails or stalls, a server whose answer is not HTTP (urlopen: BadStatusLine), said in one line
         reason = " ".join(str(e).split()) or type(e).__name__
         yield "", f"{type(e).__name__}: {reason}" if isinstance(e, http.client.HTTPException) else reason
         return
@@ -188,8 +200,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     plus "bad", the (name, reason) of each sample passed over (unreadable image, no caption, truncated shard), and
     "lanes", [(lane, its position after the chunk)]. join() makes a micro-batch of one chunk from each reader."""
 
-    def __init__(self, shards, transform, seed, readers, first_lane, sizes, buffer=2000, start=None, caption_key=None):
-        self.shards, self.transform, self.seed, self.readers = shards, transform, seed, readers
+    def __init__(self, shards, transform, seed, readers, first_lane, sizes, buffer=2000, start=None, caption_key=None,
+                 timeout=60):
+        self.shards, self.transform, self.seed, self.readers, self.timeout = shards, transform, seed, readers, timeout
         self.first_lane, self.sizes, self.buffer, self.caption_key = first_lane, sizes, buffer, caption_key
         self.start = start or [(0, 0, 0, 0)] * readers
 
@@ -198,18 +211,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order[lane::self.readers]
 
     def read(self, lane, epoch, j, i):
-        """The lane's samples from sample i of its j-th shard of `epoch` on: ((epoch, j, i), shard, key, value)."""
+        """The lane's samples from sample i of its j-th shard of `epoch` on: ((epoch, j, i), shard, key, value); a
+        shard's read error is a sample without a key. An epoch of the lane's shards that gives no sample (they are
+        empty, or all fail) raises UnreadableImages: else the lane would go round them forever."""
         while True:
-            found = False
+            sampled, failed = False, None  # whether the epoch gave a sample; the first shard that failed, and why
             for j, shard in enumerate(self.lane_shards(lane, epoch)[j:], start=j):
-                for n, (key, value) in enumerate(tar_samples(self.shards[shard])):
-                    found = True
+                for n, (key, value) in enumerate(tar_samples(self.shards[shard], self.timeout)):
+                    sampled, failed = sampled or bool(key), failed or (None if key else (self.shards[shard], value))
                     if n >= i:
                         yield (epoch, j, n), shard, key, value
                 i = 0
-            if not found:  # else an epoch of empty shards would loop forever
-                raise UnreadableImages(f"the shards of reader {lane} hold no samples, the first "
-                                            f"{self.shards[self.lane_shards(lane, epoch)[0]]}")
+            if not sampled:
+                name, reason = failed or (self.shards[self.lane_shards(lane, epoch)[0]], None)
+                raise UnreadableImages(f"the shards of reader {lane} hold no samples, the first {name}"
+                                       + (f" ({reason})" if reason else ""))
             epoch, j = epoch + 1, 0
 
     def blocks(self, lane, epoch, j, i, taken):
@@ -255,10 +271,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 samples, bad = [], []
 
 
-def join(chunks, k, device):
-    """A shard stream's micro-batches: one chunk from each of this rank's k readers (DataLoader workers, which the
-    DataLoader returns in turn), concatenated on the device, where pinned chunks arrive asynchronously."""
-    for parts in zip(*[chunks] * k):  # k consecutive chunks at a time
-        yield {key: torch.cat([p[key].to(device, non_blocking=True) for p in parts])
-               if all(torch.is_tensor(p[key]) for p in parts) else [x for p in parts for x in p[key]]  # DeferredCrops
-               for key in parts[0]}
+def join(parts, pin):
+    """A shard stream's micro-batch: one chunk from each of this rank's k readers (DataLoader workers, which the
+    DataLoader returns in turn), concatenated on the host, into pinned memory when the batches go to a GPU."""
+    return {key: concatenated([p[key] for p in parts], pin) if all(torch.is_tensor(p[key]) for p in parts)
+            else [x for p in parts for x in p[key]] for key in parts[0]}  # lists: DeferredCrops, "bad", "lanes"
+
+
+def concatenated(tensors, pin):
+    out = torch.empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.cat(tensors, out=out)

@@ -18,15 +18,25 @@ from torchvision.transforms.functional import to_pil_image
 import data
 from plumbing import evalsets
 from plumbing.evalsets import cat, class_embeddings, loader
-from plumbing.runlog import fail
 
 K = 5  # items shown per query
 
 
 def spread(total, n):
-    """n indices spread evenly over range(total): the queries shown (the first N of a sorted set would all look
-    alike)."""
-    return sorted({i * total // n for i in range(min(n, total))})
+    """min(n, total) indices spread evenly over range(total): the queries shown (the first N of a sorted set would
+    all look alike)."""
+    n = min(n, total)
+    return [i * total // n for i in range(n)]
+
+
+def shortfall(task, panels, asked):
+    """Why the page shows fewer queries than --show N asked, in words; None when it shows N."""
+    if task["task"] != "retrieval":
+        return f"{len(panels)} mistakes (of {len(task['images'])} images) shown of the {asked} asked" \
+            if len(panels) < asked else None
+    if min(len(task["captions"]), len(task["images"])) < asked:
+        return (f"{min(asked, len(task['captions']))} captions and {min(asked, len(task['images']))} images shown of "
+                f"the {asked} asked per direction: the set has no more")
 
 
 def take(embeddings, index):  # rows of an embedding, a tensor or (FILIP) a tuple of tensors
@@ -93,14 +103,16 @@ def thumbnail(image, size=112):
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def section(task, panels):
-    """One task's panels as HTML."""
+def section(task, panels, asked):
+    """One task's panels as HTML (`asked`: --show's N, said when fewer are shown)."""
     retrieval = task["task"] == "retrieval"
     text = task["captions"] if retrieval else task["classnames"]
 
     def image(i):  # as read, before the evaluation transform
         return task["images"][i] if retrieval else task["images"].dataset[i][0]
     out = [] if panels else [f"<h2>{html.escape(task['dataset'])}: no mistakes</h2>"]
+    if shortfall(task, panels, asked):
+        out.append(f"<p>{html.escape(task['dataset'])}: {html.escape(shortfall(task, panels, asked))}</p>")
     for direction in ("text->image", "image->text", "mistake"):
         shown = [p for p in panels if p["direction"] == direction]
         if not shown:
@@ -130,8 +142,4 @@ def write(path, checkpoint, sections):
     page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(checkpoint)}</title><style>{STYLE}</style>"
             f"<h1>{html.escape(checkpoint)}</h1><p>top {K} by the model's similarity (×100); the correct items in "
             f"green</p>\n" + "\n".join(sections))
-    try:
-        with open(path, "w") as f:
-            f.write(page)
-    except OSError as e:
-        fail(f"could not write {path}: {(e.strerror or str(e)).lower()}")
+    evalsets.write_output(path, page)

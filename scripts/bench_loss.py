@@ -8,12 +8,22 @@ rank; and each one's global loss, which agree.
 
 On CUDA the peak is the allocator's; on a CPU the process's peak resident memory, with every allocation above 64 KiB
 mapped on its own, so that it measures live tensors (plumbing/memory.py).
+
+--sweep: every method's batch × batch loss in one process, plain and tiled (plumbing/tiled.py), against N: the peak
+memory of each, and the time of each where both fit (the median of --repeats runs, and their spread). Plain is skipped
+where its matrices would not fit (4 × their float32 bytes above 80% of the memory available).
+
+    python scripts/bench_loss.py --sweep --losses clip,siglip --sizes 1024,4096,16384,65536
 """
 
 import argparse
+import math
 import os
 import shlex
+import statistics
 import sys
+import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,11 +32,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
 
 from clip import clip_loss
-from plumbing import distributed
+from declip import DeCLIP, nn_loss
+from filip import filip_loss
+from plumbing import distributed, tiled
 from plumbing.distributed import all_gather
 from plumbing.memory import peak_memory
 from plumbing.runlog import fail
 from siglip import siglip_loss
+from slip import simclr_loss
 
 
 def clip_loss_all_gather(image_features, text_features, logit_scale):
@@ -67,7 +80,16 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8192, help="the global batch N (over all ranks)")
     p.add_argument("--embed-dim", type=int, default=512, help="the feature dimension D")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--sweep", action="store_true", help="each loss plain and tiled against N, one process")
+    p.add_argument("--losses", default="clip,siglip,slip,declip,filip", help="--sweep: which losses")
+    p.add_argument("--sizes", default="1024,2048,4096,8192,16384", help="--sweep: the batches N")
+    p.add_argument("--repeats", type=int, default=3, help="--sweep: timed runs of each")
+    p.add_argument("--ssl-dim", type=int, default=256, help="--sweep: SLIP's SimCLR embedding E")
+    p.add_argument("--tokens", type=int, default=4, help="--sweep: FILIP's patches and words per sample")
+    p.add_argument("--queue-size", type=int, default=65536, help="--sweep: DeCLIP's queue Q (full)")
     args = p.parse_args(argv)
+    if args.sweep:
+        return sweep(args, argv)
     rank, world, device = distributed.setup(args.device)  # NCCL on CUDA, gloo on the CPU, under torchrun
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -83,9 +105,11 @@ def main(argv=None):
     theirs = open_clip_losses(rank, world) or (None, None)
     logit_mib = 4 / 2 ** 20  # MiB of one float32 logit
     cases = {"clip": ({"ours": clip_loss, "open_clip": theirs[0], "all-gather N×N": clip_loss_all_gather}, (scale,),
-                      f"ours keeps B×N logits ({B * N * logit_mib:.0f} MiB)"),
+                      f"ours keeps B×N logits ({B * N * logit_mib:.0f} MiB)" if not tiled.needed(B, N) else
+                      f"ours by tiles of {tiled.TILE}² (B×N logits {B * N * logit_mib:.0f} MiB)"),
              "siglip": ({"ours": siglip_loss, "open_clip": theirs[1], "all-gather N×N": siglip_loss_all_gather},
-                        (scale, bias), f"ours one B×B block at a time ({B * B * logit_mib:.0f} MiB)")}
+                        (scale, bias), f"ours one B×B block at a time ({B * B * logit_mib:.0f} MiB"
+                        + (f", by tiles of {tiled.TILE}²)" if tiled.needed(B, B) else ")"))}
     for name, (variants, extra, note) in cases.items():
         results = {}
         for variant, loss_fn in variants.items():
@@ -122,6 +146,118 @@ def main(argv=None):
                   f"{launcher}{shlex.join(sys.argv[1:] if argv is None else argv)}", flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --sweep: plain and tiled against N
+
+
+def declip_nn_term(image, text, t, queue):
+    """DeCLIP's L_NNS as its loss runs it: the captions' neighbours in a full queue (B × Q cosines), then nn_loss."""
+    full = SimpleNamespace(queue=queue, queue_filled=torch.tensor(queue.shape[0], device=queue.device))
+    neighbours = DeCLIP.nearest_neighbour(full, F.normalize(text.float(), dim=-1))  # (B, D)
+    return nn_loss(image, neighbours, t.exp())
+
+
+def sweep_cases(args):
+    """loss -> (inputs of a batch N: tensors, leaves where they get a gradient; the loss of them, through the method
+    files' own functions; the float32 elements of the plain form's batch × batch matrices)."""
+    D, E, T = args.embed_dim, args.ssl_dim, args.tokens
+    t, b = math.log(10.0), -10.0
+    return {"clip": (lambda N: ((N, D), (N, D), t), lambda i, x, s: clip_loss(i, x, s.exp()), lambda N: 2 * N * N),
+            "siglip": (lambda N: ((N, D), (N, D), t, b), lambda i, x, s, b: siglip_loss(i, x, s.exp(), b),
+                       lambda N: N * N),
+            "slip": (lambda N: ((N, E), (N, E)), lambda a, b: simclr_loss(a, b)[0], lambda N: 2 * N * 2 * N),
+            "declip": (lambda N: ((N, D), [(N, D)], t, [(args.queue_size, D)]), declip_nn_term,
+                       lambda N: N * args.queue_size + N * N),
+            "filip": (lambda N: ((N, T, 256), (N, T, 256), t),
+                      lambda i, x, s: filip_loss(i, x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device),
+                                                 s.exp()), lambda N: 2 * N * N)}
+
+
+def sweep_inputs(shapes, device, g):
+    """(shape): a random leaf with gradient; [shape]: random unit rows, constant; a number: a 0-d leaf."""
+    def make(x):
+        if isinstance(x, list):
+            return F.normalize(torch.randn(*x[0], generator=g), dim=-1).to(device)
+        value = torch.tensor(x) if isinstance(x, float) else torch.randn(*x, generator=g)
+        return value.to(device).requires_grad_()
+    return [make(x) for x in shapes]
+
+
+def available_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def sweep(args, argv):
+    """Forward + backward of each loss of --losses at each N of --sizes, plain (tiled.LIMIT_MB = inf) and tiled
+    (LIMIT_MB = 0): first the times, where both fit (--repeats runs, alternating between them, after a warm-up), in
+    malloc's usual regime; then the peaks (plumbing/memory.py's peak_memory maps every block of 64 KiB or more on its
+    own from then on, which slows every allocation), with the loss of each; one line per loss and N. Where plain does
+    not fit, the time of tiled's one run is that of the peak's run."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if not cuda and not os.path.exists("/proc/self/clear_refs"):
+        fail("scripts/bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
+    cases = sweep_cases(args)
+    runs = [(name, N) for name in args.losses.split(",") for N in map(int, args.sizes.split(","))]
+    where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"# loss-sweep | {where}, 1 process | D {args.embed_dim}, SLIP E {args.ssl_dim}, FILIP {args.tokens} + "
+          f"{args.tokens} tokens of 256, DeCLIP queue {args.queue_size} | tiles of {tiled.TILE}² | time: median of "
+          f"{args.repeats} runs (min-max) | python scripts/bench_loss.py {command}", flush=True)
+
+    def step(name, N, variant, inputs, times=None, losses=None):
+        tiled.LIMIT_MB = math.inf if variant == "plain" else 0.0
+        start = time.perf_counter()
+        loss = cases[name][1](*inputs)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if times is not None:
+            times.append(time.perf_counter() - start)
+        if losses is not None:
+            losses[variant] = loss.item()
+        for x in inputs:
+            x.grad = None
+
+    # plain where its matrices, and their kin (softmax, gradients), fit; decided once, for both phases
+    variants = {(name, N): ("plain", "tiled") if 4 * 4 * cases[name][2](N) <= 0.8 * available_bytes(device)
+                else ("tiled",) for name, N in runs}
+    times = {}
+    for name, N in runs:
+        if len(variants[name, N]) == 2:
+            inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
+            times[name, N] = {"plain": [], "tiled": []}
+            for variant in ("plain", "tiled"):
+                step(name, N, variant, inputs)  # warm-up
+            for _ in range(args.repeats):
+                for variant in ("plain", "tiled"):
+                    step(name, N, variant, inputs, times[name, N][variant])
+    for name, N in runs:
+        inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
+        once, losses = {"tiled": []}, {}
+        mib = {variant: peak_memory(lambda: step(name, N, variant, inputs, once.get(variant), losses), device)
+               for variant in variants[name, N]}
+        print(sweep_line(name, N, 4 * cases[name][2](N) / 2**20, mib, times.get((name, N), once), losses), flush=True)
+
+
+def sweep_line(name, N, plain_mib, mib, times, losses):
+    def timing(t):
+        return f"{statistics.median(t):.3g} s ({min(t):.3g}-{max(t):.3g})" if len(t) > 1 else f"{t[0]:.3g} s (1 run)"
+
+    line = f"loss-sweep {name:6} N {N:6,} | plain matrices {plain_mib:,.0f} MiB | "
+    if "plain" not in mib:
+        return line + f"plain does not fit | tiled {mib['tiled']:,.0f} MiB {timing(times['tiled'])} | loss " \
+                      f"{losses['tiled']:.6f}"
+    ratio = statistics.median(times["tiled"]) / statistics.median(times["plain"])
+    return line + (f"plain {mib['plain']:,.0f} MiB {timing(times['plain'])} | tiled {mib['tiled']:,.0f} MiB "
+                   f"{timing(times['tiled'])} | tiled/plain time {ratio:.2f} | loss plain {losses['plain']:.6f} "
+                   f"tiled {losses['tiled']:.6f}")
 
 
 if __name__ == "__main__":

@@ -50,15 +50,17 @@ def cached_features(method, dataset, key, cache_dir, device, batch_size, workers
     """features(), read from cache_dir when a file there was written for the same key."""
     path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt") if cache_dir else None
     if path and os.path.isfile(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            return cached["features"], cached["labels"]
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] == key and torch.is_tensor(cached["features"]) and torch.is_tensor(cached["labels"]):
+                return cached["features"], cached["labels"]
+        except Exception:  # a damaged cache file (cut short, overwritten): computed again, and replaced
+            pass
     try:
         x, y = features(method, dataset, device, batch_size, workers)
     except ValueError as e:  # an unreadable image (evalsets.read_image); from a worker, with its traceback
         fail(str(e).strip().splitlines()[-1] if workers else e)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
         torch.save(dict(key=key, features=x, labels=y), path + ".tmp")
         os.replace(path + ".tmp", path)  # a probe killed while writing leaves no half file under the real name
     return x, y
@@ -192,10 +194,17 @@ def main(argv=None):
         fail(f"--train-size must be 2 or more and --val-fraction between 0 and 1 (got {args.train_size} and "
              f"{args.val_fraction})")
 
+    cache_dir = os.path.expanduser(args.cache_dir)
+    if cache_dir:  # checked now, not once the features are computed
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError:  # a file of that name, or a folder this user may not create: said below
+            pass
+        if not (os.path.isdir(cache_dir) and os.access(cache_dir, os.W_OK)):
+            fail(f"--cache-dir {args.cache_dir} is not a folder this user can write: pass one, or '' to cache nothing")
     method, _ = eval_zeroshot.load_evaluated(args)
     stat = os.stat(args.checkpoint)
     checkpoint = f"{os.path.abspath(args.checkpoint)}/{stat.st_size}/{stat.st_mtime_ns}/{args.act}"
-    cache_dir = os.path.expanduser(args.cache_dir)
     results = []
     for task, train, test, classes, identity in probe_sets(args.dataset, args.data_dir, args.download,
                                                            method.model.image_resolution, args.train_size):

@@ -1,6 +1,7 @@
 """
 Plot training runs from their OUT/log.jsonl: the loss and each component the method logs, the learning rate, the
-logit scale, samples/s, and every evaluation that --eval-every logged, several runs overlaid on one PNG.
+logit scale, samples/s beside where the time and memory went (data_wait, max_memory_mb), and every evaluation that
+--eval-every logged, each dataset's own panels, several runs overlaid on one PNG.
 
     python scripts/plot.py out                                  # -> out/plot.png
     python scripts/plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
@@ -21,12 +22,16 @@ from plumbing.runlog import fail
 COLS, PANEL = 3, (4.0, 3.0)  # panels per row, each panel's size in inches (at 100 dpi: 400 × 300 pixels)
 NOT_CURVES = ("step", "skipped")  # keys of a step's line that are not plotted
 METRICS = {"zeroshot_classification": ("top1",), "retrieval": ("image->text R@1", "text->image R@1")}
+TITLES = {"data_wait": "data_wait (share of the time)", "max_memory_mb": "max_memory_mb (peak MiB)"}  # from 0
+HUGE = 1e300  # beyond it, a panel's range overflows matplotlib's arithmetic: such points are left out, as NaN ones are
 
 
 def read_run(out_dir):
     """OUT -> (label, training lines, evaluation lines). The label is the run's method and model (OUT/config.json,
     which train.py writes), else the folder's name."""
     path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a device or pipe (/dev/zero: never ends)
+        fail(f"{path} is not a file; is {out_dir} the --out-dir of a train.py run?")
     try:
         with open(path) as f:
             lines = f.readlines()
@@ -51,7 +56,8 @@ def read_run(out_dir):
         label = f"{config['method']} {config['model']} ({label})"
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return label, [e for e in entries if "loss" in e], [e for e in entries if "task" in e]
+    evaluations = [e for e in entries if isinstance(e.get("task"), str) and isinstance(e.get("dataset"), str)]
+    return label, [e for e in entries if "loss" in e], evaluations  # a damaged evaluation line: the rest is plotted
 
 
 def curves(runs):
@@ -66,11 +72,11 @@ def curves(runs):
     for i, (_, steps, evaluations) in enumerate(runs):
         for entry in steps:
             for key, value in entry.items():
-                if key not in NOT_CURVES and isinstance(value, (int, float)):
-                    add(key, (i, key), entry["step"], value)
+                if key not in NOT_CURVES and isinstance(value, (int, float)) and not abs(entry["step"]) > HUGE:
+                    add(key, (i, key), entry["step"], math.nan if abs(value) > HUGE else value)
         for entry in evaluations:
             for metric in METRICS.get(entry["task"], ()):
-                if isinstance(entry.get(metric), (int, float)):
+                if isinstance(entry.get(metric), (int, float)) and max(abs(entry[metric]), abs(entry["step"])) <= HUGE:
                     title = f"{entry['dataset']} {'R@1' if entry['task'] == 'retrieval' else 'top-1'} (%)"
                     add(title, (i, metric), entry["step"], 100 * entry[metric], evaluations_panels)
     return {**panels, **evaluations_panels}
@@ -86,6 +92,8 @@ def plot(out_dirs, out):
 
     runs = [read_run(d) for d in out_dirs]
     panels = curves(runs)
+    if not panels:
+        fail(f"{', '.join(out_dirs)}: the log holds steps but no number to plot (no loss, lr or evaluation)")
     rows = math.ceil(len(panels) / COLS)
     fig, axes = plt.subplots(rows, COLS, figsize=(PANEL[0] * COLS, PANEL[1] * rows), dpi=100, squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels.items()):
@@ -93,7 +101,9 @@ def plot(out_dirs, out):
             second = metric == "text->image R@1"  # a retrieval panel's second line: dashed
             ax.plot(xs, ys, "--" if second else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
                     marker="o" if len(xs) < 20 else None, label=runs[i][0] + (f" {metric}" if "R@1" in metric else ""))
-        ax.set_title(title, fontsize=10)
+        ax.set_title(TITLES.get(title, title), fontsize=10)
+        if title in TITLES:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         if title == "lr":
@@ -106,8 +116,8 @@ def plot(out_dirs, out):
     fig.tight_layout()
     try:
         fig.savefig(out)
-    except OSError as e:
-        fail(f"could not write {out}: {(e.strerror or str(e)).lower()}")
+    except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write (--out x.foo)
+        fail(f"could not write {out}: {(getattr(e, 'strerror', None) or str(e)).lower()}")
     plt.close(fig)
     return out
 
@@ -119,6 +129,8 @@ def main(argv=None):
                    "for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
+    if os.path.isdir(out) or not (os.path.splitext(out)[1] or os.path.exists(out)):  # as savefig names it
+        out += ".png"
     print(plot(args.out_dirs, out))
 
 

@@ -9,7 +9,8 @@
 # section accum (ViT-B/16 CLIP at batch 4,096 on one GPU; each of accumulation, checkpointing and patch dropout against
 # the plain step; the README's one-GPU SLIP recipe for 3 steps) has not run yet: its limits allow 11 minutes. Nor has
 # the optional section feed (compiled ViT-B/32 from 640x480 JPEGs on 4 and 12 cores, with and without --gpu-decode;
-# about 8 minutes): run `bash tests/gpu.sh gpu-results.txt tests data feed` when the time allows.
+# about 8 minutes; each run's data_wait, the share of its time spent waiting for batches, says how much of the input
+# feed is still on the CPU): run `bash tests/gpu.sh gpu-results.txt tests data feed` when the time allows.
 #
 # Each command runs under a time limit; a failure or time-out is written down and the script goes on, then exits
 # non-zero at the end. Without a GPU it stops at once.
@@ -41,6 +42,12 @@ run() {  # run LIMIT_SECONDS COMMAND...: the command and its output go to the re
     say "# $((SECONDS - t0)) s"
 }
 has() { [[ " $sections " == *" $1 "* ]]; }
+waited() {  # waited OUT FIRST_STEP: a train.py run's mean data_wait and largest max_memory_mb from FIRST_STEP on
+    say "# $1: $($PYTHON -c 'import json, sys
+rows = [e for e in map(json.loads, open(sys.argv[1] + "/log.jsonl")) if "data_wait" in e and e["step"] >= int(sys.argv[2])]
+print("data_wait %.3f (mean of steps %s-%s), max_memory_mb %.0f" % (sum(e["data_wait"] for e in rows) / len(rows),
+      rows[0]["step"], rows[-1]["step"], max(e["max_memory_mb"] for e in rows)))' "$1" "$2" 2>&1 | tail -1)"
+}
 
 say "# tests/gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC') | sections: $sections"
 say "# $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
@@ -78,8 +85,10 @@ if has accum; then
     run 180 $PYTHON scripts/bench.py --model ViT-B-16 --batch-size 256 --grad-accum 4 --patch-dropout 0.5 --warmup 2 --steps 12 \
         --rounds 3 --variants plain,accum,ckpt,ckpt+accum,pd
     # the README's recipe for one GPU, on the built-in data: SLIP's loss on 4,096 pairs per step
+    out=$(mktemp -d)
     run 240 $PYTHON train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing \
-        --steps 3 --log-every 1 --eval-size 0 --out-dir "$(mktemp -d)"
+        --steps 3 --log-every 1 --eval-size 0 --out-dir "$out"
+    waited "$out" 2
 fi
 if has feed; then
     # issue 22's goal: compiled ViT-B/32 trained from 640x480 JPEGs, the samples/s of a few CPU cores, with and without
@@ -89,8 +98,10 @@ if has feed; then
     $PYTHON -c "import os, sys; d = sys.argv[1]; open(os.path.join(d, 'pairs.tsv'), 'w').write('filepath\ttitle\n' + \
         ''.join(f'{f}\ta photo number {i}\n' for i, f in enumerate(sorted(os.listdir(d))) if f.endswith('.jpg')))" "$jpegs"
     for flags in "--workers 4" "--workers 4 --gpu-decode" "--workers 12 --gpu-decode"; do
+        out=$(mktemp -d)
         run 200 $PYTHON train.py --data "$jpegs/pairs.tsv" --model ViT-B-32 --batch-size 256 --compile --steps 60 \
-            --log-every 10 --eval-size 0 $flags --out-dir "$(mktemp -d)"
+            --log-every 10 --eval-size 0 $flags --out-dir "$out"
+        waited "$out" 31  # after compiling: the feed's share of the steady state
     done
     rm -rf "$jpegs"
 fi

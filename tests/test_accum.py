@@ -5,14 +5,19 @@ the same patches in both passes; a ResNet's BatchNorm counts each micro-batch on
 import copy
 import importlib
 import warnings
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
+import data
 import train
 from model import compiled, create_model
 from plumbing import distributed, samples
+from plumbing.synthetic import SyntheticCaptions
+from plumbing.tokenizer import get_tokenizer
 from ranks import assert_close_at_scale, run_distributed
 from scripts import bench
 
@@ -207,3 +212,36 @@ def test_a_compiled_resnet_trains_with_checkpointing():
     actual = _compiled_step(copy.deepcopy(method), batches, 0, "aot_eager")
     _assert_same_step(actual, expected)
     assert actual[3]["model.visual.bn1.num_batches_tracked"] == 4
+
+
+def test_micro_batches_wait_as_the_stream_hands_them_and_reach_the_device_one_at_a_time(monkeypatch):
+    """train.py keeps a step's K micro-batches as the stream hands them (uint8 images) and each pass of forward_backward
+    moves and normalises them one at a time (data.on_device): the step is bit for bit the step on micro-batches
+    normalised beforehand, and at most two micro-batches of float images (the one in use, the next) live at once, not
+    K. SLIP: three image views per micro-batch."""
+    method = _method("slip")
+    transform = method.transform(get_tokenizer("clip"))
+    dataset = SyntheticCaptions("train", image_size=method.model.image_resolution)
+    torch.manual_seed(0)
+    host = torch.utils.data.default_collate([transform(*dataset[i]) for i in range(8)])
+    assert {k for k, v in host.items() if v.dtype == torch.uint8} == {"image", "image_a", "image_b"}
+    micro_batches = _split(host, 4)
+    # normalised beforehand, independently: torchvision's float conversion and OpenAI's mean and std (methods.md)
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(
+        (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    expected = _step(copy.deepcopy(method), [{k: normalise(v) if v.dtype == torch.uint8 else v for k, v in b.items()}
+                                             for b in micro_batches])
+
+    alive, most, to_device = weakref.WeakSet(), [0], data.to_device
+
+    def counted(batch, device):
+        moved = to_device(batch, device)
+        alive.add(moved["image"])
+        most[0] = max(most[0], len(alive))
+        return moved
+    monkeypatch.setattr(data, "to_device", counted)
+    loss, logs, grads, buffers = _step(method, micro_batches)
+    assert most[0] == 2  # 4 when the 4 micro-batches were moved before the step
+    assert torch.equal(loss, expected[0]) and logs == expected[1]
+    assert all(torch.equal(grads[n], g) for n, g in expected[2].items() if g is not None)
+    assert all(torch.equal(buffers[n], b) for n, b in expected[3].items())

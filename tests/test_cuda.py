@@ -234,3 +234,25 @@ def test_gpu_decode_on_cuda_agrees_with_the_cpu(tmp_path):
     train.main(["--data", str(tmp_path / "pairs.tsv"), "--gpu-decode", "--steps", "3", *TINY, "--batch-size", "6",
                 "--workers", "2", "--eval-size", "0", "--out-dir", str(tmp_path / "out")])
     assert [e["step"] for e in read_log(tmp_path / "out") if "loss" in e] == [1, 2, 3]
+
+
+def test_micro_batches_copied_on_a_side_stream_equal_the_plain_copy():
+    """data.on_device on CUDA: pinned uint8 micro-batches, each copied and normalised on a side stream while the
+    previous one is in use, arrive as to_device makes them one at a time, and the accumulated step is the step on
+    micro-batches moved beforehand (the K > 1 path of train.forward_backward, in float32)."""
+    import data
+    torch.manual_seed(0)
+    method = importlib.import_module("clip").Method(create_model("tiny-vit")).cuda()
+    host = bench.synthetic_batch(method, 16, torch.device("cpu"), seed=0)  # normalised floats: back to uint8
+    host["image"] = torch.randint(0, 256, host["image"].shape, dtype=torch.uint8).pin_memory()
+    micro = [{k: v[i * 4:(i + 1) * 4].pin_memory() for k, v in host.items()} for i in range(4)]
+    moved = list(data.on_device(micro, torch.device("cuda")))
+    for got, batch in zip(moved, micro):
+        expected = data.to_device(batch, torch.device("cuda"))
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    one = copy.deepcopy(method)
+    loss = train.forward_backward(method, method, micro, seed=0)[0]
+    reference = train.forward_backward(one, one, [data.to_device(b, torch.device("cuda")) for b in micro], seed=0)[0]
+    torch.cuda.synchronize()
+    assert torch.equal(loss, reference)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(method.parameters(), one.parameters()) if p.grad is not None)

@@ -17,7 +17,8 @@ import eval_zeroshot
 from model import CONFIGS, create_model
 from plumbing import evalsets, samples, synthetic
 from plumbing.tokenizer import get_tokenizer
-from plumbing.weights import is_torchscript, load_method
+from plumbing.torchscript import is_torchscript
+from plumbing.weights import load_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +134,7 @@ def test_openai_layout_state_dict_and_missing_downloads(checkpoint, tmp_path):
 def test_open_clip_and_torchscript_files_load(checkpoint, tmp_path):
     """Files of the other kinds eval_zeroshot.py reads, each holding our checkpoint's weights: open_clip's state_dict()
     and its training checkpoint (DDP's "module." prefix, optimiser state), and a TorchScript archive, the format of
-    OpenAI's released files, read by torch.jit.load (not torch.load, which would need weights_only=False)."""
+    OpenAI's released files, read as data (plumbing/torchscript.py: not torch.jit.load, which runs the archive's code)."""
     import open_clip
 
     ours = torch.load(checkpoint, weights_only=True)["model"]

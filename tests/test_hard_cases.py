@@ -4,6 +4,7 @@ cannot be written, a second run in the same --out-dir, a fresh run over an old o
 or seed), a disk that fills during a save leaves the last checkpoint and no partial file, and a signal (SIGTERM, how
 clusters preempt; Ctrl-C) stops a run at the step it reached, saved, so that --resume continues it exactly."""
 
+import errno
 import io
 import os
 import resource
@@ -19,7 +20,8 @@ import torch
 from PIL import Image
 
 import data
-from plumbing import checkpoint, samples
+import train
+from plumbing import checkpoint, runlog, samples, stops
 from test_train import TINY, main_error, read_log, run, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,12 +101,12 @@ def test_a_second_run_in_the_same_out_dir_stops_and_a_fresh_run_keeps_an_old_one
     assert (out / "log.jsonl").read_text() == log and (out / "ckpt.pt").read_bytes() == ckpt
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "4"), ("--seed", "1")])
-def test_resuming_with_another_batch_size_or_seed_is_refused(tmp_path, flag, value):
+@pytest.mark.parametrize("change", [("--batch-size", "4"), ("--seed", "1"), ("--gpu-decode",)])  # other pixels
+def test_resuming_with_another_batch_size_seed_or_decoding_is_refused(tmp_path, change):
     out = tmp_path / "out"
     run("train.py", *QUIET, "--steps", "1", "--out-dir", out, cwd=tmp_path)
-    message = main_error(*QUIET, "--steps", "2", "--out-dir", out, "--resume", flag, value)  # the last flag wins
-    assert f"was trained with {flag} " in message and "pass the checkpoint's to resume it" in message
+    message = main_error(*QUIET, "--steps", "2", "--out-dir", out, "--resume", *change)  # the last flag wins
+    assert f"was trained with {change[0]} " in message and "pass the checkpoint's to resume it" in message
 
 
 def test_a_disk_that_fills_during_a_save_keeps_the_last_checkpoint(tmp_path):
@@ -127,52 +129,233 @@ def test_a_disk_that_fills_during_a_save_keeps_the_last_checkpoint(tmp_path):
     assert not os.path.lexists(out / "ckpt.pt.tmp") and (out / "ckpt.pt").read_bytes() == ckpt
 
 
-def train_until(argv, cwd, steps, send, group=False, launcher=()):
-    """train.py in a subprocess, sent signal `send` once its log holds `steps` steps -> (completed process, the
-    step its log reached when the signal was sent)."""
+def train_until(argv, cwd, steps, send, group=False, launcher=(), ready=None):
+    """train.py in a subprocess, sent signal `send` once its log holds `steps` steps (or once ready() is true) ->
+    the completed process, and the seconds from the signal to its end."""
     out = argv[argv.index("--out-dir") + 1]
     p = subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=cwd,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=group)
-    log = os.path.join(out, "log.jsonl")
+    ready = ready or (lambda: os.path.exists(os.path.join(out, "log.jsonl")) and len(read_log(out)) >= steps)
     deadline = time.time() + 300
-    while not (os.path.exists(log) and len(read_log(out)) >= steps) and p.poll() is None and time.time() < deadline:
+    while not ready() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, p.communicate()
-    if group:  # Ctrl-C in a terminal: SIGINT to the whole foreground group, DataLoader workers included
+    if group:  # to the whole process group, DataLoader workers included: Ctrl-C in a terminal, torchrun's stop
         os.killpg(p.pid, send)
     else:
         p.send_signal(send)
+    sent = time.time()
     stdout, stderr = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), time.time() - sent
 
 
-@pytest.mark.parametrize("send,workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "1")])
-def test_a_signal_saves_at_the_step_reached_and_resume_is_exact(tmp_path, send, workers):
+@pytest.mark.parametrize("send,workers,group", [(signal.SIGTERM, "0", False), (signal.SIGINT, "1", True),
+                                                (signal.SIGTERM, "1", True)])  # the last: as torchrun stops a rank
+def test_a_signal_saves_at_the_step_reached_and_resume_is_exact(tmp_path, send, workers, group):
     args = [*QUIET, "--workers", workers, "--patch-dropout", "0.5", "--steps", "24", "--save-every", "100"]
-    stopped = train_until([*args, "--out-dir", tmp_path / "out"], tmp_path, 3, send, group=send == signal.SIGINT)
+    stopped, _ = train_until([*args, "--out-dir", tmp_path / "out"], tmp_path, 3, send, group=group)
     assert stopped.returncode == 128 + send and "Traceback" not in stopped.stderr, stopped.stderr
     step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
     assert f"stopped by {signal.Signals(send).name} at step {step}; {tmp_path / 'out' / 'ckpt.pt'} holds it: " \
            f"continue with --resume" in stopped.stdout
     assert 3 <= step < 24 and not (tmp_path / "out" / "ckpt.pt.tmp").exists()
 
-    run("train.py", *args, "--out-dir", tmp_path / "out", "--resume", cwd=tmp_path)
-    run("train.py", *args, "--out-dir", tmp_path / "whole", cwd=tmp_path)
+    # (workers of a run forked from tests/cli.py's server start slowly; the stream is the same with any number)
+    run("train.py", *args, "--workers", "0", "--out-dir", tmp_path / "out", "--resume", cwd=tmp_path)
+    run("train.py", *args, "--workers", "0", "--out-dir", tmp_path / "whole", cwd=tmp_path)
     resumed, whole = weights(tmp_path / "out"), weights(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert [e["loss"] for e in read_log(tmp_path / "out")] == [e["loss"] for e in read_log(tmp_path / "whole")]
 
 
 def test_torchrun_stopped_by_sigterm_saves_on_every_rank_at_one_step(tmp_path):
-    """A preempted torchrun job: torchrun passes SIGTERM to its ranks, which agree on the step at their next log sync,
-    save it, and stop without a traceback."""
-    args = [*QUIET, "--steps", "400", "--save-every", "1000", "--out-dir", tmp_path / "out"]
+    """A preempted torchrun job: torchrun passes SIGTERM to its ranks' process groups (their DataLoader workers
+    included, which leave it to their rank), the ranks agree on the step at their next log sync, save it, and stop
+    without a traceback."""
+    args = [*QUIET, "--workers", "1", "--steps", "400", "--save-every", "1000", "--out-dir", tmp_path / "out"]
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    stopped = train_until(args, tmp_path, 3, signal.SIGTERM, launcher=launcher)
+    stopped, _ = train_until(args, tmp_path, 3, signal.SIGTERM, launcher=launcher)
     step = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"]
     assert f"stopped by SIGTERM at step {step}; " in stopped.stdout, stopped.stdout + stopped.stderr
-    assert 3 <= step < 400 and "Traceback" not in stopped.stdout
+    assert 3 <= step < 400 and "Traceback" not in stopped.stdout and "DataLoader worker" not in stopped.stderr
     run("train.py", *args[:-2], "--steps", step + 1, "--out-dir", tmp_path / "out", "--resume", cwd=tmp_path,
         launcher=launcher)
     assert [e["step"] for e in read_log(tmp_path / "out")] == list(range(1, step + 2))
+
+
+def test_a_signal_to_the_group_during_an_evaluation_cuts_it_short_and_saves(tmp_path):
+    """torchrun's stop (SIGTERM to the process group: the DataLoader workers of training and of the evaluation too)
+    while --eval-every evaluates: the evaluation stops at its next batch, nothing of it printed or logged, the run
+    saves the next step and exits 143, and resumed it gives the weights of an uninterrupted run."""
+    args = [*QUIET, "--workers", "1", "--steps", "5", "--save-every", "100", "--eval-every", "2"]
+    out = tmp_path / "out"  # 3,000 images a task: the evaluation at step 2 would take many seconds
+    stopped, _ = train_until([*args, "--eval-size", "3000", "--out-dir", out], tmp_path, 2, signal.SIGTERM, group=True)
+    assert stopped.returncode == 143 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert f"stopped by SIGTERM at step 3; {out / 'ckpt.pt'} holds it" in stopped.stdout
+    assert "zero-shot" not in stopped.stdout and [e["step"] for e in read_log(out)] == [1, 2, 3]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+
+    rest = ["--eval-size", "8", "--workers", "0"]  # (as above)
+    run("train.py", *args, *rest, "--out-dir", out, "--resume", cwd=tmp_path)
+    run("train.py", *args, *rest, "--out-dir", tmp_path / "whole", cwd=tmp_path)
+    resumed, whole = weights(out), weights(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_signal_during_the_final_evaluation_ends_it_at_once(tmp_path, monkeypatch):
+    import eval_zeroshot
+
+    real = eval_zeroshot.classify
+
+    def signalled(*args, **kwargs):  # Ctrl-C as the final evaluation starts
+        runlog.signals.append(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_zeroshot, "classify", signalled)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main([*QUIET, "--steps", "2", "--eval-size", "3000", "--out-dir", str(tmp_path / "out")])
+    finally:
+        runlog.signals.clear()
+    assert stopped.value.code == 130 and torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+
+def test_a_worker_that_dies_with_a_stop_signal_is_a_stop_and_without_one_a_line():
+    """Workers leave SIGTERM to the training process, but end on their parent's (the DataLoader's end). One that dies
+    anyway (SIGKILL, or a SIGTERM before its worker_init_fn) is found where its batch is waited for, never raised from
+    torch's SIGCHLD handler in the middle of a step or a save: with a stop signal, a stop; without, one line."""
+    for signalled in (True, False):  # (a slow dataset: the worker is killed in it, not holding the DataLoader's locks)
+        batches = iter(torch.utils.data.DataLoader(Slow(), batch_size=2, num_workers=1, timeout=stops.TICK,
+                                                   worker_init_fn=stops.ignore_interrupts, persistent_workers=True))
+        stops.found_when_read()
+        stops.next_batch(batches)
+        worker = batches._workers[0]
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # torchrun's, Slurm's: ignored
+        time.sleep(0.5)
+        assert worker.is_alive() and stops.next_batch(batches).tolist() == [2, 3]
+        os.kill(worker.pid, signal.SIGKILL)
+        runlog.signals[:] = [signal.SIGTERM] if signalled else []
+        try:
+            with pytest.raises(stops.Stopped if signalled else SystemExit) as ended:
+                for _ in range(20):  # the batches it made before
+                    stops.next_batch(batches)
+        finally:
+            runlog.signals.clear()
+        assert signalled or str(ended.value.code).startswith("error: a DataLoader worker died (")
+    batches = iter(torch.utils.data.DataLoader(range(10), num_workers=1, worker_init_fn=stops.ignore_interrupts))
+    next(batches)
+    batches._workers[0].terminate()  # its parent's SIGTERM: it ends, as the DataLoader (or Python's exit) asks
+    batches._workers[0].join(5)
+    assert batches._workers[0].exitcode == 0
+
+
+class SignalledFile(io.FileIO):
+    """A file whose third write sends this process SIGTERM: a second stop signal during a save."""
+
+    writes = 0
+
+    def write(self, b):
+        SignalledFile.writes += 1
+        if SignalledFile.writes == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().write(b)
+
+
+def test_a_second_signal_during_a_save_abandons_it_in_one_line(tmp_path, monkeypatch):
+    method = torch.nn.Module()
+    method.model = torch.nn.Linear(300, 300)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    runlog.stop_on_signals()
+    runlog.signals[:] = [signal.SIGTERM]  # the first one: the run is saving the step reached
+    monkeypatch.setattr(checkpoint, "open", SignalledFile, raising=False)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            checkpoint.write(str(tmp_path / "ckpt.pt.tmp"), method, optimizer, 1, {})
+    finally:
+        runlog.signals.clear()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert stopped.value.code == "stopped by SIGTERM, without saving" and not os.listdir(tmp_path)
+
+
+class FullDisk:
+    """open() of a file whose writes fail as on a full disk: what opening it for writing truncated is lost"""
+
+    def __init__(self, path, mode="r", **kwargs):
+        self.f = open(path, mode, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def writelines(self, lines):
+        raise OSError(errno.EFBIG, "File too large")
+
+
+def test_a_damaged_run_folder_resumes_or_stops_in_one_line_and_its_log_is_kept(tmp_path, monkeypatch, capsys):
+    """log.jsonl's lines that are not ours (NUL bytes, {}, a list, a string or null step, an empty line, bytes that
+    are not UTF-8) are dropped, counted, when a run resumes; OUT's files replaced by a folder or a named pipe stop it in
+    one line naming the file (a pipe would block its open); a resume refused after it began (--report-to nope), or a
+    full disk while the log is cut back to the checkpoint, leaves log.jsonl as it was."""
+    import shutil
+
+    first = tmp_path / "first"
+    train.main([*QUIET, "--steps", "2", "--out-dir", str(first)])
+    with open(first / "log.jsonl", "ab") as f:  # what a killed run leaves past its checkpoint, and damage
+        f.write(b'{"step": 3, "loss": 1.0}\n{}\n[1, 2]\n{"step": "1"}\n\n\xff\xfe\n{"step": null}\n"step"\n'
+                + b"\0" * 40 + b"\n")
+    logged = (first / "log.jsonl").read_bytes()
+
+    def damaged(name, damage=None):
+        out = tmp_path / name
+        shutil.copytree(first, out)
+        if damage:
+            os.remove(out / damage[0]) if os.path.isfile(out / damage[0]) else None
+            damage[1](str(out / damage[0]))
+        return out
+
+    out = damaged("refused")
+    assert "--report-to nope" in main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume", "--report-to", "nope")
+    assert (out / "log.jsonl").read_bytes() == logged
+    out = damaged("full")
+    monkeypatch.setattr(runlog, "open", lambda path, mode="r", **kw: FullDisk(path, mode, **kw) if "log.jsonl" in
+                        path and "w" in mode else open(path, mode, **kw), raising=False)
+    message = main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+    assert message == f"error: could not write {out / 'log.jsonl'} (cut back to step 2), through " \
+                      f"{out / 'log.jsonl'}.tmp: file too large; it is as it was"
+    assert (out / "log.jsonl").read_bytes() == logged and not (out / "log.jsonl.tmp").exists()
+    monkeypatch.undo()
+
+    out = damaged("resumed")
+    (out / "log.jsonl").write_bytes(b"\xef\xbb\xbf" + logged)  # and a byte-order mark (an editor's): no damage
+    train.main([*QUIET, "--steps", "3", "--out-dir", str(out), "--resume"])
+    assert f"{out / 'log.jsonl'}: dropped 8 damaged line(s)" in capsys.readouterr().out
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+    out = damaged("tmp", ("config.json.tmp", os.mkdir))  # what the rewrite of config.json writes first
+    assert "through " in main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+    assert (out / "config.json.tmp").is_dir() and (out / "log.jsonl").read_bytes() == logged
+    out = damaged("tb", ("tensorboard", lambda path: open(path, "w").close()))  # --report-to's folder a file
+    assert main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume", "--report-to", "tensorboard") == \
+        f"error: --report-to tensorboard: cannot write {out / 'tensorboard'}: file exists"
+    out = damaged("fifo", ("ckpt.pt", os.mkfifo))  # read (for its config) before OUT is claimed: must not block
+    assert main_error(*QUIET, "--out-dir", out, "--resume") == f"error: no checkpoint at {out / 'ckpt.pt'}: it is a " \
+                                                               f"named pipe"
+    for name, make, what in [("log.jsonl", os.mkdir, "a folder"), ("log.jsonl", os.mkfifo, "a named pipe"),
+                             ("config.json", os.mkdir, "a folder"), ("ckpt.pt.tmp", os.mkdir, "a folder"),
+                             (".lock", os.mkdir, "a folder")]:
+        out = damaged(f"{name}-{what}", (name, make))
+        message = main_error(*QUIET, "--steps", "3", "--out-dir", out, "--resume")
+        assert message.startswith(f"error: {out / name} is {what}, where the run keeps a file"), message

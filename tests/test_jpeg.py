@@ -165,7 +165,7 @@ def first_batch(paths, workers=0, size=96, device="cpu", **stream):
     dataset = data.ImageCaptions(paths, [f"photo number {i}" for i in range(len(paths))])
     transform = Transform(size, get_tokenizer("clip"), 77)
     stream = data.TrainingStream(dataset, transform, 0, len(paths), 0, 1, workers, device, **stream)
-    return next(stream), stream
+    return data.to_device(next(stream), device), stream  # as a pass of train.forward_backward takes it
 
 
 def unnormalised(images):  # (B, 3, R, R) float on the device -> the uint8 values the transforms made
@@ -202,7 +202,8 @@ def test_gpu_decode_of_a_method_with_other_views_and_of_shards(tmp_path):
     paths = photos(tmp_path)
     dataset = data.ImageCaptions(paths, [f"photo number {i}" for i in range(len(paths))])
     transform = SLIP(create_model("tiny-vit"), mlp_dim=16).transform(get_tokenizer("clip"))
-    batches = [next(data.TrainingStream(dataset, transform, 0, 6, 0, 1, 0, "cpu", decode_on_device=d)) for d in (0, 1)]
+    batches = [data.to_device(next(data.TrainingStream(dataset, transform, 0, 6, 0, 1, 0, "cpu", decode_on_device=d)),
+                              "cpu") for d in (0, 1)]
     assert all(torch.equal(batches[0][k], batches[1][k]) for k in batches[0] if k != "image")
     assert min(psnr(unnormalised(a), unnormalised(b)) for a, b in zip(batches[0]["image"], batches[1]["image"])) > 30
     assert not torch.equal(batches[0]["image"], batches[1]["image"])  # deferred: a full decode, not the reduced one
@@ -211,7 +212,7 @@ def test_gpu_decode_of_a_method_with_other_views_and_of_shards(tmp_path):
     streams = [data.TrainingStream(shards, Transform(16, get_tokenizer("clip"), 77), 0, 4, 0, 1, 2, "cpu",
                                    decode_on_device=d) for d in (False, True)]
     for _ in range(6):
-        plain, deferred = next(streams[0]), next(streams[1])
+        plain, deferred = (data.to_device(next(stream), "cpu") for stream in streams)
         assert plain.keys() == deferred.keys() and all(torch.equal(plain[k], deferred[k]) for k in plain)
     (bad, *counts), (bad_deferred, *counts_deferred) = (stream.take_unreadable() for stream in streams)
     assert bad.keys() == bad_deferred.keys() and len(bad) == 1 and counts == counts_deferred
@@ -251,6 +252,9 @@ def test_gpu_decode_of_files_the_device_or_nothing_can_decode(tmp_path, monkeypa
         if index != 2:
             assert torch.equal(deferred["text"][position], on_cpu["text"][position])
             assert psnr(unnormalised(deferred["image"][position]), unnormalised(on_cpu["image"][position])) > 30
+    with pytest.raises(SystemExit) as stopped:  # a batch of them: nothing to take their place, one line
+        first_batch([paths[2]] * 3, decode_on_device=True)
+    assert stopped.value.code == f"error: no image of a batch decodes, the first {paths[2]}"
 
 
 def test_train_py_gpu_decode(tmp_path):

@@ -55,10 +55,11 @@ def has(pixels, colour):
     return bool((np.abs(pixels.astype(int) - colour).sum(axis=-1) < 30).sum() > 50)
 
 
-@pytest.mark.parametrize("names, panels", [(["clip"], 9), (["siglip"], 6), (["clip", "siglip"], 11)])
+@pytest.mark.parametrize("names, panels", [(["clip"], 11), (["siglip"], 8), (["clip", "siglip"], 13)])
 def test_plot_draws_every_curve_of_every_run(runs, names, panels):
-    # clip: loss, clip, logit_scale, lr, samples_per_s and 4 synthetic tasks' top-1; siglip: loss, siglip,
-    # logit_scale, logit_bias, lr, samples_per_s (no evaluation lines); both: their union
+    # clip: loss, clip, logit_scale, lr, samples_per_s, data_wait, max_memory_mb and 4 synthetic tasks' top-1; siglip:
+    # loss, siglip, logit_scale, logit_bias, lr, samples_per_s, data_wait, max_memory_mb (no evaluation lines); both:
+    # their union
     assert any("task" in e for e in read_log(runs / "clip")) and not any("task" in e for e in read_log(runs / "siglip"))
     out = runs / f"{'-'.join(names)}.png"
     p = run("scripts/plot.py", *[runs / n for n in names], "--out", out, cwd=runs)
@@ -71,11 +72,54 @@ def test_plot_draws_every_curve_of_every_run(runs, names, panels):
     assert has(pixels, BLUE) and has(pixels, ORANGE) == (len(names) == 2)
 
 
+def drawn(monkeypatch, out_dirs, out):
+    """plot.plot(out_dirs, out) -> {panel title: [(xs, ys) of each line drawn in it]}, as matplotlib was given them."""
+    import matplotlib.axes
+
+    lines, real_plot = [], matplotlib.axes.Axes.plot
+
+    def spy(ax, xs, ys, *args, **kwargs):
+        lines.append((ax, list(xs), list(ys)))
+        return real_plot(ax, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot.plot([str(d) for d in out_dirs], str(out))
+    panels = {}
+    for ax, xs, ys in lines:
+        panels.setdefault(ax.get_title(), []).append((xs, ys))
+    return panels
+
+
+def test_plot_draws_data_wait_and_memory_beside_samples_per_s(runs, tmp_path, monkeypatch):
+    log = [e for e in read_log(runs / "clip") if "task" not in e]
+    panels = drawn(monkeypatch, [runs / "clip"], tmp_path / "p.png")
+    titles = list(panels)
+    at = titles.index("samples_per_s")
+    assert titles[at + 1:at + 3] == ["data_wait (share of the time)", "max_memory_mb (peak MiB)"]
+    for title, key in (("data_wait (share of the time)", "data_wait"), ("max_memory_mb (peak MiB)", "max_memory_mb")):
+        assert panels[title] == [([e["step"] for e in log], [e[key] for e in log])]
+        assert all(0 <= e["data_wait"] <= 1 and e["max_memory_mb"] > 0 for e in log)
+
+    # a log of before these fields: no such panels; a log with them in some lines only: drawn where they are
+    (tmp_path / "old").mkdir()
+    (tmp_path / "mixed").mkdir()
+    old = [{k: v for k, v in e.items() if k not in ("data_wait", "max_memory_mb")} for e in log]
+    (tmp_path / "old" / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    mixed = old[:2] + log[2:]
+    (tmp_path / "mixed" / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in mixed))
+    assert not any(t.startswith(("data_wait", "max_memory_mb")) for t in drawn(monkeypatch, [tmp_path / "old"],
+                                                                               tmp_path / "old.png"))
+    panels = drawn(monkeypatch, [tmp_path / "mixed"], tmp_path / "mixed.png")
+    assert panels["data_wait (share of the time)"] == [([e["step"] for e in log[2:]],
+                                                         [e["data_wait"] for e in log[2:]])]
+    assert len(panels["loss"][0][0]) == len(log)
+
+
 def test_plot_labels_runs_by_method_and_model(runs):
     assert [plot.read_run(str(runs / n))[0] for n in ("clip", "siglip")] == \
         ["clip tiny-vit (clip)", "siglip tiny-vit (siglip)"]
     run("scripts/plot.py", runs / "siglip", cwd=runs)  # one run: OUT/plot.png by default
-    assert picture(runs / "siglip" / "plot.png")[0] == (1200, 600)
+    assert picture(runs / "siglip" / "plot.png")[0] == (1200, 900)  # 8 panels, 3 rows
 
 
 def test_plot_fails_with_one_line(runs, tmp_path, monkeypatch):
@@ -392,7 +436,7 @@ def captured_figure(monkeypatch):
     return figures
 
 
-def drawn(figure):
+def lines_of(figure):
     """{panel title: [(label, linestyle, colour, xs, ys)]} of the axes that hold lines"""
     from matplotlib.colors import to_hex
 
@@ -423,7 +467,7 @@ def test_plot_draws_the_values_of_the_log(tmp_path, monkeypatch):
         (tmp_path / name / "config.json").write_text(json.dumps({"config": {"method": method, "model": "tiny-vit"}}))
     figures = captured_figure(monkeypatch)
     plot.plot([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "plot.png"))
-    panels = drawn(figures[0])
+    panels = lines_of(figures[0])
     labels = ["clip tiny-vit (a)", "siglip tiny-vit (b)"]
     blue, orange = to_hex("C0"), to_hex("C1")
 
@@ -451,7 +495,7 @@ def test_plot_of_a_real_run_draws_its_log(runs, monkeypatch):
     from 5e-4), each evaluation its top-1 in %."""
     figures = captured_figure(monkeypatch)
     plot.plot([str(runs / "clip")], str(runs / "real.png"))
-    panels = drawn(figures[0])
+    panels = lines_of(figures[0])
     log = read_log(runs / "clip")
     steps, evals = [e for e in log if "loss" in e], [e for e in log if "task" in e]
     assert [e["lr"] for e in steps] == pytest.approx([5e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])

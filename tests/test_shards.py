@@ -2,21 +2,26 @@
 resumed exactly mid-epoch, bad samples skipped and counted; 2 "nodes" equal one process; DeCLIP's multi-rank resume
 is exact."""
 
+import http.server
 import io
 import json
 import os
+import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 
 import pytest
 import torch
 from PIL import Image
 
 import train
-from plumbing import samples
-from plumbing.shards import ShardStream, decode_sample, shard_list, tar_members, tar_samples
+from plumbing import checkpoint, runlog, samples, shards, stops
+from plumbing.shards import ShardStream, braces, decode_sample, shard_list, tar_members, tar_samples
 from test_train import main_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +143,28 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, fmt):
     corrupt = raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]  # one bit of the first header's mode field
     with pytest.raises(ValueError, match="not a tar header"):
         list(tar_members(io.BytesIO(corrupt)))
+
+
+def header(size_field):
+    """a ustar header of a member 'a.jpg' whose size field is these 12 bytes, its checksum right"""
+    h = bytearray(512)
+    h[:5], h[100:108], h[124:136], h[156:157], h[257:263] = b"a.jpg", b"0000644\0", size_field, b"0", b"ustar\0"
+    h[148:156] = f"{sum(h) + 8 * ord(' '):06o}\0 ".encode()
+    return bytes(h)
+
+
+def test_tar_headers_are_read_within_bounds(monkeypatch):
+    """A size of -1 does not make the rest of the shard one member, nor 8 GB a read of 8 GB; a typo in braces does
+    not name 10^8 shards; a range may count down, as in bash and braceexpand."""
+    with pytest.raises(ValueError, match="not a tar header"):
+        list(tar_members(io.BytesIO(header(b"-0000000001") + b"x" * 4096)))
+    with pytest.raises(ValueError, match="a member of 8,589,934,592 bytes, over 256 MiB"):
+        list(tar_members(io.BytesIO(header(b"100000000000"))))  # then endless zeros, in the attack's pipe
+    assert list(tar_members(io.BytesIO(header(b"00000000003\0") + b"abc".ljust(512, b"\0")))) == [("a.jpg", b"abc")]
+    assert list(braces("d/{03..01}.tar")) == ["d/03.tar", "d/02.tar", "d/01.tar"]
+    monkeypatch.setattr(shards, "MAX_SHARDS", 100)
+    with pytest.raises(ValueError, match="names more than 100 shards"):
+        shard_list("d/{00000000..99999999}.tar")
 
 
 def test_readers_split_the_shards_and_each_reads_every_sample_of_its_own_once_per_epoch(tmp_path):
@@ -294,6 +321,136 @@ def test_a_failing_command_or_url_is_a_bad_shard_named_in_one_line(tmp_path, htt
     assert sorted(got) == [(0, 0)] * 4 + [(0, 1)] * 2 + [(0, 2)] * 2 and {name for name, _ in bad} == set(failing)
 
 
+class Stalling(http.server.BaseHTTPRequestHandler):
+    """/stall: 200, headers and 10 bytes, then nothing; /trickle: a byte every 0.3 s; /loop: a redirect to itself"""
+
+    def do_GET(self):
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            self.wfile.write(b"\0" * 10)
+            for _ in range(100 if self.path == "/trickle" else 0):
+                time.sleep(0.3)
+                self.wfile.write(b"a")
+            time.sleep(30)
+        except OSError:  # the reader gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def gone(pid_file):
+    """whether the process group whose leader wrote its pid to pid_file has ended"""
+    for _ in range(50):
+        try:
+            os.killpg(int(open(pid_file).read()), 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_stalled_source_is_a_bad_shard_named_in_one_line_and_a_command_is_not_waited_for(tmp_path):
+    """A source that stops sending, or trickles, is a bad shard after --shard-timeout seconds (2 here) without
+    progress, named with what it waited for; a command whose output ended, or that the reader left, is killed
+    (its process group) instead of waited for."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    good = write_shards(tmp_path / "d", sizes=[3])[0]
+    pid = tmp_path / "pid"
+    cases = {f"pipe:echo $$ > {pid}; sleep 600": "stalled: no data in 2 s (--shard-timeout) waiting for the command's",
+             f"{url}/stall": "stalled: 10 bytes in 2 s (--shard-timeout) waiting for the rest of the server's response",
+             f"{url}/trickle": "bytes in 2 s (--shard-timeout) waiting for the rest of the server's response",
+             f"{url}/loop": "HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite",
+             f"pipe:trap '' PIPE; echo $$ > {pid}; printf '%0600d'; sleep 600": "not a tar header",
+             f"pipe:echo $$ > {pid}; cat {good}; exec >&-; sleep 600": None}  # the whole shard, then a sleep
+    try:
+        for source, reason in cases.items():
+            started = time.monotonic()
+            samples = list(tar_samples(source, timeout=2))
+            assert time.monotonic() - started < 5, source
+            if reason:
+                assert samples[-1][0] == "" and reason in samples[-1][1] and "\n" not in samples[-1][1], samples
+            else:
+                assert [key for key, _ in samples] == ["000000000", "000000001", "000000002"]
+            assert not source.startswith("pipe:") or gone(pid), source
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not stops.children
+
+
+def test_a_stalled_source_stops_the_run_in_one_line(tmp_path):
+    started = time.monotonic()
+    message = main_error("--data", "pipe:sleep 600", *TINY, "--workers", "0", "--shard-timeout", "2", "--out-dir",
+                         tmp_path / "o")
+    assert "the shards of reader 0 hold no samples, the first pipe:sleep 600 (stalled: no data in 2 s" in message
+    assert time.monotonic() - started < 30
+
+
+def stuck(tmp_path, workers):
+    """A run of 2 steps on local shards, resumed with --data a command per shard that sleeps: stuck in its first read.
+    -> (train.py's arguments to resume it, the file the commands write their pids to)"""
+    write_shards(tmp_path / "shards")
+    args = [*TINY, "--workers", workers, "--save-every", "2"]
+    train.main(["--data", str(tmp_path / "shards"), *args, "--steps", "2", "--out-dir", str(tmp_path / "o")])
+    checkpoint.claim(str(tmp_path / "elsewhere"), fresh=True)  # the lock on o/ released, for a run of its own
+    pids = tmp_path / "pids"
+    sleeping = "::".join([f"pipe:echo $$ >> {pids}; sleep 600"] * len(SIZES))
+    return ["--data", sleeping, *args, "--steps", "4", "--out-dir", tmp_path / "o", "--resume"], pids
+
+
+def test_a_stop_signal_ends_a_read_that_waits_and_keeps_the_checkpoint(tmp_path):
+    """SIGTERM while the training process waits in a read of a stalled source (no --workers): the run stops within
+    seconds, as it would at a step's end: ckpt.pt untouched, which holds the steps done."""
+    argv, pids = stuck(tmp_path, "0")
+    saved = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    runlog.stop_on_signals()
+    threading.Thread(target=lambda: (wait_for(pids.exists), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main([str(a) for a in argv])
+    finally:
+        runlog.signals.clear()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert stopped.value.code == 143 and (tmp_path / "o" / "ckpt.pt").read_bytes() == saved
+    assert gone(pids)
+
+
+def test_torchrun_s_stop_ends_a_worker_s_read_that_waits(tmp_path):
+    """The same stall in a DataLoader worker, and SIGTERM to the process group, as torchrun stops a rank: the worker
+    leaves it to the training process, which stops waiting for the batch within seconds."""
+    argv, pids = stuck(tmp_path, "1")
+    saved = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    wait_for(lambda: pids.exists() or p.poll() is not None)
+    os.killpg(p.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and time.monotonic() - sent < 15 and "Traceback" not in err, err
+    assert f"stopped by SIGTERM at step 2; {tmp_path / 'o' / 'ckpt.pt'} holds it" in out
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == saved and gone(pids)
+
+
+def wait_for(ready, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 # --- train.py on shards -----------------------------------------------------------------------------------------------
 
 
@@ -326,6 +483,8 @@ def test_training_resumes_mid_epoch_exactly(tmp_path, killed_while_saving):
     # the resumed run's readers must be as many as before: they define the stream
     message = main_error(*args, "--workers", "1", "--steps", "8", "--out-dir", out, "--resume")
     assert "streamed 5 shards with 2 readers" in message and "this run 5 with 1" in message
+    message = main_error(*args, "--shuffle-buffer", "5", "--steps", "8", "--out-dir", out, "--resume")
+    assert "was trained with --shuffle-buffer 6, this run has 5" in message  # other blocks: other positions
 
 
 def test_bad_samples_are_counted_like_unreadable_images(tmp_path, capsys):

@@ -1,0 +1,82 @@
+"""
+How a run stops on a signal as clusters send it: torchrun stops a rank by signalling its whole process group, Slurm
+every process of a job step, a terminal's Ctrl-C the foreground group. The DataLoader workers get the signal too; they
+leave it to the training process (ignore_interrupts), which saves the step reached (runlog.stop_on_signals, train.py).
+What could keep the training process from reaching the end of its step is heard as well: a batch that does not come
+(a stalled source, a worker that died anyway) ends with Stopped (next_batch, and plumbing/sources.py's reads).
+"""
+
+import atexit
+import os
+import signal
+import threading
+
+from plumbing.runlog import fail, signals
+
+TICK = 0.5  # s: how often a wait for data looks at the stop signals
+STOP_WAIT = 3  # s: how long a run that received a stop signal waits for data that does not come
+children = set()  # process groups this process started (pipe: commands), killed when it ends
+
+
+class Stopped(Exception):
+    """A stop signal came while the data it waits for does not (train.py saves the steps done, with one rank)."""
+
+
+def kill_children():
+    for pid in list(children):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:  # ended already
+            pass
+        children.discard(pid)
+
+
+atexit.register(kill_children)
+
+
+def ignore_interrupts(worker_id):
+    """A DataLoader worker's worker_init_fn: Ctrl-C and SIGTERM are the training process's to act on, not the
+    worker's (which would die before the training process saves, and fail it). SIGINT is ignored. SIGTERM is blocked
+    and taken by a thread: one from the worker's parent (the DataLoader ending it, Python's exit) ends the worker as
+    before, any other is ignored. torch's own handler, set before this runs, tells them apart in the same way, but
+    dies of the others."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children.clear()  # the parent's commands (forked with it), not this worker's to kill
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's, and so every thread's started later
+    parent = os.getppid()
+
+    def wait_for_parent():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent and os.getppid() == parent:
+            pass  # another's SIGTERM (torchrun, Slurm), while the parent lives
+        kill_children()
+        os._exit(0)
+    threading.Thread(target=wait_for_parent, daemon=True).start()
+
+
+def found_when_read():
+    """torch raises a dead worker's error from a SIGCHLD handler, wherever the main thread is (within a save, say): a
+    dead worker is found instead where the batch it owes is waited for (next_batch), within 5 s."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def next_batch(batches):
+    """next() of a DataLoader's iterator; one with workers must have timeout=TICK: it gives up every TICK s, so that
+    a stop signal is heard while the batch does not come. -> the batch; raises Stopped once a stop signal has waited
+    STOP_WAIT s for it, or at once if a worker died (SIGKILL, a SIGTERM before ignore_interrupts ran); a worker that
+    died without a stop signal (the OOM killer) stops the run with one line."""
+    waited = 0
+    while True:
+        try:
+            return next(batches)
+        except (OSError, EOFError, RuntimeError) as e:  # a worker's own error is re-raised as "Caught ... in worker"
+            if str(e).startswith("Caught ") or isinstance(e, RuntimeError) and not str(e).startswith("DataLoader "):
+                raise
+            # DataLoader's (timed out, a worker exited), or a batch whose shared memory a dead worker was to hand over
+            error, died = e, "timed out" not in str(e)
+        if signals and (died or waited >= STOP_WAIT):
+            raise Stopped("a DataLoader worker died" if died else "the data did not come") from None
+        if died:
+            fail(f"a DataLoader worker died ({error or type(error).__name__}; killed: out of memory? see dmesg); "
+                 f"--resume continues from the last checkpoint")
+        waited += TICK
