@@ -612,35 +612,31 @@ def test_declip_resumes_exactly_on_two_ranks(tmp_path):
 def raw_http():
     """serve(answer) -> a URL whose server reads the request and writes `answer` (bytes) as it is, then closes: any
     status line, headers and body, however broken"""
+    import socketserver
     import threading
 
-    sockets = []
+    class Raw(socketserver.BaseRequestHandler):
+        def handle(self):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            self.request.sendall(self.server.answer)
+
+    servers = []
 
     def serve(answer):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        sockets.append(listener)
-
-        def loop():
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:  # closed at the end of the test
-                    return
-                with conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        request += chunk
-                    conn.sendall(answer)
-        threading.Thread(target=loop, daemon=True).start()
-        return f"http://127.0.0.1:{listener.getsockname()[1]}/00000.tar"
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Raw)
+        server.answer, server.daemon_threads = answer, True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/00000.tar"
     yield serve
-    for listener in sockets:
-        listener.close()
+    for server in servers:  # as http_folder: stopped and its port closed before the next test
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_server_that_cuts_off_or_answers_garbage_is_a_bad_shard(tmp_path, raw_http):
