@@ -11,12 +11,12 @@ SigLIP with its bias b, SLIP, DeCLIP) or s · FILIP's token-wise similarity, and
     sigmoid   Σ_j softplus(l_ij) − l_{i,y_i}                           ∂/∂l_ij     = σ(l_ij) − [j = y_i]
 
 Forward: visit the logits in tiles of TILE × TILE and keep, per row (and per column: CLIP's text→image rows, SimCLR's
-b-views, are its columns), a running log-sum-exp, log Σ_{a ∪ b} = logaddexp(lse_a, lse_b), and the positive's logit; the sigmoid loss
-only sums. Backward: visit the tiles again, recompute each from its rows and columns of the features, form its
-∂L/∂l from those statistics, and let autograd of that tile alone send it on (for a dot product: G·K to the queries,
-Gᵀ·Q to the keys, Σ G ∘ l / s to s). Held at any time: the features and their gradients, O(N·D), the statistics,
-O(N), and a few tiles, O(TILE²), whatever N. The price: each tile's logits are computed twice. Not the sigmoid's:
-its ∂L/∂l of a tile needs that tile alone, so the forward's one visit also sends it back, and keeps the gradients.
+b-views, are its columns), a running log-sum-exp, log Σ_{a ∪ b} = logaddexp(lse_a, lse_b), and the positive's logit; the
+sigmoid loss only sums. Backward: visit the tiles again, recompute each from its rows and columns of the features, form
+its ∂L/∂l from those statistics, and let autograd of that tile alone send it on (for a dot product: G·K to the queries,
+Gᵀ·Q to the keys, Σ G ∘ l / s to s). Held at any time: the features and their gradients, O(N·D), the statistics, O(N),
+and a few tiles, O(TILE²), whatever N. The price: each tile's logits are computed twice. Not the sigmoid's: its ∂L/∂l of
+a tile needs that tile alone, so the forward's one visit also sends it back, and keeps the gradients.
 
 Under DDP the method files gather with gradient as before and pass their local rows against the gathered ones: the
 keys' gradients flow back through the gather. The logits are float32, autocast or not, as in the method files.
@@ -27,10 +27,24 @@ import os
 import torch
 import torch.nn.functional as F
 
-# past this many MiB of float32 logits a loss is tiled: $TILED_LOSS_MB, else 256 (the tests set it to 0: always)
-LIMIT_MB = float(os.environ.get("TILED_LOSS_MB", 256))
-# a tile is TILE × TILE logits, 64 MiB in float32; FILIP's tiles hold TILE tokens of each side, TILE² similarities
-TILE = 4096
+from plumbing.runlog import fail
+
+
+def limit_mb(value):
+    """$TILED_LOSS_MB: past this many MiB of float32 logits a loss is tiled (0: always, inf: never); unset: 256"""
+    try:
+        limit = float(256 if value in (None, "") else value)
+    except ValueError:
+        limit = float("nan")
+    if not limit >= 0:  # (NaN too)
+        fail(f"TILED_LOSS_MB={value!r}: give the MiB of logits past which a loss is tiled, a number >= 0 (0: always)")
+    return limit
+
+
+LIMIT_MB = limit_mb(os.environ.get("TILED_LOSS_MB"))  # (the tests set it to 0: always)
+# a tile is TILE × TILE logits, 16 MiB in float32 (4096: 64 MiB, and slower on a CPU: docs/speed.md); FILIP's tiles hold
+# TILE tokens of each side, TILE² similarities
+TILE = 2048
 
 
 def needed(rows, cols):

@@ -358,13 +358,14 @@ def test_our_checkpoint_as_pretrained_keeps_its_activation_and_refuses_another_t
     """A ckpt.pt records its run: --pretrained takes its activation (GELU here, where OpenAI's files mean QuickGELU,
     and --act overrides it), and refuses one trained with another tokenizer (its token embedding means other ids)."""
     oc, _ = files
-    ours = {"config": {"tokenizer": "clip"}, "model_config": dict(CONFIGS["tiny-vit"], quick_gelu=False),
-            "model": oc.state_dict()}
+    run = dict(method="clip", model="tiny-vit", batch_size=8, seed=0, tokenizer="clip")  # as train.py writes it
+    ours = {"config": run, "model_config": dict(CONFIGS["tiny-vit"], quick_gelu=False), "model": oc.state_dict(),
+            "step": 1, "method": {}, "method_kwargs": {}}
     torch.save(ours, tmp_path / "gelu.pt")
     for act, quick_gelu in ((None, False), ("quickgelu", True)):
         args = train.get_args(["--pretrained", str(tmp_path / "gelu.pt"), *(["--act", act] if act else [])])
         config, weights_ = pretrained.model_config(args, 49408)
         assert config["quick_gelu"] is quick_gelu and args.model == "tiny-vit"
-    torch.save({**ours, "config": {"tokenizer": "cl100k_base"}}, tmp_path / "other.pt")
+    torch.save({**ours, "config": dict(run, tokenizer="cl100k_base")}, tmp_path / "other.pt")
     message = main_error("--pretrained", tmp_path / "other.pt", "--out-dir", tmp_path / "o", *TINY)
     assert "was trained with --tokenizer cl100k_base; --pretrained needs CLIP's BPE" in message

@@ -197,6 +197,14 @@ def test_float32_under_autocast(calls):
 
 
 def test_the_switch_and_its_environment_variable(monkeypatch):
+    """256 MiB by default (issue 30), $TILED_LOSS_MB else; a setting that is not a number >= 0 stops with one line."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value in ("abc", "-1", "nan", "256MB"):
+        p = subprocess.run([sys.executable, "-c", "import clip"], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "TILED_LOSS_MB": value})
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+            f"error: TILED_LOSS_MB={value!r}: give the MiB of logits past which a loss is tiled, a number >= 0 "
+            f"(0: always)"], p.stderr
     try:
         monkeypatch.delenv("TILED_LOSS_MB", raising=False)
         importlib.reload(tiled)
@@ -205,6 +213,7 @@ def test_the_switch_and_its_environment_variable(monkeypatch):
         monkeypatch.setenv("TILED_LOSS_MB", "1")
         importlib.reload(tiled)
         assert tiled.LIMIT_MB == 1 and not tiled.needed(512, 512) and tiled.needed(513, 512)
+        assert tiled.limit_mb("") == 256 and tiled.limit_mb("inf") == math.inf  # set to nothing: unset; inf: never
     finally:
         monkeypatch.delenv("TILED_LOSS_MB", raising=False)
         importlib.reload(tiled)
@@ -315,4 +324,5 @@ def test_bench_loss_sweep_measures_plain_and_tiled():
     assert [name for name, _, _ in lines] == ["clip", "siglip", "slip", "declip", "filip"], p.stdout
     for _, plain_loss, tiled_loss in lines:
         assert float(plain_loss) == pytest.approx(float(tiled_loss), rel=1e-5)
+
 
