@@ -167,8 +167,7 @@ def main(argv=None):
                    help="synthetic | cifar10 | cifar100 | stl10 (torchvision) | folder | imagenet (--data-dir with "
                         "train/ and val/ class folders; imagenet: the 1,000 WordNet-id folders)")
     p.add_argument("--train-size", type=int, default=5000, help="training images per synthetic task")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="the share of the training images held out to "
-                   "choose C")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training images held out to choose C")
     p.add_argument("--metric", choices=("top1", "mean_per_class_recall"), default="top1",
                    help="what C is chosen for on the validation split (the dataset's metric in the CLIP paper)")
     p.add_argument("--seed", type=int, default=0, help="of the validation split")
