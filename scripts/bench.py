@@ -1,23 +1,14 @@
 """
-The training step's benchmark: samples/s, step time, peak memory and MFU of a step of any method and model, alone, side
-by side with open_clip, or with and without accumulation, checkpointing and patch dropout. (scripts/bench_data.py times
-the input pipeline, scripts/bench_loss.py the losses' memory per rank.)
+The training step's benchmark: samples/s, step time, peak memory and MFU of train.py's step (forward_backward, bf16
+autocast on CUDA, AdamW, post_step) for any method and model, on a batch of the method's own views: alone, side by side
+with open_clip, or with and without accumulation, checkpointing and patch dropout. Compared timings alternate in one
+process (A B, B A, ...), so that a drift of the machine favours no side. Each configuration prints one line, which
+ends with the command. Figures: docs/speed.md, docs/accumulation.md.
 
     python scripts/bench.py --method clip --model ViT-B-32 --batch-size 32                 # train-step throughput
     python scripts/bench.py --method clip --model ViT-B-32 --batch-size 32 --vs-open-clip  # ours vs open_clip
     python scripts/bench.py --model ViT-B-16 --batch-size 8 --grad-accum 4 --patch-dropout 0.5 \\
         --variants plain,accum,ckpt,ckpt+accum,pd                              # each feature, alternating
-
-A step is train.py's (train.forward_backward, bf16 autocast on CUDA, AdamW, post_step), on the method and optimiser
-train.py builds, and on a batch of exactly the method's views: its own transform on SyntheticCaptions samples (SLIP's
-three image views, DeCLIP's two images and two captions). Timings that are compared come from one process, in
-alternating rounds (ABBA), so that a drift of the machine favours no side. Each configuration prints one line, which
-ends with the command.
-
-FLOPs (for the MFU): forward_flops() counts the multiply-adds of every matmul and convolution of the two encoders, 2
-FLOPs each, open_clip's convention in its docs/model_profile.csv, whose figures it reproduces (ViT-B-32 14.78, ViT-B-16
-41.09, RN50 18.18 GFLOPs per image-text pair, forward). A training step costs 3× the forward; the MFU counts those, not
-what accumulation or checkpointing recompute, nor the method's heads and losses.
 """
 
 import argparse
@@ -62,28 +53,24 @@ def get_args(argv=None):
     p.add_argument("--patch-dropout", type=float, default=0.0, help="as train.py's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (per implementation or variant)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (per implementation or variant)")
-    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip, --variants: the timed steps are split "
-                   "into this many alternating rounds (A B B A ...)")
+    p.add_argument("--rounds", type=int, default=5, help="--vs-open-clip, --variants: rounds, alternating (A B B A)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both, with --vs-open-clip)")
     p.add_argument("--lock-image", action="store_true", help="as train.py's (LiT); the MFU still counts its backward")
     p.add_argument("--lock-text", action="store_true", help="as train.py's")
-    p.add_argument("--vs-open-clip", action="store_true", help="alternate with open_clip's CLIP and ClipLoss "
-                   "(clip only)")
+    p.add_argument("--vs-open-clip", action="store_true", help="against open_clip's CLIP and ClipLoss (clip only)")
     p.add_argument("--variants", default=None, help="alternate steps with these features on, comma-separated: "
                    + ", ".join(FEATURES) + " (accum uses --grad-accum, pd --patch-dropout); time and activation "
                    "memory per sample, against the first")
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
+    args.command = "python scripts/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # ends each line
     return args
 
 
-def command(args):
-    return "python scripts/bench.py " + shlex.join(args.argv)
-
-
 # -----------------------------------------------------------------------------
-# FLOPs (2 per multiply-add), per sample, forward
+# FLOPs per sample, forward: 2 per multiply-add of the encoders' matmuls and convolutions, open_clip's convention (its
+# docs/model_profile.csv). A step counts 3× the forward, not what accumulation or checkpointing recompute, nor the
+# method's heads and losses.
 
 def transformer_macs(L, width, layers):
     # per layer, L tokens of width w: q,k,v and out projections 4·L·w², MLP w→4w→w 8·L·w², scores QKᵀ and the
@@ -92,9 +79,9 @@ def transformer_macs(L, width, layers):
 
 
 def resnet_macs(layers, width, R, D):
-    """OpenAI's ModifiedResNet (model.py) at R×R: convolutions (a k×k conv to an h×h map: h²·Cin·Cout·k²) and the
-    attention pool. BatchNorm, ReLU and pooling are not matmuls and are not counted."""
-    def conv(h, c_in, c_out, k=1):
+    """OpenAI's ModifiedResNet (model.py) at R×R: its convolutions and attention pool (BatchNorm, ReLU and pooling
+    are not matmuls)."""
+    def conv(h, c_in, c_out, k=1):  # a k×k conv to an h×h map
         return h * h * c_in * c_out * k * k
 
     h = R // 2  # the stem: three 3×3 convs at R/2, then a 2×2 avg-pool
@@ -113,10 +100,9 @@ def resnet_macs(layers, width, R, D):
     return macs + C * C + 2 * L * C * C + 2 * L * C + C * D  # q; k and v; scores and weighted sum; c_proj
 
 
-def forward_flops(config, patch_dropout=0.0):
-    """(image, text) forward FLOPs per sample of a model.CONFIGS entry, 2 FLOPs per multiply-add. With patch dropout
-    the ViT's transformer runs on the kept patches only (model.drop_patches keeps ⌊(1 − p)·P⌋)."""
-    c = config
+def forward_flops(c, patch_dropout=0.0):
+    """(image, text) forward FLOPs per sample of a model.CONFIGS entry. With patch dropout the ViT's transformer runs
+    on the kept patches only (model.drop_patches keeps ⌊(1 − p)·P⌋)."""
     D, R, w = c["embed_dim"], c["image_resolution"], c["vision_width"]
     if isinstance(c["vision_layers"], (list, tuple)):
         image = resnet_macs(c["vision_layers"], w, R, D)
@@ -133,18 +119,13 @@ def forward_flops(config, patch_dropout=0.0):
 def step_flops(config, batch, patch_dropout=0.0):
     """Training FLOPs per sample: 3 × forward, once per image view (4-D) and per caption view (text*) of the batch."""
     image, text = forward_flops(config, patch_dropout)
-    n_image = sum(v.ndim == 4 for v in batch.values())
-    n_text = sum(key.startswith("text") for key in batch)
-    return 3 * (n_image * image + n_text * text)
+    return 3 * sum(image if v.ndim == 4 else text if key.startswith("text") else 0 for key, v in batch.items())
 
 
-def peak_tflops(device):  # the dense bf16 peak of a known GPU, for the MFU; None on a CPU
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None) if name else None
-
-
-def throughput(flops, samples_per_s, peak):
+def throughput(flops, samples_per_s, device):  # the MFU against the dense bf16 peak of a known GPU
     achieved = flops * samples_per_s / 1e12  # TFLOP/s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((tflops for key, tflops in PEAK_TFLOPS if key in name), None) if name else None
     mfu = f", MFU {100 * achieved / peak:.1f}% of {peak:g}" if peak else ""
     return f"{flops / 3 / 1e9:.2f} GFLOP/sample fwd, {achieved:.3g} TFLOP/s{mfu}"
 
@@ -164,8 +145,7 @@ def step_memory(device):  # the peak of the whole process so far (CPU) or since 
 # the training step
 
 def synthetic_batch(method, batch_size, device, seed):
-    """The method's transform on a few SyntheticCaptions samples, collated and repeated to batch_size: every view
-    the method's loss reads, with the right shapes and dtypes."""
+    """The method's transform on a few SyntheticCaptions samples, collated and repeated to batch_size."""
     transform = method.transform(get_tokenizer("clip"))
     dataset = SyntheticCaptions("train", image_size=method.model.image_resolution, seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -182,8 +162,7 @@ def split(batch, k):  # -> k micro-batches
 
 
 def our_step(method, model, optimizer, autocast, accum=1, checkpointing=False, patch_dropout=0.0):
-    """batch -> loss: one step as train.py's, with these features on (forward_backward over `accum` micro-batches,
-    AdamW, post_step). The features are set at each step, so that steps of several variants can alternate."""
+    """batch -> loss: train.py's step with these features, set at each step so that several variants can alternate."""
     def step(batch):
         method.model.set_grad_checkpointing(checkpointing)
         if hasattr(method.model.visual, "patch_dropout"):  # a ViT
@@ -196,39 +175,37 @@ def our_step(method, model, optimizer, autocast, accum=1, checkpointing=False, p
     return step
 
 
-def timed_steps(step, batch, steps, device):
-    """Run `steps` steps -> the wall time of each (seconds), the last loss."""
-    times, loss = [], None
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times, loss
-
-
 def alternate(steps, batch, args, device):
     """{name: step}: --warmup untimed steps of each, then --steps timed steps of each in --rounds rounds, the order
-    reversed every other round (A B, B A, ...) -> {name: step times}, [{name: the round's seconds}], last losses."""
+    reversed every other round -> {name: step times}, [{name: the round's seconds}], {name: samples/s}, last loss."""
+    def run(step, n):
+        times, loss = [], None
+        for _ in range(n):
+            t0 = time.perf_counter()
+            loss = step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return times, loss
+
     for step in steps.values():
-        timed_steps(step, batch, args.warmup, device)
+        run(step, args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rounds = max(1, min(args.rounds, args.steps))
-    times, per_round, losses = {name: [] for name in steps}, [], {}
+    times, per_round = {name: [] for name in steps}, []
     for r in range(rounds):
         per_round.append({})
         for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-            t, losses[name] = timed_steps(steps[name], batch, args.steps // rounds, device)
+            t, loss = run(steps[name], args.steps // rounds)
             times[name] += t
             per_round[-1][name] = sum(t)
-    return times, per_round, losses
+    rates = {name: args.batch_size * len(t) / sum(t) for name, t in times.items()}
+    return times, per_round, rates, loss
 
 
 def setup(args):
-    """-> the method (training mode), what to call (the method, compiled with --compile), its AdamW, a batch of the
-    method's views, the device and the autocast context, as train.py would have them."""
+    """-> (method in training mode, it or compiled with --compile, AdamW, batch, device, autocast), as train.py's."""
     device = torch.device(distributed.setup(args.device)[2])  # as train.py: TF32 matmuls on CUDA
     torch.manual_seed(0)
     method = train.build_method(args.method, CONFIGS[args.model], train.parse_kwargs(args.method_args), device).train()
@@ -246,10 +223,9 @@ def variant_options(args, name):  # our_step's keyword arguments for a variant o
 
 
 def variant_memory(args, name):
-    """In a fresh process: the activation memory of one forward and backward of a variant, i.e. its peak beyond what
-    was allocated before it (the weights, the optimiser state, the gradients, allocated beforehand). A fresh process,
-    because on a CPU the measurement changes malloc's settings for good, and in a heap that earlier steps fragmented
-    the resident memory overstates the live tensors."""
+    """The activation memory of one forward and backward of a variant: its peak beyond the weights, optimiser state
+    and gradients, allocated beforehand. Run in a fresh process: on a CPU the measurement changes malloc's settings
+    for good, and in a heap that earlier steps fragmented the resident memory overstates the live tensors."""
     method, ours, optimizer, batch, device, autocast = setup(args)
     options = variant_options(args, name)
     our_step(method, ours, optimizer, autocast, **options)(batch)  # sets the features; first-step allocations
@@ -260,27 +236,26 @@ def variant_memory(args, name):
 
 
 def compare_variants(args, variants, method, ours, optimizer, batch, device, autocast):
-    """Steps with each variant's features on (FEATURES), on the same weights and batch, in alternating rounds, and
-    each one's activation memory (variant_memory). One line per variant, each against the first."""
+    """One line per variant of --variants: its time per sample and activation memory, each against the first's."""
     steps = {name: our_step(method, ours, optimizer, autocast, **variant_options(args, name)) for name in variants}
-    times, rounds, _ = alternate(steps, batch, args, device)
+    _, rounds, rates, _ = alternate(steps, batch, args, device)
     memory = {}
     if device.type == "cuda" or os.path.exists("/proc/self/clear_refs"):
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             memory = {name: pool.apply(variant_memory, (args, name)) for name in variants}
     base, B = variants[0], args.batch_size
     for name in variants:
-        rate, ratios = B * len(times[name]) / sum(times[name]), [r[name] / r[base] for r in rounds]
+        ratios = [r[name] / r[base] for r in rounds]
         print(f"variant {name} | {args.method} {args.model} | {device_label(device)} | batch {B}"
               + (f" = {args.grad_accum} × {B // args.grad_accum}" if "accum" in FEATURES[name] else "")
               + (f", patch dropout {args.patch_dropout:g}" if "pd" in FEATURES[name] else "")
-              + f" | {rate:.2f} samples/s, {1000 / rate:.0f} ms/sample"
+              + f" | {rates[name]:.2f} samples/s, {1000 / rates[name]:.0f} ms/sample"
               + (f", time {statistics.median(ratios):.2f}× {base}'s (rounds {min(ratios):.2f}-{max(ratios):.2f})"
                  if name != base else "")
               + (f" | activations {memory[name]:.0f} MiB, {memory[name] / B:.1f} MiB/sample" if memory else "")
               + (f", {memory[name] / memory[base]:.2f}× {base}'s" if memory and name != base else "")
-              + f" | {command(args)}")
-    return {name: B * len(t) / sum(t) for name, t in times.items()}
+              + f" | {args.command}")
+    return rates
 
 
 def vs_open_clip(args, method, ours, optimizer, batch, device, autocast):
@@ -319,17 +294,16 @@ def vs_open_clip(args, method, ours, optimizer, batch, device, autocast):
         return loss.detach()
 
     steps = {"ours": our_step(method, ours, optimizer, autocast), "open_clip": theirs_step}
-    times, rounds, _ = alternate(steps, batch, args, device)
+    times, rounds, rate, _ = alternate(steps, batch, args, device)
     ratios = [r["open_clip"] / r["ours"] for r in rounds]
-    rate = {name: args.batch_size * len(t) / sum(t) for name, t in times.items()}
     ms = {name: statistics.median(1000 * x for x in t) for name, t in times.items()}
     print(f"bench {args.method} {args.model} vs open_clip | {device_label(device)} | batch {args.batch_size} | "
           f"ours {rate['ours']:.1f} samples/s ({ms['ours']:.1f} ms median), open_clip {rate['open_clip']:.1f} "
           f"samples/s ({ms['open_clip']:.1f} ms) | ours/open_clip {rate['ours'] / rate['open_clip']:.3f} "
           f"(rounds {min(ratios):.3f}-{max(ratios):.3f}) | {len(rounds)} rounds × {args.steps // len(rounds)} steps "
-          f"each | {step_memory(device)} (both) | {command(args)}")
+          f"each | {step_memory(device)} (both) | {args.command}")
     for name in ("ours", "open_clip"):
-        print(f"# {name}: {throughput(step_flops(c, batch), rate[name], peak_tflops(device))}")
+        print(f"# {name}: {throughput(step_flops(c, batch), rate[name], device)}")
     return rate["ours"] / rate["open_clip"]
 
 
@@ -354,19 +328,18 @@ def main(argv=None):
         return compare_variants(args, variants, method, ours, optimizer, batch, device, autocast)
 
     step = our_step(method, ours, optimizer, autocast, args.grad_accum, args.grad_checkpointing, args.patch_dropout)
-    times, _, losses = alternate({"ours": step}, batch, args, device)
-    if not torch.isfinite(losses["ours"]):
-        fail(f"the loss is not finite ({losses['ours'].item()})")
-    samples_per_s = args.batch_size * len(times["ours"]) / sum(times["ours"])
+    times, _, rate, loss = alternate({"ours": step}, batch, args, device)
+    if not torch.isfinite(loss):
+        fail(f"the loss is not finite ({loss.item()})")
     features = ", ".join(f for f, on in ((f"{args.grad_accum} micro-batches", args.grad_accum > 1),
                                          ("checkpointing", args.grad_checkpointing),
                                          (f"patch dropout {args.patch_dropout:g}", args.patch_dropout)) if on)
     flops = step_flops(CONFIGS[args.model], batch, args.patch_dropout)
     print(f"bench {args.method} {args.model} | {device_label(device)} | batch {args.batch_size}"
-          f"{f' ({features})' if features else ''} | {samples_per_s:.1f} samples/s | "
+          f"{f' ({features})' if features else ''} | {rate['ours']:.1f} samples/s | "
           f"step {statistics.median(1000 * t for t in times['ours']):.1f} ms median, {len(times['ours'])} steps | "
-          f"{step_memory(device)} | {throughput(flops, samples_per_s, peak_tflops(device))} | {command(args)}")
-    return samples_per_s
+          f"{step_memory(device)} | {throughput(flops, rate['ours'], device)} | {args.command}")
+    return rate["ours"]
 
 
 if __name__ == "__main__":

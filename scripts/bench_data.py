@@ -1,25 +1,25 @@
 """
 The input pipeline's benchmark: images/s of decoding a folder of JPEGs and applying a method's training transform,
-per DataLoader worker, which says how many CPU cores feed a GPU that trains at R samples/s (R / images/s per core).
+per DataLoader worker, which says how many CPU cores feed a GPU that trains at R samples/s. Figures: docs/speed.md.
 
     python scripts/bench_data.py --make-jpegs 200 /tmp/jpegs                           # a folder of COCO-sized JPEGs
     python scripts/bench_data.py --data-dir /tmp/jpegs --model ViT-B-32 --workers 1,2  # decode + augment, images/s
     python scripts/bench_data.py --vs-open-clip --model ViT-B-32  # images per CPU-second, ours against open_clip's
 
-Decoders: crop (what training does: a JPEG decoded by the training crop at the size it needs), tvio
-(samples.load_image's torchvision.io, in full) and PIL's, for comparison. Each configuration prints one line starting
-with "data", ending with the command.
+Each configuration prints one line, which ends with the command.
 """
 
 import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's root, from any folder
 
@@ -43,10 +43,9 @@ def get_args(argv=None):
     p.add_argument("--method", default="clip", choices=train.METHODS, help="whose training transform")
     p.add_argument("--method-args", default="", help="the method's constructor arguments, as train.py's")
     p.add_argument("--model", default="tiny-vit", choices=CONFIGS, help="a config of model.py: its image size")
-    p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list such as "
-                   "1,4,8")
-    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (samples.load_image), crop (training's: the "
-                   "JPEG decoded by the crop at the size it needs)")
+    p.add_argument("--workers", default=str(os.cpu_count()), help="DataLoader workers: N for 1..N, or a list: 1,4,8")
+    p.add_argument("--decoders", default="pil,tvio,crop", help="pil, tvio (samples.load_image: torchvision.io, in "
+                   "full), crop (training's: the JPEG decoded by the crop at the size it needs)")
     p.add_argument("--vs-open-clip", action="store_true", help="images per CPU-second of CLIP's train transform, ours "
                    "against open_clip's, on generated 640x480 and 256x256 JPEGs, and the cores a GPU needs")
     p.add_argument("--images", type=int, default=100, help="--vs-open-clip: JPEGs of each size")
@@ -54,18 +53,20 @@ def get_args(argv=None):
     p.add_argument("--gpu-rate", type=float, default=4862, help="--vs-open-clip: the GPU's samples/s (default: one "
                    "H100, compiled ViT-B/32, docs/speed.md)")
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # quoted in the summary lines
+    args.command = "python scripts/bench_data.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     return args
+
+
+def lazy_jpeg(path):  # what data.py's datasets return: a JPEG's bytes, decoded by the training crop
+    with open(path, "rb") as f:
+        return samples.decode_image(f.read(), lazy_name=path)
 
 
 def decode(path, decoder):
     if decoder == "pil":
         with Image.open(path) as img:
             return img.convert("RGB")
-    if decoder == "crop":  # what data.py's datasets return: a JPEG's bytes, decoded by the training crop
-        with open(path, "rb") as f:
-            return samples.decode_image(f.read(), lazy_name=path)
-    return samples.load_image(path)  # torchvision.io: a (3, H, W) uint8 tensor, evaluation's decoding
+    return lazy_jpeg(path) if decoder == "crop" else samples.load_image(path)  # tvio: a (3, H, W) uint8 tensor
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -99,20 +100,14 @@ def make_jpegs(n, folder, w=500, h=375):
 
 
 def vs_open_clip(args):
-    """Images per CPU-second (one thread, this process's CPU time: the machine's other users disturb it less than wall
-    time) of reading a JPEG file and applying CLIP's train transform at the model's size: open_clip's
-    (PIL decoding, its RandomResizedCrop(0.9-1) and normalisation), ours before issue 22 (torchvision.io decoding of
-    the full image, the float transform) and ours (data.ImageCaptions' lazy JPEG, decoded by the crop at the size it
-    needs, uint8 out: normalised on the GPU); the workers' part of train.py --gpu-decode (the header, the box); and
-    decoding alone at 1/1 to 1/8 of the size. Pipelines alternate within each round. On a GPU, also the device's part
-    of --gpu-decode."""
+    """Images per CPU-second (one thread; this process's CPU time, which the machine's other users disturb less than
+    wall time) of reading a JPEG and applying CLIP's train transform: open_clip's, ours before issue 22, ours, the
+    workers' part of train.py --gpu-decode, and decoding alone at 1/1 to 1/8 of the size, alternating within each
+    round (docs/speed.md); on a GPU, also the device's part of --gpu-decode."""
     try:
         import open_clip
     except ImportError:
         fail("--vs-open-clip needs open_clip: pip install open_clip_torch")
-    import tempfile
-
-    from torchvision.transforms import v2
     R = CONFIGS[args.model]["image_resolution"]
     theirs = open_clip.image_transform(R, is_train=True, mean=data.MEAN, std=data.STD)
     before = v2.Compose([v2.RandomResizedCrop(R, scale=(0.9, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
@@ -120,20 +115,17 @@ def vs_open_clip(args):
                          v2.Normalize(data.MEAN, data.STD)])
     ours = data.train_transform(R, scale=(0.9, 1.0))  # CLIP's (clip.Transform)
 
-    def read(path):
-        with open(path, "rb") as f:
-            return f.read()
     def decode_only(path, r):  # libjpeg at 1/r (PIL's draft), the floor of a reduced decode
         with Image.open(path) as img:
             img.draft("RGB", (img.size[0] // r, img.size[1] // r))
             img.load()
     def deferred(path):  # train.py --gpu-decode: the workers' part (the header, the box); the device decodes
-        jpeg = samples.decode_image(read(path), lazy_name=path)
+        jpeg = lazy_jpeg(path)
         jpeg.defer = True
         return ours(jpeg)
     pipelines = {"open_clip": lambda path: theirs(Image.open(path)),  # as open_clip's CsvDataset
                  "before": lambda path: before(samples.load_image(path)),
-                 "ours": lambda path: ours(samples.decode_image(read(path), lazy_name=path)),
+                 "ours": lambda path: ours(lazy_jpeg(path)),
                  "ours --gpu-decode": deferred,
                  **{f"decode 1/{r}": lambda path, r=r: decode_only(path, r) for r in (1, 2, 4, 8)}}
     torch.set_num_threads(1)
@@ -168,13 +160,12 @@ def vs_open_clip(args):
         ratios = [a / b for a, b in zip(rates["ours"], rates["open_clip"])]
         print(f"data-vs-open_clip {w}x{h} -> {R}px | " + " | ".join(
             f"{name} {median[name]:.0f} ({min(r):.0f}-{max(r):.0f})" for name, r in rates.items() if "/" not in name) +
-            f" | ours/open_clip {median['ours'] / median['open_clip']:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
-            f" | ours/before {median['ours'] / median['before']:.2f}x")
-        print(f"decode-only {w}x{h} | " + " | ".join(f"{name} {1000 / median[name]:.2f} ms" for name in median
-                                                         if "/" in name))
+            f" | ours/open_clip {median['ours'] / median['open_clip']:.2f}x (rounds {min(ratios):.2f}-"
+            f"{max(ratios):.2f}) | ours/before {median['ours'] / median['before']:.2f}x")
+        print(f"decode-only {w}x{h} | " + " | ".join(
+            f"{name} {1000 / m:.2f} ms" for name, m in median.items() if "/" in name))
         print(f"cores-per-gpu {w}x{h} at {args.gpu_rate:,.0f} samples/s | " + " | ".join(
-            f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items() if "/" not in name) +
-            f" | python scripts/bench_data.py {shlex.join(args.argv)}")
+            f"{name} {args.gpu_rate / m:.1f}" for name, m in median.items() if "/" not in name) + f" | {args.command}")
 
 
 def main(argv=None):
@@ -234,7 +225,7 @@ def main(argv=None):
             parts.append(f"{workers} worker{'s' * (workers > 1)} {rate:.1f} images/s ({rate / workers:.1f} per worker)")
             del loader
         print(f"data {args.method} {R}px {names[decoder]} | {len(paths)} JPEGs × 2 passes | "
-              f"{' | '.join(parts)} | python scripts/bench_data.py {shlex.join(args.argv)}")
+              f"{' | '.join(parts)} | {args.command}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 """
 The losses' memory per rank: the peak memory of the forward and backward of the CLIP and SigLIP losses alone, on random
-(B, D) features per rank, for our distributed losses, open_clip's (ClipLoss with local loss and gather with gradient;
-SigLipLoss with its bidirectional exchange) and the all-gather version that computes the whole N×N logits on every
-rank; and each one's global loss, which agree.
+(B, D) features per rank, for our distributed losses, open_clip's and the all-gather version that computes the whole
+N×N logits on every rank; and each one's global loss, which agree. On CUDA the peak is the allocator's; on a CPU the
+process's peak resident memory, with every allocation above 64 KiB mapped on its own (plumbing/memory.py). Figures:
+docs/speed.md.
 
     torchrun --nproc_per_node=8 scripts/bench_loss.py --batch-size 8192       # 8 ranks (gloo on a CPU, NCCL on GPUs)
-
-On CUDA the peak is the allocator's; on a CPU the process's peak resident memory, with every allocation above 64 KiB
-mapped on its own, so that it measures live tensors (plumbing/memory.py).
 
 --sweep: every method's batch × batch loss in one process, plain and tiled (plumbing/tiled.py), against N: the peak
 memory of each, and the time of each where both fit (the median of --repeats runs, and their spread). Plain is skipped
@@ -42,31 +40,27 @@ from siglip import siglip_loss
 from slip import simclr_loss
 
 
-def clip_loss_all_gather(image_features, text_features, logit_scale):
-    """The naive distributed CLIP loss: every rank gathers all N rows of both sides and computes the whole N×N logits
-    (open_clip's ClipLoss with local_loss=False). Its value equals clip.clip_loss's mean over ranks."""
+def all_gather_loss(image_features, text_features, logit_scale, logit_bias=None):
+    """The naive distributed loss: every rank gathers all N rows of both sides and computes the whole N×N logits:
+    CLIP's (open_clip's ClipLoss with local_loss=False), or SigLIP's given a logit_bias. Its value equals the mean over
+    ranks of clip.clip_loss's or siglip.siglip_loss's."""
     image = all_gather(F.normalize(image_features.float(), dim=-1))  # (N, D)
     text = all_gather(F.normalize(text_features.float(), dim=-1))  # (N, D)
     logits = (logit_scale * image) @ text.T  # (N, N)
+    if logit_bias is not None:  # as siglip._sigmoid_block
+        logits = logits + logit_bias
+        return (F.softplus(logits).sum() - logits.diagonal().sum()) / logits.shape[0]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def siglip_loss_all_gather(image_features, text_features, logit_scale, logit_bias):
-    """The naive distributed SigLIP loss: N×N logits on every rank, instead of siglip.siglip_loss's B×B blocks."""
-    image = all_gather(F.normalize(image_features.float(), dim=-1))  # (N, D)
-    text = all_gather(F.normalize(text_features.float(), dim=-1))  # (N, D)
-    logits = (logit_scale * image) @ text.T + logit_bias  # (N, N)
-    return (F.softplus(logits).sum() - logits.diagonal().sum()) / logits.shape[0]  # as siglip._sigmoid_block
-
-
 def open_clip_losses(rank, world):
-    """open_clip's distributed ClipLoss (local loss, gather with gradient, as ours) and SigLipLoss (bidirectional
-    neighbour exchange, as ours), with our calling convention; None without open_clip."""
+    """open_clip's distributed ClipLoss (local loss, gather with gradient) and SigLipLoss (bidirectional neighbour
+    exchange), as ours work, with our calling convention; (None, None) without open_clip."""
     try:
         from open_clip.loss import ClipLoss, SigLipLoss
     except ImportError:
-        return None
+        return None, None
     clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     siglip = SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")
     return (lambda i, t, s: clip(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s),
@@ -74,8 +68,6 @@ def open_clip_losses(rank, world):
 
 
 def main(argv=None):
-    """Forward + backward of each loss on random (B, D) features per rank: ours, open_clip's (when installed) and the
-    all-gather N×N version; prints one line per loss with the worst rank's peak and the global loss of each."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8192, help="the global batch N (over all ranks)")
     p.add_argument("--embed-dim", type=int, default=512, help="the feature dimension D")
@@ -88,13 +80,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=4, help="--sweep: FILIP's patches and words per sample")
     p.add_argument("--queue-size", type=int, default=65536, help="--sweep: DeCLIP's queue Q (full)")
     args = p.parse_args(argv)
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
+    if not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") and \
+            not os.path.exists("/proc/self/clear_refs"):
+        fail("scripts/bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
     if args.sweep:
-        return sweep(args, argv)
+        return sweep(args, command)
     rank, world, device = distributed.setup(args.device)  # NCCL on CUDA, gloo on the CPU, under torchrun
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    if not cuda and not os.path.exists("/proc/self/clear_refs"):
-        fail("scripts/bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
     N, B, D = args.batch_size, args.batch_size // world, args.embed_dim
@@ -102,14 +95,20 @@ def main(argv=None):
     image, text = (torch.randn(B, D, generator=g).to(device).requires_grad_() for _ in range(2))
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
-    theirs = open_clip_losses(rank, world) or (None, None)
-    logit_mib = 4 / 2 ** 20  # MiB of one float32 logit
-    cases = {"clip": ({"ours": clip_loss, "open_clip": theirs[0], "all-gather N×N": clip_loss_all_gather}, (scale,),
-                      f"ours keeps B×N logits ({B * N * logit_mib:.0f} MiB)" if not tiled.needed(B, N) else
-                      f"ours by tiles of {tiled.TILE}² (B×N logits {B * N * logit_mib:.0f} MiB)"),
-             "siglip": ({"ours": siglip_loss, "open_clip": theirs[1], "all-gather N×N": siglip_loss_all_gather},
-                        (scale, bias), f"ours one B×B block at a time ({B * B * logit_mib:.0f} MiB"
+    theirs = open_clip_losses(rank, world)
+
+    def mib(logits):  # of float32 logits
+        return f"{4 * logits / 2 ** 20:.0f} MiB"
+
+    cases = {"clip": ({"ours": clip_loss, "open_clip": theirs[0], "all-gather N×N": all_gather_loss}, (scale,),
+                      f"ours by tiles of {tiled.TILE}² (B×N logits {mib(B * N)})" if tiled.needed(B, N) else
+                      f"ours keeps B×N logits ({mib(B * N)})"),
+             "siglip": ({"ours": siglip_loss, "open_clip": theirs[1], "all-gather N×N": all_gather_loss},
+                        (scale, bias), f"ours one B×B block at a time ({mib(B * B)}"
                         + (f", by tiles of {tiled.TILE}²)" if tiled.needed(B, B) else ")"))}
+    cuda = device.type == "cuda"
+    where = f"{torch.cuda.get_device_name(device)} nccl" if cuda else "cpu gloo" if world > 1 else "cpu"
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
     for name, (variants, extra, note) in cases.items():
         results = {}
         for variant, loss_fn in variants.items():
@@ -121,37 +120,30 @@ def main(argv=None):
                 loss = loss_fn(image, text, *extra)
                 loss.backward()
                 losses.append(loss.detach())
+                image.grad = text.grad = scale.grad = bias.grad = None  # after the peak: each run starts without
 
             step()  # warm-up: first-call allocations (communication buffers, kernels) are not the loss's
-            image.grad = text.grad = scale.grad = bias.grad = None
-            mib = torch.tensor(peak_memory(step, device), device=device)
-            image.grad = text.grad = scale.grad = bias.grad = None
+            peak = torch.tensor(peak_memory(step, device), device=device)
             loss = losses[-1].clone()
             if world > 1:
-                dist.all_reduce(mib, op=dist.ReduceOp.MAX)  # the worst rank
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the worst rank
                 dist.all_reduce(loss)
                 loss /= world  # a rank's loss covers its rows (ours, open_clip) or all rows (N×N): the mean is global
-            results[variant] = (mib.item(), loss.item())
+            results[variant] = (peak.item(), loss.item())
         if rank == 0:
             naive = results["all-gather N×N"][0]
-            parts = [f"{v} {mib:.0f} MiB" + (f" ({naive / max(mib, 1e-9):.1f}× less)" if mib != naive else "")
-                     for v, (mib, _) in results.items()]
-            launcher = f"torchrun --nproc_per_node={world} " if world > 1 else "python "
-            launcher += "scripts/bench_loss.py "
-            device_name = f"{torch.cuda.get_device_name(device)} nccl" if cuda else "cpu gloo" if world > 1 else "cpu"
-            print(f"loss-memory {name} | {device_name}, {world} rank{'s' * (world > 1)} | N {N} = {world} × {B}, "
-                  f"D {D} | peak per rank, forward + backward: {', '.join(parts)}; {note}, "
-                  f"N×N logits {N * N * logit_mib:.0f} MiB | global loss "
-                  f"{', '.join(f'{v} {loss:.6f}' for v, (_, loss) in results.items())} | "
-                  f"{launcher}{shlex.join(sys.argv[1:] if argv is None else argv)}", flush=True)
+            parts = [f"{v} {peak:.0f} MiB" + (f" ({naive / max(peak, 1e-9):.1f}× less)" if peak != naive else "")
+                     for v, (peak, _) in results.items()]
+            print(f"loss-memory {name} | {where}, {world} rank{'s' * (world > 1)} | N {N} = {world} × {B}, D {D} | "
+                  f"peak per rank, forward + backward: {', '.join(parts)}; {note}, N×N logits {mib(N * N)} | "
+                  f"global loss {', '.join(f'{v} {loss:.6f}' for v, (_, loss) in results.items())} | "
+                  f"{launcher} scripts/bench_loss.py {command}", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # --sweep: plain and tiled against N
-
 
 def declip_nn_term(image, text, t, queue):
     """DeCLIP's L_NNS as its loss runs it: the captions' neighbours in a full queue (B × Q cosines), then nn_loss."""
@@ -161,8 +153,8 @@ def declip_nn_term(image, text, t, queue):
 
 
 def sweep_cases(args):
-    """loss -> (inputs of a batch N: tensors, leaves where they get a gradient; the loss of them, through the method
-    files' own functions; the float32 elements of the plain form's batch × batch matrices)."""
+    """loss -> (inputs of a batch N, as sweep_inputs makes them; the loss of them, through the method files' own
+    functions; the float32 elements of the plain form's batch × batch matrices)."""
     D, E, T = args.embed_dim, args.ssl_dim, args.tokens
     t, b = math.log(10.0), -10.0
     return {"clip": (lambda N: ((N, D), (N, D), t), lambda i, x, s: clip_loss(i, x, s.exp()), lambda N: 2 * N * N),
@@ -193,35 +185,29 @@ def available_bytes(device):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def sweep(args, argv):
+def sweep(args, command):
     """Forward + backward of each loss of --losses at each N of --sizes, plain (tiled.LIMIT_MB = inf) and tiled
-    (LIMIT_MB = 0): first the times, where both fit (--repeats runs, alternating between them, after a warm-up), in
-    malloc's usual regime; then the peaks (plumbing/memory.py's peak_memory maps every block of 64 KiB or more on its
-    own from then on, which slows every allocation), with the loss of each; one line per loss and N. Where plain does
-    not fit, the time of tiled's one run is that of the peak's run."""
+    (LIMIT_MB = 0), one line per loss and N: first the times, in malloc's usual regime; then the peaks and losses
+    (peak_memory maps every block of 64 KiB or more on its own from then on, which slows every allocation). Where
+    plain does not fit, tiled's time is that of its peak's run."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    if not cuda and not os.path.exists("/proc/self/clear_refs"):
-        fail("scripts/bench_loss.py on a CPU needs Linux (/proc/self) and glibc; use a GPU elsewhere")
     cases = sweep_cases(args)
     runs = [(name, N) for name in args.losses.split(",") for N in map(int, args.sizes.split(","))]
     where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    command = shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"# loss-sweep | {where}, 1 process | D {args.embed_dim}, SLIP E {args.ssl_dim}, FILIP {args.tokens} + "
           f"{args.tokens} tokens of 256, DeCLIP queue {args.queue_size} | tiles of {tiled.TILE}² | time: median of "
           f"{args.repeats} runs (min-max) | python scripts/bench_loss.py {command}", flush=True)
 
-    def step(name, N, variant, inputs, times=None, losses=None):
+    def step(name, N, variant, inputs, times, losses):
         tiled.LIMIT_MB = math.inf if variant == "plain" else 0.0
         start = time.perf_counter()
         loss = cases[name][1](*inputs)
         loss.backward()
         if cuda:
             torch.cuda.synchronize(device)
-        if times is not None:
-            times.append(time.perf_counter() - start)
-        if losses is not None:
-            losses[variant] = loss.item()
+        times.append(time.perf_counter() - start)
+        losses[variant] = loss.item()
         for x in inputs:
             x.grad = None
 
@@ -234,31 +220,30 @@ def sweep(args, argv):
             inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
             times[name, N] = {"plain": [], "tiled": []}
             for variant in ("plain", "tiled"):
-                step(name, N, variant, inputs)  # warm-up
+                step(name, N, variant, inputs, [], {})  # warm-up
             for _ in range(args.repeats):
                 for variant in ("plain", "tiled"):
-                    step(name, N, variant, inputs, times[name, N][variant])
+                    step(name, N, variant, inputs, times[name, N][variant], {})
     for name, N in runs:
         inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
-        once, losses = {"tiled": []}, {}
-        mib = {variant: peak_memory(lambda: step(name, N, variant, inputs, once.get(variant), losses), device)
+        once, losses = {"plain": [], "tiled": []}, {}
+        mib = {variant: peak_memory(lambda: step(name, N, variant, inputs, once[variant], losses), device)
                for variant in variants[name, N]}
         print(sweep_line(name, N, 4 * cases[name][2](N) / 2**20, mib, times.get((name, N), once), losses), flush=True)
 
 
 def sweep_line(name, N, plain_mib, mib, times, losses):
-    def timing(t):
-        return f"{statistics.median(t):.3g} s ({min(t):.3g}-{max(t):.3g})" if len(t) > 1 else f"{t[0]:.3g} s (1 run)"
+    def measured(variant):
+        t = times[variant]
+        spread = f"({min(t):.3g}-{max(t):.3g})" if len(t) > 1 else "(1 run)"
+        return f"{variant} {mib[variant]:,.0f} MiB {statistics.median(t):.3g} s {spread}"
 
     line = f"loss-sweep {name:6} N {N:6,} | plain matrices {plain_mib:,.0f} MiB | "
     if "plain" not in mib:
-        return line + f"plain does not fit | tiled {mib['tiled']:,.0f} MiB {timing(times['tiled'])} | loss " \
-                      f"{losses['tiled']:.6f}"
+        return line + f"plain does not fit | {measured('tiled')} | loss {losses['tiled']:.6f}"
     ratio = statistics.median(times["tiled"]) / statistics.median(times["plain"])
-    return line + (f"plain {mib['plain']:,.0f} MiB {timing(times['plain'])} | tiled {mib['tiled']:,.0f} MiB "
-                   f"{timing(times['tiled'])} | tiled/plain time {ratio:.2f} | loss plain {losses['plain']:.6f} "
-                   f"tiled {losses['tiled']:.6f}")
-
+    return line + (f"{measured('plain')} | {measured('tiled')} | tiled/plain time {ratio:.2f} | loss plain "
+                   f"{losses['plain']:.6f} tiled {losses['tiled']:.6f}")
 
 if __name__ == "__main__":
     main()

@@ -1,25 +1,15 @@
 """
-Linear-probe evaluation, the CLIP paper's protocol: a logistic regression on frozen image features.
+Linear-probe evaluation, the CLIP paper's protocol: a logistic regression on frozen image features, its regularisation
+chosen on a held-out share of the training set, then refit on all of it and scored on the test set (docs/evaluation.md).
 
     python scripts/eval_linear.py --checkpoint out/ckpt.pt                                # the built-in synthetic tasks
     python scripts/eval_linear.py --checkpoint out/ckpt.pt --dataset cifar10 --data-dir ~/data --download
     python scripts/eval_linear.py --checkpoint ViT-B-32.pt --dataset imagenet --data-dir ~/imagenet   # train/ and val/
     python scripts/eval_linear.py --checkpoint out/ckpt.pt --dataset folder --data-dir D  # D/train/, D/val/: classes
     ... --output results.json                                                     # the metrics, one object per task
-
-Features: the model's encode_image on the evaluation transform (resize, centre crop, no augmentation), as in OpenAI's
-linear-probe example. Classifier: multinomial logistic regression with an L2 penalty on the weights, not the bias,
-
-    min_{W,b}  C · Σ_i CE(W x_i + b, y_i) + ½ ‖W‖²        (scikit-learn's LogisticRegression(C=C) objective)
-
-fit by full-batch L-BFGS in float64, at most 1,000 iterations (the paper's setting). The regularisation is chosen on
-a validation split carved from the training set (--val-fraction, seeded) by the paper's search: λ = 1/C from 1e-6 to
-1e6, first at every other decade, then halving the step around the best value down to 8 steps per decade. The
-classifier is then refit on the whole training set with that C, and scored on the test set: top-1 and mean
-per-class recall. The features are cached (--cache-dir), keyed by the checkpoint file (path, size, modification
-time), the dataset and the split, so that a second probe of the same checkpoint does not run the encoder again.
 """
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -67,11 +57,10 @@ def cached_features(method, dataset, key, cache_dir, device, batch_size, workers
 
 
 def fit(x, y, classes, C, init=None, max_iter=1000, rows=None):
-    """Multinomial logistic regression: argmin_{W,b} C·Σ_i CE(W x_i + b, y_i) + ½‖W‖², by full-batch L-BFGS.
-    x (n, D) float64, y (n,) -> (W (classes, D), b (classes,)). init: a (W, b) to start from (a nearby C's solution).
-    The objective is divided by C·n, which moves no minimum: a mean loss, of order 1 at any n, for L-BFGS's
-    tolerances. Its gradient is written out (no autograd graph at each of up to 1,000 evaluations), and summed over
-    chunks of rows (default: 16M logits, 128 MiB), so that ImageNet's 1.28M × 1000 logits are never held at once."""
+    """Multinomial logistic regression, scikit-learn's LogisticRegression(C) objective C·Σ_i CE(W x_i + b, y_i) + ½‖W‖²,
+    by full-batch L-BFGS: x (n, D) float64, y (n,) -> (W (classes, D), b (classes,)), from init's (W, b) if given. The
+    objective is divided by C·n (of order 1 at any n, for L-BFGS's tolerances); its gradient is written out (no
+    autograd graph at each of up to 1,000 evaluations) and summed over chunks of rows (default 16M logits, 128 MiB)."""
     n, D = x.shape
     W = torch.zeros(classes, D, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
@@ -107,13 +96,11 @@ def search(score):
     """The CLIP paper's search for the regularisation: λ = 1/C over [1e-6, 1e6], first at λ = 1e-6, 1e-4, ..., 1e6,
     then halving the step around the best value until it is 1/8 decade. score(log10 C) -> validation metric.
     -> (best log10 C, {log10 C: score}). Ties go to the stronger regularisation (the smaller C)."""
-    tried = {}
+    tried = {float(e): score(float(e)) for e in range(-6, 7, 2)}
 
     def best():
         return max(tried, key=lambda e: (tried[e], -e))
 
-    for e in range(-6, 7, 2):
-        tried[float(e)] = score(float(e))
     step = 2.0
     while step > 1 / 8:
         step /= 2
@@ -159,8 +146,7 @@ def probe_sets(name, data_dir, download, image_size, train_size):
         if not data_dir or not all(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "val")):
             fail(f"--dataset {name} needs --data-dir holding train/ and val/, each with one folder of images per "
                  f"class (got {data_dir})")
-        train, names, _ = evalsets.classification_set(name, os.path.join(data_dir, "train"), False, None,
-                                                           image_size)
+        train, names, _ = evalsets.classification_set(name, os.path.join(data_dir, "train"), False, None, image_size)
         test, _, _ = evalsets.classification_set(name, os.path.join(data_dir, "val"), False, None, image_size)
         if train.classes != test.classes:
             fail(f"{data_dir}/train and {data_dir}/val hold different class folders ({len(train.classes)} and "
@@ -172,8 +158,7 @@ def probe_sets(name, data_dir, download, image_size, train_size):
         train, names, _ = evalsets.classification_set(name, data_dir, download, None, image_size, split="train")
         test, _, _ = evalsets.classification_set(name, data_dir, download, None, image_size, split="test")
         identity = f"{name}/{os.path.abspath(os.path.expanduser(data_dir or '~/data'))}/{image_size}"
-    return [(name, evalsets.Labelled(train, transform), evalsets.Labelled(test, transform), len(names),
-             identity)]
+    return [(name, evalsets.Labelled(train, transform), evalsets.Labelled(test, transform), len(names), identity)]
 
 
 def main(argv=None):
@@ -182,24 +167,20 @@ def main(argv=None):
                    help="synthetic | cifar10 | cifar100 | stl10 (torchvision) | folder | imagenet (--data-dir with "
                         "train/ and val/ class folders; imagenet: the 1,000 WordNet-id folders)")
     p.add_argument("--train-size", type=int, default=5000, help="training images per synthetic task")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="the share of the training images held out to choose C")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the training images held out to choose C")
     p.add_argument("--metric", choices=("top1", "mean_per_class_recall"), default="top1",
                    help="what C is chosen for on the validation split (the dataset's metric in the CLIP paper)")
     p.add_argument("--seed", type=int, default=0, help="of the validation split")
     p.add_argument("--cache-dir", default=os.path.join("~", ".cache", "clip-pretrain", "features"),
-                   help="where features are kept ('' to keep none)")
+                   help="where features are kept, keyed by the checkpoint file, dataset and split ('' to keep none)")
     args = p.parse_args(argv)
     if args.train_size < 2 or not 0 < args.val_fraction < 1:
         fail(f"--train-size must be 2 or more and --val-fraction between 0 and 1 (got {args.train_size} and "
              f"{args.val_fraction})")
-
     cache_dir = os.path.expanduser(args.cache_dir)
     if cache_dir:  # checked now, not once the features are computed
-        try:
+        with contextlib.suppress(OSError):  # a file of that name, or a folder this user may not create: said below
             os.makedirs(cache_dir, exist_ok=True)
-        except OSError:  # a file of that name, or a folder this user may not create: said below
-            pass
         if not (os.path.isdir(cache_dir) and os.access(cache_dir, os.W_OK)):
             fail(f"--cache-dir {args.cache_dir} is not a folder this user can write: pass one, or '' to cache nothing")
     method, _ = eval_zeroshot.load_evaluated(args)

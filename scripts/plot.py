@@ -1,14 +1,13 @@
 """
-Plot training runs from their OUT/log.jsonl: the loss and each component the method logs, the learning rate, the
-logit scale, samples/s beside where the time and memory went (data_wait, max_memory_mb), and every evaluation that
---eval-every logged, each dataset's own panels, several runs overlaid on one PNG.
+Plot training runs from their OUT/log.jsonl, several overlaid on one PNG: the loss and each component the method logs,
+the learning rate, the logit scale, samples/s beside where the time and memory went (data_wait, max_memory_mb), and
+every evaluation that --eval-every logged, each dataset in panels of its own (docs/see.md).
 
     python scripts/plot.py out                                  # -> out/plot.png
     python scripts/plot.py out_clip out_siglip --out side.png   # two runs side by side, labelled by method and model
 
 Needs matplotlib (pip install matplotlib); draws without a display (the Agg backend).
 """
-
 import argparse
 import json
 import math
@@ -98,8 +97,8 @@ def plot(out_dirs, out):
     fig, axes = plt.subplots(rows, COLS, figsize=(PANEL[0] * COLS, PANEL[1] * rows), dpi=100, squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for (i, metric), (xs, ys) in lines.items():
-            second = metric == "text->image R@1"  # a retrieval panel's second line: dashed
-            ax.plot(xs, ys, "--" if second else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
+            dashed = metric == "text->image R@1"  # a retrieval panel's second line
+            ax.plot(xs, ys, "--" if dashed else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
                     marker="o" if len(xs) < 20 else None, label=runs[i][0] + (f" {metric}" if "R@1" in metric else ""))
         ax.set_title(TITLES.get(title, title), fontsize=10)
         if title in TITLES:
