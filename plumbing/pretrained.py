@@ -1,11 +1,8 @@
 """
 Starting from weights users already have: train.py --pretrained (fine-tuning, and LiT with --lock-image), and OpenAI's
-model names for train.py, eval_zeroshot.py and scripts/eval_linear.py (docs/finetune.md). The file is read by
-weights.read, the architecture off its shapes (weights.infer_config). Both encoders and their projections are loaded,
-for every method; what the file does not have (SLIP's and DeCLIP's heads, FILIP's token projections, SigLIP's bias)
-keeps the method's init, and so does a temperature that means something else (Method.pretrained_temperature).
-Locking: a locked parameter has requires_grad False, so autograd keeps no graph or activations for a locked tower (LiT
-costs a text tower's backward) and the optimiser holds no state for it.
+model names for train.py, eval_zeroshot.py and scripts/eval_linear.py. The file is read by weights.read, the
+architecture off its shapes (weights.infer_config); both encoders and their projections are loaded, for every method,
+the rest keeps the method's init (what is loaded, and how a tower is locked: docs/finetune.md).
 """
 
 import hashlib
