@@ -1,12 +1,9 @@
 """
-train.py's checkpoints: OUT/ckpt.pt saved (its layout: plumbing/weights.py, which reads it), resumed, and OUT claimed
-for one run.
-
-A checkpoint on disk is always one that training can continue from. Finite weights are not enough for that: one huge
-step (a weight decay of 1e30, say) leaves finite weights from which every loss is NaN. So a checkpoint is written to
-ckpt.pt.tmp, and becomes ckpt.pt (an atomic rename) once the next step's loss, computed from exactly those weights, is
-finite; the run's last one, with no next step, once its weights and losses are. A .tmp found at start is either a
-killed save or one never vouched for: not a checkpoint.
+train.py's checkpoints: OUT/ckpt.pt saved (its layout: docs/training.md#checkpoints; read by plumbing/weights.py),
+resumed, and OUT claimed for one run. ckpt.pt is always one that training can continue from, which finite weights do
+not ensure (a weight decay of 1e30 leaves finite weights from which every loss is NaN): a checkpoint is written to
+ckpt.pt.tmp, and becomes ckpt.pt once the next step's loss, from exactly its weights, is finite (the run's last one
+once its weights and losses are). A .tmp found at start is a killed save or one never vouched for: not a checkpoint.
 """
 
 import fcntl
@@ -160,9 +157,8 @@ class Checkpoints:
         return step % self.save_every == 0 or step == self.steps
 
     def late(self):
-        """Whether --save-every-minutes have passed since the last save (or the start) on this rank's clock. RunLog asks
-        at its syncs and takes rank 0's answer for every rank (log.clock_save), so that all save the same step; alone,
-        it asks at every step, and syncs where the answer is yes."""
+        """Whether --save-every-minutes have passed since the last save (or the start) on this rank's clock (RunLog
+        takes rank 0's answer for every rank, log.clock_save, so that all save the same step)."""
         return self.minutes is not None and time.monotonic() - self.t_saved >= 60 * self.minutes
 
     def save(self, step, method, optimizer, stream, last=False):
@@ -183,10 +179,9 @@ class Checkpoints:
             self.vouch(step + 1)
 
     def stopped_waiting(self, step, method, optimizer, stream, log):
-        """A stop signal came while this rank waited for the data of step + 1, which did not come (stops.Stopped: a
-        stalled source, a DataLoader worker that died with the signal). One rank saves the steps done, as at a step's
-        end. Several cannot: saving is collective, and the other ranks are within their step (waiting for this one);
-        this rank ends without saving, the last checkpoint kept, and torchrun stops the others."""
+        """A stop signal came while this rank waited for the data of step + 1 (stops.Stopped). Alone, it saves the
+        steps done, as at a step's end. Several ranks cannot (saving is collective, and the others are within their
+        step): this rank ends without saving, the last checkpoint kept, and torchrun stops the others."""
         rank, world = distributed.rank_and_world()
         if world == 1:
             log.flush(stream)  # the steps done: synced, logged, their losses checked
@@ -217,21 +212,17 @@ held = {}  # out_dir -> the descriptor of this process's lock there (claim), ope
 
 
 def claim(out_dir, fresh):
-    """Make OUT this run's, or stop with one line: OUT is created if need be and locked (OUT/.lock, released when the
-    process ends), so that a second run there stops instead of mixing its log and checkpoints with this one's; and a
-    fresh run (no --resume) does not start where a run's log or checkpoint would be overwritten."""
+    """Make OUT this run's, or stop with one line: OUT created if need be and locked (OUT/.lock, released when the
+    process ends) against a second run there; a fresh run (no --resume) does not overwrite a run's log or checkpoint."""
     for fd in held.values():  # an earlier run of this process (tests call train.main repeatedly)
         os.close(fd)
     held.clear()
     try:
         os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")
-    for name in (".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "config.json"):  # what this run opens or removes
-        path = os.path.join(out_dir, name)
-        if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would wait, a folder's fail
-            fail(f"{path} is {kind(path)}, where the run keeps a file: move it away (or pass another --out-dir)")
-    try:
+        for name in (".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "config.json"):  # what this run opens or removes
+            path = os.path.join(out_dir, name)
+            if os.path.lexists(path) and not os.path.isfile(path):  # a FIFO's open would wait, a folder's fail
+                fail(f"{path} is {kind(path)}, where the run keeps a file: move it away (or pass another --out-dir)")
         fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT)
     except OSError as e:
         fail(f"--out-dir {out_dir}: {(e.strerror or str(e)).lower()}; pass a folder this user can write")

@@ -1,8 +1,6 @@
-"""
-Peak memory: the benchmarks' (scripts/bench.py, scripts/bench_loss.py), the peak of one call beyond what was allocated
-before it; and a training run's (RunLog's max_memory_mb), the peak of each logged window. On CUDA from the caching
-allocator's counters, on a CPU from the process's resident memory.
-"""
+"""Peak memory: the benchmarks' (scripts/bench.py, scripts/bench_loss.py), the peak of one call beyond what was
+allocated before it; a training run's (RunLog's max_memory_mb), the peak of each logged window. CUDA: the caching
+allocator's counters; CPU: the process's resident memory."""
 import ctypes
 import gc
 import resource
@@ -18,10 +16,8 @@ def process_memory(field):
 
 
 def peak_memory(fn, device):
-    """MiB allocated at the peak of fn() beyond what was allocated before it. CUDA: the caching allocator's own
-    counters. CPU (Linux, glibc): the process's peak resident memory, reset through /proc/self/clear_refs, with
-    every allocation of 64 KiB or more mapped and unmapped on its own (mallopt M_MMAP_THRESHOLD) and malloc's free
-    memory returned (malloc_trim), so that the resident peak is the peak of live tensors."""
+    """MiB allocated at the peak of fn() beyond what was allocated before it. On a CPU (Linux, glibc), so that the
+    resident peak is the peak of live tensors, every allocation of 64 KiB or more is mapped and unmapped on its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -41,11 +37,9 @@ def peak_memory(fn, device):
 
 
 def window_peak(device):
-    """MiB at the peak since the last call (or the start), then the peak reset, for the next window. CUDA: the tensors
-    allocated on `device` (max_memory_allocated: what the caching allocator hands out, not what it holds; a host-side
-    counter, no device sync). CPU: this process's peak resident memory (VmHWM, reset through /proc/self/clear_refs;
-    the DataLoader workers are processes of their own); where /proc is missing or cannot be written, the peak since
-    the process started (getrusage)."""
+    """MiB at the peak since the last call (or the start), then the peak reset, for the next window. CUDA: what the
+    caching allocator hands out, not what it holds (a host-side counter, no device sync). CPU: this process's, not
+    its DataLoader workers'; where /proc is missing or cannot be written, the peak since the process started."""
     if str(device).startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
         torch.cuda.reset_peak_memory_stats(device)
@@ -53,7 +47,7 @@ def window_peak(device):
     try:
         peak = process_memory("VmHWM")
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+            f.write("5")
         return peak
     except (OSError, StopIteration, ValueError):  # not Linux, or /proc hidden or read-only
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS

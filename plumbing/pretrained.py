@@ -1,20 +1,8 @@
 """
 Starting from weights users already have: train.py --pretrained (fine-tuning, and LiT with --lock-image), and OpenAI's
-model names for train.py, eval_zeroshot.py and scripts/eval_linear.py.
-
-    python train.py --pretrained ViT-B/32 --data coco --data-dir ~/coco          # fine-tune OpenAI's ViT-B/32
-    python train.py --pretrained ViT-B/32 --lock-image --data my_pairs.tsv       # LiT: train the text tower only
-    python eval_zeroshot.py --checkpoint ViT-B/32 --dataset coco-5k --data-dir ~/coco2014
-
---pretrained reads a file with weights.read (the one reader: OpenAI's TorchScript .pt, open_clip's state dicts and
-epoch_N.pt, .safetensors, our ckpt.pt); the architecture is read off its shapes (weights.infer_config). Both
-encoders and their projections are loaded, for every method; what the file does not have (SLIP's and DeCLIP's heads,
-FILIP's token projections, SigLIP's bias) keeps the method's init. The temperature is the file's, except for a method
-whose temperature means something else (Method.pretrained_temperature: SigLIP's s = exp(t') multiplies a sigmoid's
-logits, with a bias of -10; CLIP's s ≈ 100 there would start it far from its init).
-
-Locking (open_clip's flag names): a locked parameter has requires_grad False, so autograd records nothing for a locked
-tower (no graph, no activations kept: LiT costs a text tower's backward) and the optimiser holds no state for it.
+model names for train.py, eval_zeroshot.py and scripts/eval_linear.py. The file is read by weights.read, the
+architecture off its shapes (weights.infer_config); both encoders and their projections are loaded, for every method,
+the rest keeps the method's init (what is loaded, and how a tower is locked: docs/finetune.md).
 """
 
 import hashlib
@@ -62,8 +50,7 @@ def add_args(p):
 
 
 def check_args(args):
-    """train.py's flags of this file, checked before anything is built; --model's default (tiny-rn, or none: the
-    weights' architecture)."""
+    """train.py's flags of this file, checked before anything is built; --model's default (None: the weights')."""
     if args.pretrained is not None and not args.pretrained.strip():  # '' is how an unset shell variable arrives
         fail("--pretrained '' names no weights (an unset variable?): pass a file or one of OpenAI's names, or leave "
              "it out to train from scratch")
@@ -72,8 +59,7 @@ def check_args(args):
              f"their token embedding other ids")
     if args.lock_image_unlocked_groups < 0 or args.lock_text_unlocked_layers < 0:
         fail("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be 0 or more")
-    if (args.lock_image_unlocked_groups and not args.lock_image) or (args.lock_text_unlocked_layers
-                                                                     and not args.lock_text):
+    if args.lock_image_unlocked_groups and not args.lock_image or args.lock_text_unlocked_layers and not args.lock_text:
         fail("--lock-image-unlocked-groups needs --lock-image, --lock-text-unlocked-layers needs --lock-text")
     args.model = args.model or (None if args.pretrained or args.resume else "tiny-rn")  # None: the file's
 
@@ -85,12 +71,6 @@ def lr_and_warmup(args):
     lr, source = (FINETUNE_LR, FINETUNE_SOURCE) if finetune else (args.lr, "--lr")
     warmup = min(FINETUNE_WARMUP if finetune else 10_000, args.steps // 10) if args.warmup is None else args.warmup
     return lr, source, warmup
-
-
-def cache_path(name):
-    url = OPENAI[name]
-    folder = os.path.expanduser(os.environ.get("CLIP_CACHE", os.path.join("~", ".cache", "clip")))
-    return url, os.path.join(folder, os.path.basename(url))
 
 
 def sha256(path):
@@ -109,8 +89,9 @@ def resolve(source):
         if not os.path.exists(source):
             fail(f"no checkpoint at {source}, nor is it one of OpenAI's model names ({', '.join(OPENAI)})")
         return source
-    url, path = cache_path(source)
-    expected = url.split("/")[-2]
+    url = OPENAI[source]
+    folder = os.path.expanduser(os.environ.get("CLIP_CACHE", os.path.join("~", ".cache", "clip")))
+    path, expected = os.path.join(folder, os.path.basename(url)), url.split("/")[-2]
     if not os.path.isfile(path):
         part = f"{path}.{os.getpid()}.part"  # one per process: ranks that download at once do not mix their bytes
         try:
@@ -137,11 +118,9 @@ def resolve(source):
 
 def model_config(args, vocab_size):
     """train.py's model config and the weights to start from -> (config, state dict or None), the lock flags checked
-    against them. Without --pretrained: --model's config. With it: the file's architecture, its activation (OpenAI's
-    QuickGELU, or what our checkpoint records; --act overrides), and args.model set to the CONFIGS name of that
-    architecture, if there is one. With --resume: the checkpoint's architecture, its --model where this run leaves it
-    out, and its --pretrained (so that the same command with --resume, or without --pretrained, keeps fine-tuning's
-    lr); the weights are the checkpoint's (checkpoint.resume): another --pretrained, never loaded, is refused."""
+    against them: --model's; --pretrained's architecture and activation (QuickGELU, or what our checkpoint records;
+    --act overrides), args.model its CONFIGS name; --resume's architecture, --model and --pretrained (fine-tuning's lr
+    kept: docs/finetune.md), the weights loaded later (checkpoint.resume)."""
     if args.resume:
         path = checkpoint.resume_path(args)
         recorded, config = checkpoint.recorded(path, args.trust_checkpoint)
@@ -176,9 +155,8 @@ def model_config(args, vocab_size):
         fail(f"--model {args.model} is not the architecture of {args.pretrained} "
              f"({same[0] if same else 'no config of model.py'}); leave --model out, it is read from the weights")
     args.model = args.model or (same[0] if same else "pretrained")
-    vit = isinstance(config["vision_layers"], int)
     for flag, on in (("--patch-dropout", args.patch_dropout), ("--freeze-patch-embed", args.freeze_patch_embed)):
-        if on and not vit:
+        if on and not isinstance(config["vision_layers"], int):  # a ResNet
             fail(f"{flag}: {args.pretrained} is a ResNet, which has no patch tokens or patch embedding")
     return check_locks(args, config), state_dict
 
@@ -215,9 +193,8 @@ def start(method, state_dict, args):
 
 
 def image_groups(visual):
-    """The image tower in groups, first to last. A ViT as open_clip groups it: [patch embedding, class and position
-    embeddings, ln_pre], each block but the last, [last block, ln_post], [proj]. A ResNet (open_clip locks only the
-    whole tower): [stem], each of the 4 stages, [attention pool] (which holds the projection)."""
+    """The image tower in groups, first to last: a ViT's as open_clip groups it; a ResNet's (open_clip locks only the
+    whole tower) its stem, 4 stages and attention pool (docs/finetune.md#locking-lit)."""
     if isinstance(visual, VisionTransformer):
         blocks = list(visual.transformer.resblocks)
         return [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre],
@@ -232,13 +209,11 @@ def parameters(group):
 
 
 def lock(model, image=None, text=None):
-    """Lock the image tower but its last `image` groups (None: no lock), the text tower but its last `text` blocks
-    (--lock-text-unlocked-layers; None: no lock): requires_grad False on the locked parameters; the BatchNorm layers
-    of a locked ResNet group normalise with their running statistics and keep them."""
+    """Lock (requires_grad False) the image tower but its last `image` groups, the text tower but its last `text`
+    blocks; None: no lock."""
     if image is not None:
         groups = image_groups(model.visual)
-        n = len(groups) - image
-        for group in groups[:max(n, 0)]:
+        for group in groups[:max(len(groups) - image, 0)]:
             for p in parameters(group):
                 p.requires_grad_(False)
             for item in group:

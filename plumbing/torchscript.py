@@ -1,21 +1,16 @@
 """
-A TorchScript archive read as data: the state dict torch.jit.load(path).state_dict() gives, without torch.jit.load and
-without calling anything the archive holds (OpenAI's CLIP .pt files are such archives). torch.jit.load runs the
-archive's own TorchScript, such as a class's __setstate__, which can write into any file the user may write
-(torch.from_file(path, shared=True, size)) or loop forever: weights.read calls it only with --trust-checkpoint.
+A TorchScript archive (OpenAI's CLIP .pt files) read as data: the state dict torch.jit.load(path).state_dict() gives,
+without calling anything the archive holds. torch.jit.load runs its TorchScript, such as a class's __setstate__, which
+can write any file the user may write or loop forever: weights.read calls it only with --trust-checkpoint.
 
 An archive (torch.jit.save) is a zip under one folder: data.pkl, the module tree, a pickle; data/<key>, each storage's
-bytes; code/<path>.py, each class's TorchScript source (Python syntax), whose __parameters__ and __buffers__ name the
-tensors of the state dict; constants.pkl, which torch.save never writes. In data.pkl each module is made by NEWOBJ of a
-class __torch__.<path>.<Class> and given its attributes by BUILD with a dict (a class with its own __getstate__ is given
-that method's tuple instead, for its __setstate__); a tensor is torch._utils._rebuild_tensor_v2(storage, offset, size,
-stride, ...), a storage the persistent id ("storage", torch.<Type>Storage, key, device, numel).
-
-data.pkl goes through pickle's pure-Python unpickler, whose every name is looked up by find_class below: checked
-stand-ins rebuild tensors and lists (never torch's functions), each __torch__ class becomes an inert Record of its
-state, anything else is refused; code/ is parsed with ast, never compiled. TorchScriptError refuses too a __setstate__
-or a state that is not an attribute dict, C++ classes (only their own code rebuilds them: runs_code), a tensor outside
-its storage, a storage missing, short or compressed, a big-endian archive, a tree over MAX_MODULES modules.
+bytes; code/<path>.py, each class's TorchScript source, whose __parameters__ and __buffers__ name the tensors of the
+state dict; constants.pkl, which torch.save never writes. In data.pkl each module is made by NEWOBJ of a class
+__torch__.<path>.<Class> and given its attributes by BUILD with a dict (a class with its own __getstate__: that
+method's tuple, for its __setstate__); a tensor is torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...),
+a storage the persistent id ("storage", torch.<Type>Storage, key, device, numel). data.pkl goes through pickle's
+pure-Python unpickler, whose every name is looked up by find_class: checked stand-ins rebuild tensors and lists (never
+torch's functions), each __torch__ class an inert Record of its state; code/ is parsed with ast, never compiled.
 """
 
 import ast
@@ -105,9 +100,8 @@ BUILDERS = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
 
 
 class Unpickler(pickle._Unpickler):
-    """pickle's pure-Python unpickler, whose every name, object and state goes through the methods below: find_class
-    gives BUILDERS, dtypes, ArchiveClasses; NEWOBJ and BUILD make and fill Records; persistent_load reads storages."""
-
+    """find_class gives BUILDERS, dtypes, ArchiveClasses; NEWOBJ and BUILD make and fill Records; persistent_load reads
+    storages."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data, archive, folder, classes):
@@ -128,7 +122,6 @@ class Unpickler(pickle._Unpickler):
                                f"of the archive", runs_code=not module.startswith("__torch__"))
 
     def persistent_load(self, pid):
-        """("storage", dtype, key, device, numel) -> the Storage read from data/<key>, its size checked first."""
         kind, dtype, key, _, numel = pid if isinstance(pid, tuple) and len(pid) == 5 else (None,) * 5
         if not (kind == "storage" and isinstance(dtype, torch.dtype) and isinstance(key, str)
                 and re.fullmatch(r"\w{1,64}", key) and type(numel) is int and numel >= 0):
@@ -147,7 +140,8 @@ class Unpickler(pickle._Unpickler):
         return self.storages[key]
 
     def load_newobj(self):
-        args, cls = self.stack.pop(), self.stack.pop()
+        self.stack.pop()  # the arguments: a Record takes none
+        cls = self.stack.pop()
         if not isinstance(cls, ArchiveClass):
             raise TorchScriptError(f"data.pkl makes an object of {cls!r:.60}, not of a class of the archive")
         self.append(Record(cls))

@@ -1,12 +1,8 @@
 """
 Reading weights: the one reader of checkpoint files (train.py --resume and --pretrained, eval_zeroshot.py,
 scripts/eval_linear.py), whoever wrote them (train.py, OpenAI, open_clip), and the model a state dict describes.
-
-train.py writes OUT/ckpt.pt (plumbing/checkpoint.py): {"model": the OpenAI-layout state dict (loads into OpenAI's and
-open_clip's code), "method": the method's own state (heads, queue, bias), "optimizer", "step", "config" (train.py's
-flags), "model_config", "method_kwargs", "rank_buffers" (every rank's buffers, when there are several), "stream"
-(where the readers of tar shards stand)}: tensors and plain Python values only, so that torch.load(weights_only=True)
-reads it.
+train.py's OUT/ckpt.pt (written by plumbing/checkpoint.py; its layout: docs/training.md#checkpoints) holds tensors and
+plain Python values only, so that torch.load(weights_only=True) reads it.
 """
 
 import importlib
@@ -28,11 +24,10 @@ OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # three sc
 
 
 def read(path, trust=False):
-    """What a checkpoint file holds. A .pt file is a pickle, and unpickling can call any function the file names
-    (os.system, say). So torch.load runs with weights_only=True, which rebuilds tensors and plain Python values and
-    refuses anything else (our checkpoints and open_clip's hold nothing else); OpenAI's TorchScript archives are read
-    as data (read_torchscript). trust=True (--trust-checkpoint): any pickle, for a file whose source the user trusts.
-    A file that cannot be read stops the program with one line."""
+    """What a checkpoint file holds, or one line that stops the program. A .pt file is a pickle, whose unpickling can
+    call any function it names (os.system, say): torch.load runs with weights_only=True, which rebuilds only tensors
+    and plain Python values; OpenAI's TorchScript archives are read as data (plumbing/torchscript.py), as torch.jit.load
+    would run their code. trust=True (--trust-checkpoint): any pickle or archive, for a file whose source is trusted."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}")
     if path.endswith(".safetensors"):  # open_clip's hub format: tensors only, no pickle, so safe by design
@@ -45,7 +40,17 @@ def read(path, trust=False):
         except Exception as e:  # the reader's errors for a damaged file are its own types
             fail(f"{path} is not a safetensors file that can be read ({str(e).strip().splitlines()[0]})")
     if torchscript.is_torchscript(path):
-        return read_torchscript(path, trust)
+        try:
+            if trust:
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")
+                return torch.jit.load(path, map_location="cpu").state_dict()
+            return torchscript.read(path)
+        except torchscript.TorchScriptError as e:  # refused, or damaged
+            fail(f"{path} was not loaded: it is a TorchScript archive, read as data, and {e}" + (". If you trust its "
+                 "source, pass --trust-checkpoint to load it with torch.jit.load, which runs that code" if e.runs_code
+                 else ""))
+        except Exception as e:  # torch.jit.load: RuntimeError, UnicodeDecodeError...: whatever a damaged archive raises
+            fail(f"{path} is a damaged TorchScript archive ({type(e).__name__}: {str(e).strip()[:200]})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected pickle protocol")  # a bare pickle, which the line below explains
         try:
@@ -59,26 +64,9 @@ def read(path, trust=False):
                  f"({type(e).__name__})")
 
 
-def read_torchscript(path, trust):
-    """A TorchScript archive (OpenAI's released files) -> its state dict, read as data (plumbing/torchscript.py);
-    with torch.jit.load, which runs the archive's own code (that can write files, or never return), only if trusted."""
-    try:
-        if trust:
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated")
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        return torchscript.read(path)
-    except torchscript.TorchScriptError as e:  # refused, or damaged
-        fail(f"{path} was not loaded: it is a TorchScript archive, read as data, and {e}" + (
-            ". If you trust its source, pass --trust-checkpoint to load it with torch.jit.load, which runs that code"
-            if e.runs_code else ""))
-    except Exception as e:  # torch.jit.load: RuntimeError, UnicodeDecodeError, ...: whatever a damaged archive raises
-        fail(f"{path} is a damaged TorchScript archive ({type(e).__name__}: {str(e).strip()[:200]})")
-
-
-def infer_config(state_dict):
+def infer_config(sd):
     """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does), all but
     quick_gelu: the activation has no parameters, so the shapes cannot tell it. ValueError names what does not fit."""
-    sd = state_dict
     required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
                 "visual.conv1.weight"]
     missing = [k for k in required if k not in sd]
@@ -125,10 +113,9 @@ def infer_config(state_dict):
 
 
 def build_model(state_dict, quick_gelu=True):
-    """A CLIPModel whose architecture is read off the state dict's shapes, with the weights loaded strictly;
-    returned in eval mode (BatchNorm statistics of ResNets). OpenAI's fp16 weights are loaded into fp32.
-    quick_gelu: True for OpenAI's weights (and open_clip's -quickgelu ones), False for open_clip's nn.GELU models
-    (LAION-2B, DataComp, ...): nothing in the state dict says which, and the wrong one silently degrades the model."""
+    """A CLIPModel of the architecture the state dict's shapes describe, its weights loaded strictly (fp16 into fp32),
+    in eval mode. quick_gelu: True for OpenAI's weights (and open_clip's -quickgelu ones), False for open_clip's GELU
+    ones (LAION-2B, DataComp...): nothing in the state dict says which, and the wrong one silently degrades it."""
     sd = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRAS}
     config = infer_config(sd)
     try:
@@ -165,7 +152,7 @@ def check_ours(checkpoint, path):
            <= keys and type(model_config.get("quick_gelu", True)) is bool, f"a dict of {', '.join(sorted(keys))}")
     expect("method_kwargs", kwargs, isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs), "a dict")
     try:
-        shapes = infer_config({k: v for k, v in checkpoint["model"].items() if k not in OPENAI_EXTRAS})
+        shapes = infer_config(checkpoint["model"])
     except ValueError as e:
         fail(f"{path}: {e}")
     for key in shapes:  # nothing bigger than the weights is ever built (repr: a tensor compares element-wise)
@@ -190,11 +177,11 @@ def load_method(path, device="cpu", trust=False, quick_gelu=None):
     checkpoint = read(path, trust)
     if isinstance(checkpoint, dict) and "config" in checkpoint:  # written by train.py
         check_ours(checkpoint, path)
-        check_tensors(method_state(checkpoint).items(), path)
-        config, kwargs, name = checkpoint["config"], checkpoint["method_kwargs"], checkpoint["config"].get("tokenizer")
+        config, kwargs, state = checkpoint["config"], checkpoint["method_kwargs"], method_state(checkpoint)
+        check_tensors(state.items(), path)
         act = {} if quick_gelu is None else {"quick_gelu": quick_gelu}  # an explicit choice overrides the recorded one
-        model_config = {**checkpoint["model_config"], **act}
-        Method, state = importlib.import_module(config["method"]).Method, method_state(checkpoint)
+        model_config, name = {**checkpoint["model_config"], **act}, config.get("tokenizer")
+        Method = importlib.import_module(config["method"]).Method
         try:
             with torch.device("meta"):  # shapes only: method_kwargs that ask for a huge head or queue allocate nothing
                 shapes = Method(CLIPModel(**model_config), **kwargs).state_dict()
