@@ -7,9 +7,7 @@ state dicts.
     python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset cifar10 --data-dir ~/data --download
     python eval_zeroshot.py --checkpoint ViT-B-32.pt --dataset imagenet --data-dir ~/imagenet/val  # names built in
     python eval_zeroshot.py --checkpoint ViT-B-32.pt --dataset folder --data-dir ~/pets/val --classnames names.txt
-    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset coco --data-dir ~/coco  # retrieval on val2017
-    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset coco-5k --data-dir ~/coco2014   # Karpathy's 5k test
-    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset flickr30k --data-dir ~/flickr30k  # Karpathy's 1k test
+    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset coco-5k --data-dir ~/coco2014   # or coco, flickr30k
     python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset my_pairs.tsv            # retrieval on any csv/tsv
     python eval_zeroshot.py --checkpoint ViT-B/32 --dataset coco-5k --data-dir ~/coco2014  # OpenAI's, downloaded
     python eval_zeroshot.py --interpolate ViT-B/32 out/ckpt.pt --alpha 0.5 --dataset coco-5k --data-dir ~/coco2014
@@ -26,13 +24,12 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 
 import argparse
 import json
-import os
 
 import torch
 
 import data
 from plumbing import distributed, evalsets, pretrained, show, stops
-from plumbing.evalsets import cat, class_embeddings, loader
+from plumbing.evalsets import cat, class_embeddings, eval_pairs, loader
 from plumbing.runlog import fail
 from plumbing.synthetic import TASKS, SyntheticTask
 from plumbing.weights import load_method
@@ -44,18 +41,15 @@ from plumbing.weights import load_method
 @torch.no_grad()
 def classify(method, tokenizer, dataset, classnames, templates, device, batch_size=256, workers=0):
     """dataset yields (image tensor, label). Returns dict(top1, top5, mean_per_class_recall, chance, n)."""
-    was_training = method.training
-    method.eval()
+    method.eval()  # as retrieve: `evaluate` restores every module's mode
     classifier = class_embeddings(method, tokenizer, classnames, templates, device)
-    k = min(5, len(classnames))
     correct5, predictions, targets = 0, [], []
     for images, labels in loader(dataset, batch_size, workers):
         logits = method.similarity(method.embed_images(images.to(device)), classifier)  # (B, C)
-        top = logits.topk(k, dim=-1).indices.cpu()  # (B, k)
+        top = logits.topk(min(5, len(classnames)), dim=-1).indices.cpu()  # (B, k)
         correct5 += (top == labels[:, None]).any(dim=1).sum().item()
         predictions.append(top[:, 0])
         targets.append(labels)
-    method.train(was_training)
     predictions, targets = torch.cat(predictions), torch.cat(targets)
     return dict(top1=(predictions == targets).sum().item() / len(targets), top5=correct5 / len(targets),
                 mean_per_class_recall=mean_per_class_recall(predictions, targets, len(classnames)),
@@ -63,9 +57,8 @@ def classify(method, tokenizer, dataset, classnames, templates, device, batch_si
 
 
 def mean_per_class_recall(predictions, labels, classes):
-    """The mean over classes of the fraction of each class's images predicted as it (the metric of several of the CLIP
-    paper's datasets; scikit-learn's balanced_accuracy_score, as CLIP_benchmark). Classes without images are left
-    out."""
+    """The mean over the classes that have images of the share of each one's images predicted as it (the metric of
+    several of the CLIP paper's datasets; scikit-learn's balanced_accuracy_score, as CLIP_benchmark)."""
     hits = torch.zeros(classes, dtype=torch.float64).index_add_(0, labels, (predictions == labels).double())
     counts = torch.zeros(classes, dtype=torch.float64).index_add_(0, labels, torch.ones_like(hits[labels]))
     return (hits[counts > 0] / counts[counts > 0]).mean().item()
@@ -87,7 +80,8 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
     caption_image = torch.as_tensor(caption_image)
     kmax = max(ks)
     image_hits = {k: 0 for k in ks}
-    best_scores = best_images = None  # running top-k images for every caption, over the image batches
+    # the running top-k images of every caption, over the image batches
+    best_scores, best_images = torch.empty(len(captions), 0), torch.empty(len(captions), 0, dtype=torch.long)
     first = 0
     for batch in loader(evalsets.Images(images, transform), batch_size, workers):
         scores = method.similarity(method.embed_images(batch.to(device)), texts).float().cpu()  # (b, K)
@@ -95,11 +89,9 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
         own = torch.arange(first, first + len(batch))
         for k in ks:  # a hit when any of the image's captions is among its top k
             image_hits[k] += (caption_image[top[:, :k]] == own[:, None]).any(dim=1).sum().item()
-        column_scores = torch.cat([scores.T] + ([best_scores] if best_scores is not None else []), dim=1)
-        column_images = torch.cat([own.expand(len(captions), -1)] + ([best_images] if best_images is not None else []),
-                                  dim=1)
+        column_scores = torch.cat([scores.T, best_scores], dim=1)  # (K, b + kept)
         best_scores, idx = column_scores.topk(min(kmax, column_scores.shape[1]), dim=1)
-        best_images = column_images.gather(1, idx)
+        best_images = torch.cat([own.expand(len(captions), -1), best_images], dim=1).gather(1, idx)
         first += len(batch)
     results = {f"image->text R@{k}": image_hits[k] / len(images) for k in ks}
     for k in ks:
@@ -119,10 +111,9 @@ def prepare(name, data_dir=None, image_size=224, download=False, classnames=None
         fail(f"--dataset {name} needs 1 or more held-out images (got {size})")
     transform = data.eval_transform(image_size)
     if name == "synthetic":
-        return [dict(task="zeroshot_classification", dataset=f"synthetic/{task}", classnames=names,
-                     templates=task_templates,
+        return [dict(task="zeroshot_classification", dataset=f"synthetic/{task}", classnames=names, templates=prompts,
                      images=evalsets.Labelled(SyntheticTask(task, size, image_size), transform))
-                for task, (names, task_templates) in TASKS.items()]
+                for task, (names, prompts) in TASKS.items()]
     if name in evalsets.RETRIEVAL or name.endswith((".csv", ".tsv")):
         try:
             images, captions, caption_image = evalsets.retrieval_data(name, data_dir, image_size, size, **csv_keys)
@@ -144,17 +135,13 @@ def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
         with torch.random.fork_rng(devices=[device] if str(device).startswith("cuda") else []):
             for t in tasks:
                 if t["task"] == "retrieval":
-                    r = retrieve(method, tokenizer, t["images"], t["captions"], t["caption_image"], device, batch_size,
-                                 workers)
-                    results.append(dict(task="retrieval", dataset=t["dataset"], images=len(t["images"]),
-                                        captions=len(t["captions"]), **r))
+                    r = dict(images=len(t["images"]), captions=len(t["captions"]), **retrieve(
+                        method, tokenizer, t["images"], t["captions"], t["caption_image"], device, batch_size, workers))
                 else:
                     r = classify(method, tokenizer, t["images"], t["classnames"], t["templates"], device, batch_size,
                                  workers)
-                    results.append(dict(task="zeroshot_classification", dataset=t["dataset"], top1=r["top1"],
-                                        top5=r["top5"], mean_per_class_recall=r["mean_per_class_recall"],
-                                        chance=r["chance"], images=r["n"], classes=len(t["classnames"]),
-                                        templates=len(t["templates"])))
+                    r.update(images=r.pop("n"), classes=len(t["classnames"]), templates=len(t["templates"]))
+                results.append(dict(task=t["task"], dataset=t["dataset"], **r))
     except ValueError as e:  # an unreadable image (read_image); from a worker it arrives with its traceback
         fail(str(e).strip().splitlines()[-1] if workers else e)
     finally:
@@ -164,9 +151,8 @@ def evaluate(method, tokenizer, tasks, device, batch_size=256, workers=0):
 
 
 def training_tasks(args, image_size):
-    """train.py's --eval-dataset's tasks, every dataset's, read now (a bad path stops here, not after hours of
-    training); by default the synthetic zero-shot tasks when training on the synthetic data (the quick start's check at
-    the end)."""
+    """train.py's --eval-dataset's tasks, read now (a bad path stops here, not after hours of training); by default the
+    synthetic zero-shot tasks when training on the synthetic data (the quick start's check at the end)."""
     name = args.eval_dataset
     if name is None and args.data == "synthetic" and (args.eval_every or args.eval_size > 0):
         name = "synthetic"
@@ -177,39 +163,10 @@ def training_tasks(args, image_size):
                                  for task in prepare(dataset, folder, image_size, size=args.eval_size)]
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "folder", *evalsets.RETRIEVAL)  # and .csv/.tsv
-
-
-def eval_pairs(names, folders):
-    """--eval-dataset's comma-separated datasets and their --eval-data-dir -> [(dataset, folder)]. The pairing: one
-    folder serves every dataset (those that read none ignore it); several folders, comma-separated, go one to each
-    dataset in order, an empty one to a dataset that reads none (synthetic,coco-5k with ,~/coco2014). Spaces around
-    the commas do not count; a value that is one existing path is one item, commas and all."""
-    names = [names] if os.path.exists(names) else [name.strip() for name in names.split(",")]
-    if "" in names:
-        fail(f"--eval-dataset {','.join(names)!r}: an empty name; give datasets separated by single commas, e.g. "
-             f"imagenet,coco-5k")
-    for name in names:
-        if name not in DATASETS and not name.endswith((".csv", ".tsv")):
-            fail(f"--eval-dataset {name}: unknown dataset; choose from {', '.join(DATASETS)} or a .csv/.tsv path")
-        if names.count(name) > 1:
-            fail(f"--eval-dataset names {name} twice: each dataset is evaluated once, and logged under its name")
-    if folders is None or len(names) == 1:  # one dataset: its folder as given
-        return [(name, folders) for name in names]
-    folders = [folders] if os.path.isdir(folders) else [os.path.expanduser(f.strip()) or None
-                                                        for f in folders.split(",")]
-    if len(folders) not in (1, len(names)):
-        fail(f"--eval-data-dir gives {len(folders)} folders for {len(names)} datasets of --eval-dataset: give one "
-             f"folder for all, or one per dataset in the same order, comma-separated (an empty one for a dataset that "
-             f"reads none, as in --eval-dataset synthetic,coco-5k --eval-data-dir ,~/coco2014)")
-    return list(zip(names, folders * len(names) if len(folders) == 1 else folders))
-
-
 def report(method, tokenizer, tasks, device, workers, step, log=None):
-    """train.py's evaluation, on rank 0 (`evaluate` restores every module's mode and the random state: the run goes on
-    as without it), prints the results and logs them to log.jsonl when `log` is given. A task that can no longer be
-    evaluated (an image gone since the start) is left out with one warning line: the run and the other tasks go on.
-    A stop signal cuts it short, with nothing logged: the run stops (train.py)."""
+    """train.py's evaluation, on rank 0: prints the results and logs them to log.jsonl when `log` is given. A task that
+    can no longer be evaluated (an image gone since the start) is left out with one warning line: the run and the other
+    tasks go on. A stop signal cuts it short, with nothing logged: the run stops (train.py)."""
     results = []
     for task in tasks:
         try:
@@ -244,8 +201,7 @@ def predict(method, tokenizer, image_path, labels, templates, device):
 
 
 def describe(r):
-    """A result of `evaluate` (or of eval_linear.probe) -> the line printed, by eval_zeroshot.py, scripts/eval_linear.py
-    and train.py alike."""
+    """A result of `evaluate` (or eval_linear.probe) -> the line eval_zeroshot.py, eval_linear.py and train.py print."""
     name = r["dataset"].removeprefix("synthetic/")
     if r["task"] == "retrieval":
         def recalls(way):  # "R@1 25.20%  R@5 60.40%  R@10 78.80%"
@@ -407,10 +363,10 @@ def main(argv=None):
         if args.show:
             panels = [show.rankings(method, tokenizer, t, args.device, args.show, args.batch_size, args.workers)
                       for t in tasks]
-            show.write(args.show_file, args.checkpoint, [show.section(t, p, args.show) for t, p in zip(tasks, panels)])
-            notes = [f"{t['dataset']}: {show.shortfall(t, p, args.show)}" for t, p in zip(tasks, panels)
-                     if show.shortfall(t, p, args.show)]  # fewer than N: said, not left to be noticed
-            print("\n".join([args.show_file, *notes]))
+            notes = [show.shortfall(t, p, args.show) for t, p in zip(tasks, panels)]  # fewer than N: said
+            sections = [show.section(t, p, note) for t, p, note in zip(tasks, panels, notes)]
+            show.write(args.show_file, args.checkpoint, sections)
+            print("\n".join([args.show_file, *(f"{t['dataset']}: {note}" for t, note in zip(tasks, notes) if note)]))
     if args.output:
         write_results(args.output, results, args.checkpoint)
 

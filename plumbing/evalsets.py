@@ -17,10 +17,19 @@ from plumbing import samples, stops
 from plumbing.runlog import fail, signals
 from plumbing.synthetic import SyntheticCaptions
 
-IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.txt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# OpenAI's names of the 1,000 ImageNet classes, one per line in class-index order (the sorted WordNet ids n01440764...)
+IMAGENET_CLASSES = os.path.join(HERE, "imagenet_classes.txt")
+# OpenAI's prompts (openai/CLIP data/prompts.md): CIFAR's (the same for CIFAR-10 and CIFAR-100), STL-10's, the 80
+# ImageNet templates, and the 7 of them that do as well as all 80 (OpenAI's prompt-engineering notebook)
+with open(os.path.join(HERE, "templates.json"), encoding="utf-8") as f:
+    TEMPLATES = json.load(f)
+CIFAR_TEMPLATES, STL10_TEMPLATES = TEMPLATES["cifar"], TEMPLATES["stl10"]
+IMAGENET_TEMPLATES_80, IMAGENET_TEMPLATES = TEMPLATES["imagenet80"], TEMPLATES["imagenet7"]
 # Karpathy's splits (caption_datasets.zip): the split file each retrieval benchmark reads from --data-dir
 KARPATHY = {"coco-5k": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 RETRIEVAL = ("coco", "synthetic-retrieval", *KARPATHY)
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagenet", "folder", *RETRIEVAL)  # and .csv/.tsv
 
 
 class Labelled(torch.utils.data.Dataset):
@@ -42,16 +51,13 @@ def classification_set(name, data_dir, download, classnames_file, image_size, sp
     """-> (dataset of (image, label), classnames, templates). split: "test" or "train" for the torchvision sets (the
     linear probe fits on train); a folder dataset is the folder given."""
     root = os.path.expanduser(data_dir or "~/data")
-    train = split == "train"
     try:
-        if name == "cifar10":
-            ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
-            return ds, ds.classes, CIFAR_TEMPLATES
-        if name == "cifar100":
-            ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
-            return ds, [c.replace("_", " ") for c in ds.classes], CIFAR_TEMPLATES
+        if name in ("cifar10", "cifar100"):
+            cifar = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            ds = cifar(root, train=split == "train", download=download)
+            return ds, [c.replace("_", " ") for c in ds.classes], CIFAR_TEMPLATES  # CIFAR-100's maple_tree, ...
         if name == "stl10":
-            ds = torchvision.datasets.STL10(root, split="train" if train else "test", download=download)
+            ds = torchvision.datasets.STL10(root, split=split, download=download)
             return ds, ds.classes, STL10_TEMPLATES
     except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted. You can use download=True", no network
         fail(f"{name} not found under {root} ({e}); add --download, or point --data-dir at it")
@@ -111,6 +117,30 @@ def templates_for(choice, default):
         fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes (no other "
              f"brace)")
     return [choice]
+
+
+def eval_pairs(names, folders):
+    """--eval-dataset's comma-separated datasets and their --eval-data-dir -> [(dataset, folder)]: one folder serves
+    every dataset, or several go one to each in order (an empty one to a dataset that reads none). Spaces around the
+    commas do not count; a value that is one existing path is one item, commas and all."""
+    names = [names] if os.path.exists(names) else [name.strip() for name in names.split(",")]
+    if "" in names:
+        fail(f"--eval-dataset {','.join(names)!r}: an empty name; give datasets separated by single commas, e.g. "
+             f"imagenet,coco-5k")
+    for name in names:
+        if name not in DATASETS and not name.endswith((".csv", ".tsv")):
+            fail(f"--eval-dataset {name}: unknown dataset; choose from {', '.join(DATASETS)} or a .csv/.tsv path")
+        if names.count(name) > 1:
+            fail(f"--eval-dataset names {name} twice: each dataset is evaluated once, and logged under its name")
+    if folders is None or len(names) == 1:  # one dataset: its folder as given
+        return [(name, folders) for name in names]
+    folders = [folders] if os.path.isdir(folders) else [os.path.expanduser(f.strip()) or None
+                                                        for f in folders.split(",")]
+    if len(folders) not in (1, len(names)):
+        fail(f"--eval-data-dir gives {len(folders)} folders for {len(names)} datasets of --eval-dataset: give one "
+             f"folder for all, or one per dataset in the same order, comma-separated (an empty one for a dataset that "
+             f"reads none, as in --eval-dataset synthetic,coco-5k --eval-data-dir ,~/coco2014)")
+    return list(zip(names, folders * len(names) if len(folders) == 1 else folders))
 
 
 def check_outputs(outputs, inputs):
@@ -241,43 +271,3 @@ def retrieval_data(name, data_dir, image_size, size=1000, **csv_keys):
         root = root if name == "flickr30k" and os.path.isdir(root) else data_dir
         return karpathy_split(os.path.join(data_dir, KARPATHY[name]), root)
     return data.retrieval_set(name, data_dir, **csv_keys)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# OpenAI's prompts (openai/CLIP data/prompts.md; the CIFAR set is the same for CIFAR-10 and CIFAR-100)
-CIFAR_TEMPLATES = [
-    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.", "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.", "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
-    "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.", "a black and white photo of the {}.",
-    "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
-    "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
-]
-STL10_TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
-# OpenAI's 80 ImageNet templates, and the 7 of them that do as well as all 80 (OpenAI's prompt-engineering notebook)
-IMAGENET_TEMPLATES_80 = [
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
-    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
-    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
-    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
-    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
-    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
-    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
-]
-IMAGENET_TEMPLATES = [
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
-    "art of the {}.", "a photo of the small {}.",
-]
-# OpenAI's names of the 1,000 ImageNet classes, one per line in class-index order (the sorted WordNet ids n01440764...)

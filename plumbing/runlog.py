@@ -1,13 +1,10 @@
 """
 What a training run tells: OUT/log.jsonl (one JSON line per step, and one per evaluation) and the console lines with
-their ETA; and when it cannot go on, one line (fail).
+their ETA (docs/training.md, Logs); and when it cannot go on, one line (fail).
 
 A step's logs stay on the device and are synced over the ranks once per --log-every steps (and whenever a checkpoint
-needs its losses checked), so that the loop never waits for the device in between. At each sync the run stops, with
-one line, on a loss that is not finite, or when more than half of the image reads so far have failed (data.py: the
-policy for unreadable samples). Each sync also says where the window's time and memory went: the share of its wall
-time the loop waited for its next batch (data_wait) and the peak memory (max_memory_mb), each the worst rank's; and it
-carries rank 0's word on --save-every-minutes, so that every rank saves at the same step.
+needs its losses checked), so that the loop never waits for the device in between. Each sync checks the losses and the
+failed image reads, and carries rank 0's word on --save-every-minutes, so that every rank saves at the same step.
 """
 
 import atexit
@@ -105,9 +102,8 @@ class RunLog:
 
     def report_to(self, trackers, meta):
         """Write OUT/config.json (meta: the run's config, which scripts/plot.py labels curves with) and open
-        --report-to's trackers (comma-separated names of TRACKERS), rank 0 only. A resumed run continues the same
-        tracker run: tensorboard's writer in OUT/tensorboard drops the events past the checkpoint (purge_step), wandb
-        resumes the run whose id OUT/wandb_id holds (wandb keeps the steps it logged before: it cannot rewind a run)."""
+        --report-to's trackers (comma-separated names of TRACKERS), rank 0 only; a resumed run continues the same
+        tracker run (docs/see.md)."""
         names = [name.strip() for name in trackers.split(",") if name.strip()]
         for name in names:
             if name not in TRACKERS:
@@ -150,8 +146,7 @@ class RunLog:
         now = time.perf_counter()
         dt, self.t_last, self.paused = now - self.t_last - self.paused, now, 0.0  # training time: no save, no eval
         samples_per_s = len(values) * self.batch_size / dt
-        # the worst rank's: the slowest feeder holds every rank back at the gradients' all-reduce, the fullest memory
-        # runs out first
+        # the worst rank's: the slowest feeder holds every rank back, the fullest memory runs out first
         data_wait = round(min(1.0, max(r[3] for r in ranks) / dt), 4)
         peak = round(max(r[4] for r in ranks), 1)
         self.write([dict(step=s, loss=row[0], **dict(zip(names, row[1:])), lr=s_lr, samples_per_s=samples_per_s,

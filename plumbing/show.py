@@ -1,10 +1,7 @@
 """
-eval_zeroshot.py --show N: what a checkpoint retrieves, as one self-contained HTML page (images inlined): for a
-retrieval set, N captions with the top 5 images each (text→image) and N images with their top 5 captions
-(image→text); for a classification set, N of the images it gets wrong with their top 5 classes. The correct items are
-marked (green, ✓), and where the correct one is not in the top 5 the page says at which rank it came.
-
-    python eval_zeroshot.py --checkpoint out/ckpt.pt --dataset synthetic-retrieval --show 8   # -> show.html
+eval_zeroshot.py --show N: what a checkpoint retrieves, as one self-contained HTML page (docs/see.md): N captions and N
+images of a retrieval set with their top 5 of the other kind, N mistakes of a classification set with their top 5
+classes, the correct items marked.
 """
 
 import base64
@@ -43,11 +40,14 @@ def take(embeddings, index):  # rows of an embedding, a tensor or (FILIP) a tupl
     return tuple(e[index] for e in embeddings) if isinstance(embeddings, tuple) else embeddings[index]
 
 
-def ranked(scores, correct):
-    """scores (items,), correct indices -> (top K as [(index, score)], the best rank of a correct item, from 1)."""
+def panel(direction, query, scores, correct):
+    """A query's scores (items,) and correct items -> its panel: the top K as [(index, score)], the best rank of a
+    correct item, from 1."""
+    scores = scores.float().cpu()
     order = scores.argsort(descending=True, stable=True)
     rank = 1 + min((order == c).nonzero().item() for c in correct)
-    return [(i, scores[i].item()) for i in order[:K].tolist()], rank
+    top = [(i, scores[i].item()) for i in order[:K].tolist()]
+    return dict(direction=direction, query=query, top=top, correct=correct, rank=rank)
 
 
 @torch.no_grad()
@@ -64,27 +64,18 @@ def rankings(method, tokenizer, task, device, n, batch_size=256, workers=0):
         transform = data.eval_transform(method.model.image_resolution)
         images = cat([method.embed_images(b.to(device))
                       for b in loader(evalsets.Images(task["images"], transform), batch_size, workers)])
-        panels = []
-        for c in spread(len(captions), n):  # scores of every image for caption c
-            top, rank = ranked(method.similarity(images, take(texts, [c]))[:, 0].float().cpu(), [caption_image[c]])
-            panels.append(dict(direction="text->image", query=c, top=top, correct=[caption_image[c].item()], rank=rank))
-        for i in spread(len(task["images"]), n):
+        panels = [panel("text->image", c, method.similarity(images, take(texts, [c]))[:, 0], [caption_image[c].item()])
+                  for c in spread(len(captions), n)]
+        for i in spread(len(task["images"]), n):  # every caption of the image is correct
             own = (caption_image == i).nonzero()[:, 0].tolist()
-            top, rank = ranked(method.similarity(take(images, [i]), texts)[0].float().cpu(), own)
-            panels.append(dict(direction="image->text", query=i, top=top, correct=own, rank=rank))
+            panels.append(panel("image->text", i, method.similarity(take(images, [i]), texts)[0], own))
         return panels
     classes = class_embeddings(method, tokenizer, task["classnames"], task["templates"], device)
-    scores, labels = [], []
-    for images, batch_labels in loader(task["images"], batch_size, workers):
-        scores.append(method.similarity(method.embed_images(images.to(device)), classes).float().cpu())
-        labels.append(batch_labels)
-    scores, labels = torch.cat(scores), torch.cat(labels)
+    batches = [(method.similarity(method.embed_images(images.to(device)), classes).float().cpu(), labels)
+               for images, labels in loader(task["images"], batch_size, workers)]
+    scores, labels = torch.cat([s for s, _ in batches]), torch.cat([y for _, y in batches])
     wrong = (scores.argmax(dim=1) != labels).nonzero()[:, 0].tolist()
-    panels = []
-    for i in [wrong[j] for j in spread(len(wrong), n)]:
-        top, rank = ranked(scores[i], [labels[i].item()])
-        panels.append(dict(direction="mistake", query=i, top=top, correct=[labels[i].item()], rank=rank))
-    return panels
+    return [panel("mistake", i, scores[i], [labels[i].item()]) for i in [wrong[j] for j in spread(len(wrong), n)]]
 
 
 def thumbnail(image, size=112):
@@ -103,16 +94,16 @@ def thumbnail(image, size=112):
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def section(task, panels, asked):
-    """One task's panels as HTML (`asked`: --show's N, said when fewer are shown)."""
+def section(task, panels, note=None):
+    """One task's panels as HTML; note: why fewer are shown than --show N asked (shortfall)."""
     retrieval = task["task"] == "retrieval"
     text = task["captions"] if retrieval else task["classnames"]
 
     def image(i):  # as read, before the evaluation transform
         return task["images"][i] if retrieval else task["images"].dataset[i][0]
     out = [] if panels else [f"<h2>{html.escape(task['dataset'])}: no mistakes</h2>"]
-    if shortfall(task, panels, asked):
-        out.append(f"<p>{html.escape(task['dataset'])}: {html.escape(shortfall(task, panels, asked))}</p>")
+    if note:
+        out.append(f"<p>{html.escape(task['dataset'])}: {html.escape(note)}</p>")
     for direction in ("text->image", "image->text", "mistake"):
         shown = [p for p in panels if p["direction"] == direction]
         if not shown:

@@ -31,10 +31,9 @@ BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 # OpenAI's pre-tokeniser minus its two special-token alternatives: a caption that literally contains
 # "<|endoftext|>" is plain text here (as in open_clip), so no caption can inject an EOT and move the pooled token.
 CLIP_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-# CLIP's BPE marks a word's last symbol with "</w>", so "dog</w>" and "dog" are different tokens. tiktoken's BPE
-# works on bytes, so "</w>" becomes one extra byte appended to each word. 0x1f (unit separator) can never be in
-# cleaned text: str.split() counts it as whitespace, so the whitespace clean-up removes it. Its own byte token
-# (id 219) is therefore never produced by OpenAI's tokenizer either, and no merge contains it.
+# CLIP's BPE marks a word's last symbol with "</w>" ("dog</w>" and "dog" are different tokens); tiktoken's works on
+# bytes, so "</w>" becomes one byte appended to each word: 0x1f, which cleaned text never holds (str.split() takes it
+# for whitespace), so that OpenAI's tokenizer never gives its own token (id 219) either, and no merge contains it.
 EOW = "\x1f"
 
 
@@ -65,15 +64,13 @@ def bytes_to_unicode():
 def clip_encoding():
     """OpenAI's 49,408-token CLIP BPE as a tiktoken Encoding whose rank of each token is its CLIP id."""
     merges = read_bpe_merges().split("\n")[1:49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().items())
-    char_to_byte = {c: b for b, c in byte_chars}
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     # ids: the 256 bytes, the 256 bytes ending a word, then one token per merge in merge order
-    vocab = [c for _, c in byte_chars] + [c + "</w>" for _, c in byte_chars] + [m.replace(" ", "") for m in merges]
+    vocab = list(char_to_byte) + [c + "</w>" for c in char_to_byte] + [m.replace(" ", "") for m in merges]
     ranks = {}
     for i, token in enumerate(vocab):
-        word_end = token.endswith("</w>")
-        token = token[:-4] if word_end else token
-        ranks[bytes(char_to_byte[c] for c in token) + (EOW.encode() if word_end else b"")] = i
+        word = token.removesuffix("</w>")
+        ranks[bytes(char_to_byte[c] for c in word) + (EOW.encode() if word != token else b"")] = i
     assert len(ranks) == len(vocab) == 49406, "unexpected BPE file"
     # Merge i makes token 512 + i, so tiktoken's merge order (lowest rank of the concatenation first) is CLIP's
     # (lowest merge index first). They could still differ: tiktoken also merges an adjacent pair that is not a
@@ -93,10 +90,9 @@ def clean_text(text, lower=True):
     return text.lower() if lower else text
 
 
-# Text whose tokens ftfy.fix_text leaves unchanged: printable ASCII (tabs, line breaks and form feeds are whitespace
-# either way) whose HTML entities two unescapes resolve (ftfy unescapes until none is left, unless the text has a
-# "<"). Without ftfy, such text gets OpenAI's ids; other text (non-ASCII, control characters, entities escaped three
-# times) may not (tests/test_data.py checks both on the parity strings).
+# Text whose tokens ftfy.fix_text leaves unchanged, so that it gets OpenAI's ids without ftfy (docs/data.md): printable
+# ASCII (tabs, line breaks and form feeds are whitespace either way) whose HTML entities two unescapes resolve (ftfy
+# unescapes until none is left, unless the text has a "<").
 LINE_SPACE = str.maketrans("", "", "\t\n\r\x0c")
 warned_without_ftfy = False
 
