@@ -389,9 +389,8 @@ def test_show_page_escapes_captions_class_names_and_titles(tmp_path):
     classification = {"task": "zeroshot_classification", "dataset": 'folder "<x>"', "classnames": classes,
                       "images": SimpleNamespace(dataset=[(images[i], i % 3) for i in range(4)])}
     mistakes = [dict(direction="mistake", query=0, top=[(1, 20.0), (0, 19.0), (2, 3.0)], correct=[0], rank=2)]
-    # --show 1: as many as asked (the page's note on fewer shown: test_hostile.py)
-    sections = [show.section(retrieval, panels, 1), show.section(classification, mistakes, 1),
-                show.section({**classification, "dataset": "<u>none</u> & none"}, [], 0)]
+    sections = [show.section(retrieval, panels), show.section(classification, mistakes),
+                show.section({**classification, "dataset": "<u>none</u> & none"}, [])]
     checkpoint = 'runs/<b>"ckpt"</b> & café.pt'
     show.write(str(tmp_path / "show.html"), checkpoint, sections)
     raw = (tmp_path / "show.html").read_bytes()
