@@ -175,13 +175,9 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     """The loss of the whole local batch, given as K micro-batches (on the host: data.on_device moves each when a pass
     needs it), with its gradients added to the parameters' .grad -> (loss, logs). train_model is the method, maybe
     compiled or in DDP (whose no_sync is `no_sync`). Micro-batch i draws its patch dropout from seed_of(seed, i), in
-    every pass. K > 1: GradCache (Gao et al. 2021), exact for every method (docs/accumulation.md):
-      1. each micro-batch's features, without a graph (one micro-batch's activations alive at a time);
-      2. the whole batch's loss on them, once, and its gradients to the features and to the loss's own parameters;
-      3. each micro-batch's features again, with a graph and the same draws, and the backward of its rows of those
-         gradients; the last one also hands over the loss parameters', in the one backward DDP synchronises.
-    open_clip's --accum-freq recomputes the loss for each micro-batch and draws new patch-dropout masks in its second
-    pass. Not exact: a ResNet's own BatchNorm normalises each micro-batch by its own statistics (as open_clip's)."""
+    every pass. K > 1: GradCache (Gao et al. 2021), exact for every method (docs/accumulation.md), in the three passes
+    below; open_clip's --accum-freq instead recomputes the loss for each micro-batch and draws new patch-dropout masks
+    in its second pass. Not exact: a ResNet's own BatchNorm normalises each micro-batch by its own statistics."""
     device = next(method.parameters()).device
     if len(batches) == 1:
         torch.manual_seed(seed_of(seed, 0))
@@ -190,7 +186,7 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
         loss.backward()
         return loss.detach(), logs
 
-    with torch.no_grad(), autocast:  # 1.
+    with torch.no_grad(), autocast:  # 1. the features, without a graph: one micro-batch's activations at a time
         parts = []
         for i, batch in enumerate(data.on_device(batches, device)):
             torch.manual_seed(seed_of(seed, i))
@@ -198,18 +194,18 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     leaves = {key: f.requires_grad_() for key, f in features.items() if f.is_floating_point()}
 
-    with autocast:  # 2.
+    with autocast:  # 2. the whole batch's loss, once, and its gradients to the features and the loss's own parameters
         loss, logs = method.loss(features)
     params = {name: p for name, p in method.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, [*leaves.values(), *params.values()], allow_unused=True)
     feature_grads = {key: g for key, g in zip(leaves, grads) if g is not None}
     param_grads = {name: g for name, g in zip(params, grads[len(leaves):]) if g is not None}
 
-    start = 0  # 3.
+    start = 0  # 3. the features again, with a graph and the same draws, and the backward of their gradients' rows
     for i, batch in enumerate(data.on_device(batches, device)):  # (zip would keep the previous micro-batch alive)
         rows = slice(start, start + len(next(iter(parts[i].values()))))
         start = rows.stop
-        last = i == len(batches) - 1
+        last = i == len(batches) - 1  # also hands over the loss parameters' gradients, in the one backward DDP syncs
         torch.manual_seed(seed_of(seed, i))
         # the running statistics of a ResNet's BatchNorm already counted this micro-batch in step 1
         with (nullcontext() if last else no_sync()), frozen_batchnorm_statistics(method), autocast:

@@ -48,9 +48,8 @@ def decode_columns(batch, device, bad=None):
 
 def decode_crops(crops, device):
     """A column of DeferredCrops (and uint8 (3, R, R) images, of files that are not JPEGs) -> (uint8 (B, 3, R, R) on the
-    device, {i: (name, reason)} of the crops nothing could decode). The JPEGs are decoded in one batch on the device,
-    then cut and resized as RandomResizedCrop does; one the device cannot decode (nvJPEG: CMYK, 12-bit, some corrupt
-    files) on the CPU (samples.decode_image)."""
+    device, {i: (name, reason)} of the crops nothing could decode). The JPEGs are decoded in one batch on the device;
+    one it cannot decode (nvJPEG: CMYK, 12-bit, some corrupt files) on the CPU (samples.decode_image)."""
     jpegs = [i for i, c in enumerate(crops) if isinstance(c, DeferredCrop)]
     raws = [torch.frombuffer(bytearray(crops[i].raw), dtype=torch.uint8) for i in jpegs]
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec

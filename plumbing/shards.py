@@ -107,10 +107,9 @@ def tar_members(f):
 
 
 def tar_samples(path, timeout=60):
-    """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the member's
-    name up to the first dot of its base name, as webdataset groups them); then ("", reason: one line) if the shard
-    cannot be read to its end (a file, or a command's or URL's Source), in which case the sample it was reading is
-    dropped."""
+    """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the name up
+    to the first dot of its base name, as webdataset groups them); then ("", reason: one line) if the shard cannot be
+    read to its end (a file, a command or a URL), in which case the sample it was reading is dropped."""
     key, members, failure = None, {}, lambda: None
     try:
         if path.startswith(REMOTE):

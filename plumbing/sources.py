@@ -1,11 +1,9 @@
 """
-Tar shards from a command (pipe:COMMAND, its standard output, as open_clip's and WebDataset's `pipe:`) or a URL
-(http://, https://), read so that a source that stops sending is found (docs/data.md#tar-shards: stalled sources).
-A thread reads the source (it alone ever waits on it) and hands its bytes over a queue, on which the reader waits in
-ticks of stops.TICK: a read that makes no progress in --shard-timeout seconds ends the shard as a bad one, and one in
-the training process gives up stops.STOP_WAIT seconds after a stop signal (stops.Stopped). A command runs in a session
-of its own (a signal to the training process's group must not end it mid-step), and its process group is killed once
-the reader is done with it, since a command can outlive its output (a trailing `sleep`, a tool that ignores SIGPIPE).
+Tar shards from a command (pipe:COMMAND, its standard output, as open_clip's and WebDataset's `pipe:`) or a URL, read
+by a thread (it alone ever waits on the source) that hands the bytes over a queue, on which the reader waits in ticks
+of stops.TICK: so a source that stalls ends its shard as a bad one after --shard-timeout, and a stop signal is heard
+(stops.Stopped). A command runs in a session of its own (a signal to the training process's group must not end it
+mid-step); its process group is killed once read, since it can outlive its output (docs/data.md#tar-shards).
 """
 
 import os
