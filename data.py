@@ -1,7 +1,7 @@
 """
-Training data: images and their transforms, the datasets of (image, caption) pairs (the built-in synthetic shapes,
-COCO Captions 2017, any CSV/TSV of image paths and captions, tar shards), and the training stream that orders and
-seeds them: each rank's micro-batches, the same whatever the number of ranks or workers, and exact on resume.
+Training data: image transforms, the datasets of (image, caption) pairs (synthetic shapes, COCO Captions 2017, a CSV/TSV
+of image paths and captions, tar shards), and the training stream that orders and seeds them: each rank's
+micro-batches, the same whatever the number of ranks or workers, and exact on resume.
 """
 import csv
 import itertools
@@ -17,26 +17,23 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from plumbing import gpu_decode, shards, stops
+from plumbing import gpu_decode, samples, shards, stops
 from plumbing.runlog import fail
-from plumbing.samples import (MAX_UNREADABLE, DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image,
-                              seed_of, stack)
+from plumbing.samples import DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image, seed_of, stack
 from plumbing.synthetic import SyntheticCaptions
 
 # -----------------------------------------------------------------------------
-# image transforms: a training transform gives a uint8 (3, R, R) image, which the training process moves to the device
-# and normalises there (normalise: a quarter of the bytes through pinned memory and the copy); evaluation's gives the
-# normalised float image
+# image transforms: training's give uint8 (3, R, R) images, normalised on the device (a quarter of the bytes through
+# pinned memory and the copy); evaluation's give the normalised float image
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class RandomResizedCrop:
-    """v2.RandomResizedCrop(size, scale, bicubic, antialias) of a PIL image, an image tensor or a Jpeg, its box drawn
-    as torchvision's get_params draws it (the same draws from torch's RNG, so the same box for the same seed).
-    deferrable: only the uint8 conversion follows (train_transform), so a Jpeg marked for decoding on the GPU
-    (TrainingStream's decode_on_device) is not decoded here but returned as a DeferredCrop: its bytes and box."""
+    """v2.RandomResizedCrop(size, scale, bicubic, antialias) of a PIL image, an image tensor or a Jpeg: the same box
+    for the same seed. deferrable: only the uint8 conversion follows (train_transform), so a Jpeg marked for decoding
+    on the GPU (--gpu-decode) is returned as a DeferredCrop, its bytes and box."""
 
     def __init__(self, size, scale, ratio=(3 / 4, 4 / 3), deferrable=False):
         self.size, self.scale, self.ratio, self.deferrable = size, scale, ratio, deferrable
@@ -44,9 +41,8 @@ class RandomResizedCrop:
         self.draw = torch.empty(1)  # one float32, redrawn in place: the draws of torchvision's torch.empty(1)
 
     def get_params(self, height, width):
-        """torchvision's RandomResizedCrop.get_params, the same draws from torch's RNG in the same float32 arithmetic,
-        at a third of its cost (its tensors allocated once): up to 10 tries at an area and a log-uniform aspect ratio,
-        then the central crop."""
+        """torchvision's RandomResizedCrop.get_params (the same draws in the same float32 arithmetic) at a third of its
+        cost: up to 10 tries at an area and a log-uniform aspect ratio, then the central crop."""
         area = height * width
         for _ in range(10):
             target_area = area * self.draw.uniform_(*self.scale).item()
@@ -70,12 +66,10 @@ class RandomResizedCrop:
         if isinstance(image, Jpeg) and image.defer and self.deferrable:
             return DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
-            # Differs from torchvision: a JPEG is decoded at 1/r of its size (libjpeg's DCT scaling, r = 8, 4 or 2),
-            # the largest r that leaves the crop at least `size` pixels on both sides, and the box is mapped to the
-            # reduced image, its edges rounded to its pixels (at most r/2 source pixels off). The crop's distribution
-            # is torchvision's; its pixels are a DCT-domain reduction then a bicubic one instead of one bicubic
-            # reduction: PSNR > 30 dB against it, 34-44 dB on average (tests/test_jpeg.py). A decode already made at a
-            # finer r (another view of the image) is reused.
+            # Differs from torchvision: the JPEG is decoded at 1/r of its size (libjpeg's DCT scaling), the largest r
+            # of 8, 4, 2 that leaves the crop at least `size` pixels a side, and the box mapped to the reduced image
+            # (edges at most r/2 source pixels off): the same boxes, pixels at PSNR > 30 dB against torchvision's,
+            # 34-44 dB on average (tests/test_jpeg.py, docs/data.md). A finer decode of another view is reused.
             r = next((r for r in (8, 4, 2) if min(h, w) >= r * self.size), 1)
             r = max([k for k in image.decoded if k <= r], default=r)
             if r > 1:
@@ -106,8 +100,7 @@ def to_uint8(image):
 
 
 def normalise(images):
-    """uint8 images (..., 3, R, R) -> float32 scaled to [0, 1] and normalised by MEAN and STD, as v2.ToDtype(scale=True)
-    and v2.Normalize compute it (the same floats), on the images' device."""
+    """uint8 images (..., 3, R, R) -> float32, normalised as v2.ToDtype(scale=True) and v2.Normalize do (same floats)"""
     mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (MEAN, STD))
     return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
@@ -120,9 +113,8 @@ def to_device(batch, device):
 
 
 def on_device(batches, device):
-    """A step's micro-batches, each moved and normalised (to_device) when the caller asks for it: the device holds
-    the float images of the micro-batch in use and of the next, never all K (--grad-accum's passes each take them
-    again). On CUDA the next one's copy runs on a side stream while the caller computes on this one."""
+    """A step's micro-batches, each moved and normalised (to_device) when the caller asks for it: the device holds the
+    float images of two, never all K. On CUDA the next one's copy runs on a side stream while the caller computes."""
     if not str(device).startswith("cuda"):
         yield from (to_device(batch, device) for batch in batches)
         return
@@ -230,9 +222,8 @@ class CsvCaptions(ImageCaptions):
 
 def make_dataset(data, data_dir=None, split="train", image_size=64, img_key=None, caption_key=None, sep=None):
     """"synthetic", "coco" (data_dir = COCO root), a .csv/.tsv path (data_dir = root of relative paths; the file is the
-    split, so `split` is not used; img_key, caption_key and sep as in CsvCaptions), or tar shards (plumbing/shards.py: a
-    folder of .tar files, 'dir/{00000..00331}.tar', pipe:, http(s)://, a::b), which are streamed, never indexed: their
-    list of paths."""
+    split; img_key, caption_key and sep as in CsvCaptions), or tar shards (plumbing/shards.py), streamed, never
+    indexed: their list of paths."""
     if data == "synthetic":
         return SyntheticCaptions(split, image_size=image_size)
     tar_shards = shards.shard_list(data)
@@ -267,9 +258,8 @@ def epoch_order(n, seed, epoch):
 
 class Batches(torch.utils.data.Sampler):
     """Index lists of this rank's micro-batches. The data is one endless stream: epoch e is a permutation drawn from
-    (seed, e); global micro-batch i is positions [i·G, (i+1)·G) of the stream, G = micro · world, and rank r takes
-    its r-th slice. So the global batch at a step does not depend on the world size, and a resumed run starts at
-    exactly the next batch. Each item carries its stream position, which seeds that sample's augmentation."""
+    (seed, e); global micro-batch i is positions [i·G, (i+1)·G), G = micro · world, and rank r takes its r-th slice,
+    so the global batch does not depend on the world size. Each item carries its position, which seeds it."""
 
     def __init__(self, n, micro, rank, world, seed, start):
         self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
@@ -285,13 +275,9 @@ class Batches(torch.utils.data.Sampler):
 
 class Seeded(torch.utils.data.Dataset):
     """Stream item (index, position) -> transform(image, caption) plus "bad", the (path, reason) of each unreadable
-    image passed over. Augmentations are a pure function of (run seed, stream position), and so is the replacement of
-    an unreadable image: identical whatever the world size, the number of workers, or a resume in between.
-
-    An unreadable image is replaced by the item at the same place of the following batches of its epoch, then of the
-    preceding ones: stream positions p ± k·G, G the global micro-batch. An epoch holds each item at one position only,
-    and the G places of a batch draw on disjoint sets of positions, so a replacement never repeats an item of its batch
-    (a batch that straddles two epochs can, as can the last resort, later epochs, for datasets of a few batches)."""
+    image passed over. Augmentations are a function of (run seed, stream position), and so is the replacement of an
+    unreadable image: the item at the same place of the following batches of its epoch, then of the preceding ones
+    (positions p ± k·G, G the global micro-batch), so never an item of its own batch (docs/data.md)."""
 
     def __init__(self, dataset, transform, seed, group):
         self.dataset, self.transform, self.seed, self.group = dataset, transform, seed, group  # group: G
@@ -308,7 +294,7 @@ class Seeded(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, position = item
         n, bad = len(self.dataset), []
-        for p in itertools.islice(self.positions(position), MAX_UNREADABLE):
+        for p in itertools.islice(self.positions(position), samples.MAX_UNREADABLE):
             i = index if p == position else epoch_order(n, self.seed, p // n)[p % n].item()
             try:
                 image, caption = self.dataset[i]
@@ -322,23 +308,18 @@ class Seeded(torch.utils.data.Dataset):
                                f"the paths right (relative to the csv's folder, or --data-dir)?")
 
 
-def collate(samples):
-    """default_collate, with the samples' lists of unreadable images joined into one"""
-    bad = [b for sample in samples for b in sample.pop("bad")]
-    return {**stack(samples), "bad": bad}
+def collate(items):
+    """default_collate, with the items' lists of unreadable images joined into one"""
+    bad = [b for item in items for b in item.pop("bad")]
+    return {**stack(items), "bad": bad}
 
 
 class TrainingStream:
-    """This rank's micro-batches of training data, endlessly, as to_device takes them: from an indexed dataset, the
-    rank's slice of each global micro-batch (Batches, Seeded); from tar shards, one chunk from each of the rank's
-    readers (shards.ShardStream: a rank's readers are its DataLoader workers, or itself without workers). Keeps what it
-    passed over (`unreadable`, `reads`, `failed`, for RunLog), the seconds the loop waited in `next` (`waited`:
-    RunLog's data_wait) and, from shards, where each reader stands after the last whole step (`lanes`: a step is
-    `per_step` micro-batches). A stop signal while a batch does not come raises stops.Stopped (stops.next_batch;
-    with shards read by this process, their reads: plumbing/sources.py).
-
-    start: the micro-batch to start from (a resumed run's step × --grad-accum); resumed: the checkpoint's record of a
-    shard stream, {"readers", "shards", "lanes"}, whose readers must be as many as this run's."""
+    """This rank's micro-batches, endlessly, as to_device takes them: from an indexed dataset, its slice of each global
+    micro-batch (Batches, Seeded); from tar shards, a chunk from each of its readers (shards.ShardStream). Keeps for
+    RunLog what it passed over (`unreadable`, `reads`, `failed`), the seconds waited in `next` (`waited`) and, from
+    shards, where each reader stands after the last whole step of `per_step` micro-batches (`lanes`). start: the
+    micro-batch to start from; resumed: the checkpoint's record of a shard stream, {"readers", "shards", "lanes"}."""
 
     def __init__(self, dataset, transform, seed, micro, rank, world, workers, device, start=0, resumed=None,
                  shuffle_buffer=2000, caption_key=None, decode_on_device=False, per_step=1, shard_timeout=60):
@@ -396,7 +377,6 @@ class TrainingStream:
         return batch
 
     def take_unreadable(self):
-        """-> ({path: reason} of the unreadable samples met since the last call, reads and failed reads since the
-        start)"""
+        """-> ({path: reason} of the unreadable samples since the last call, reads and failed reads since the start)"""
         taken, self.unreadable = self.unreadable, {}
         return taken, self.reads, self.failed

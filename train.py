@@ -9,9 +9,8 @@ Train a language-image model with any of the five methods, on a CPU, one GPU, or
 The method (clip.py, siglip.py, slip.py, declip.py, filip.py, defilip.py) is chosen by module name and plugs in
 through the interface documented in clip.py: its views of each sample, its features and loss, its optimiser defaults.
 
---batch-size is the global batch of one optimiser step, and the loss is always the loss of that whole batch: each of
-the W ranks runs --grad-accum micro-batches of batch_size / (W · grad_accum) samples (exact accumulation, see
-forward_backward), so that one GPU trains with SLIP's 4,096 pairs as 32 micro-batches of 128:
+--batch-size is the global batch of one optimiser step, and the loss is always that of the whole batch: each of the W
+ranks runs --grad-accum micro-batches (exact, see forward_backward), so one GPU trains with SLIP's 4,096 pairs:
 
     python train.py --method slip --model ViT-B-16 --batch-size 4096 --grad-accum 32 --grad-checkpointing
 """
@@ -109,15 +108,12 @@ def get_args(argv=None):
             fail(f"--{flag.replace('_', '-')} must be {low} or more (got {value})")
     if args.save_every_minutes is not None and not 0 < args.save_every_minutes < math.inf:
         fail(f"--save-every-minutes must be above 0 and finite (got {args.save_every_minutes})")
-    # AdamW moves each weight by about lr per step whatever the gradient's scale, so an lr above 1 overwrites the
-    # weights at every step (these methods use 5e-4 to 3e-3; 1e38 even overflows float32 inside AdamW)
+    # AdamW moves each weight by about lr per step whatever the gradient's scale: above 1 it overwrites the weights
     if args.lr is not None and not 0 < args.lr <= 1:
         fail(f"--lr must be above 0 and at most 1 (got {args.lr:g}); these methods train with 5e-4 to 3e-3")
     if not 0 <= args.patch_dropout < 1:
         fail(f"--patch-dropout must be at least 0 and below 1 (got {args.patch_dropout}); FLIP drops 0.5 to 0.75")
-    # the loss contrasts the batch's pairs with each other: a single pair has no negatives (CLIP's loss is then
-    # exactly 0 and nothing is learned) and no batch statistics for SLIP's and DeCLIP's BatchNorm
-    if args.batch_size < 2:
+    if args.batch_size < 2:  # and SLIP's and DeCLIP's BatchNorm would have no batch statistics
         fail(f"--batch-size {args.batch_size}: contrastive losses need at least 2 image-text pairs per batch (each "
              f"pair's negatives are the other pairs; with 1, CLIP's loss is 0 and nothing is learned)")
     pretrained.check_args(args)  # its flags; --model's default, tiny-rn or the weights'
@@ -176,24 +172,12 @@ def lr_at(step, peak, warmup, total):
 
 
 def forward_backward(method, train_model, batches, seed, autocast=nullcontext(), no_sync=nullcontext):
-    """The loss of the whole local batch, given as K micro-batches (as the stream hands them: each pass moves each to
-    the device when it needs it, data.on_device), with its gradients added to the parameters' .grad -> (loss, logs).
-    train_model is the method, maybe compiled or wrapped in DDP (whose no_sync is `no_sync`). Micro-batch i draws its
-    in-model randomness (patch dropout) after torch.manual_seed(seed_of(seed, i)), in every pass.
-
-    K = 1: the plain step, loss.backward(). K > 1: GradCache (Gao et al. 2021), exact for every method:
-      1. each micro-batch's features (method.features: encoders and per-sample heads), without a graph, so that
-         only one micro-batch's activations are alive at a time;
-      2. the loss of the whole batch on those features (method.loss: contrastive terms, BatchNorm heads, the queue,
-         all see every sample, once per step), and its gradients with respect to the features, made leaves, and to
-         the loss's own parameters (temperature, heads);
-      3. each micro-batch's features again, now with a graph (same random draws, so the same features), and the
-         backward of its rows of those gradients; the last micro-batch also hands over the loss parameters'
-         gradients, so that the one backward DDP synchronises (the others run under no_sync) reaches them all.
-    Step 3 repeats step 1's forward: 4/3 of the plain step's compute. open_clip's --accum-freq caches features in the
-    same way, but recomputes the whole batch's loss for every micro-batch and draws new patch-dropout masks in its
-    second pass. The one thing in the features that is not per sample: a ResNet encoder's own BatchNorm, which
-    normalises each micro-batch with that micro-batch's statistics (as open_clip), counted once (in step 1)."""
+    """The loss of the whole local batch, given as K micro-batches (on the host: data.on_device moves each when a pass
+    needs it), with its gradients added to the parameters' .grad -> (loss, logs). train_model is the method, maybe
+    compiled or in DDP (whose no_sync is `no_sync`). Micro-batch i draws its patch dropout from seed_of(seed, i), in
+    every pass. K > 1: GradCache (Gao et al. 2021), exact for every method (docs/accumulation.md), in the three passes
+    below; open_clip's --accum-freq instead recomputes the loss for each micro-batch and draws new patch-dropout masks
+    in its second pass. Not exact: a ResNet's own BatchNorm normalises each micro-batch by its own statistics."""
     device = next(method.parameters()).device
     if len(batches) == 1:
         torch.manual_seed(seed_of(seed, 0))
@@ -202,7 +186,7 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
         loss.backward()
         return loss.detach(), logs
 
-    with torch.no_grad(), autocast:  # 1.
+    with torch.no_grad(), autocast:  # 1. the features, without a graph: one micro-batch's activations at a time
         parts = []
         for i, batch in enumerate(data.on_device(batches, device)):
             torch.manual_seed(seed_of(seed, i))
@@ -210,18 +194,18 @@ def forward_backward(method, train_model, batches, seed, autocast=nullcontext(),
     features = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     leaves = {key: f.requires_grad_() for key, f in features.items() if f.is_floating_point()}
 
-    with autocast:  # 2.
+    with autocast:  # 2. the whole batch's loss, once, and its gradients to the features and the loss's own parameters
         loss, logs = method.loss(features)
     params = {name: p for name, p in method.named_parameters() if p.requires_grad}
     grads = torch.autograd.grad(loss, [*leaves.values(), *params.values()], allow_unused=True)
     feature_grads = {key: g for key, g in zip(leaves, grads) if g is not None}
     param_grads = {name: g for name, g in zip(params, grads[len(leaves):]) if g is not None}
 
-    start = 0  # 3.
+    start = 0  # 3. the features again, with a graph and the same draws, and the backward of their gradients' rows
     for i, batch in enumerate(data.on_device(batches, device)):  # (zip would keep the previous micro-batch alive)
         rows = slice(start, start + len(next(iter(parts[i].values()))))
         start = rows.stop
-        last = i == len(batches) - 1
+        last = i == len(batches) - 1  # also hands over the loss parameters' gradients, in the one backward DDP syncs
         torch.manual_seed(seed_of(seed, i))
         # the running statistics of a ResNet's BatchNorm already counted this micro-batch in step 1
         with (nullcontext() if last else no_sync()), frozen_batchnorm_statistics(method), autocast:
@@ -241,7 +225,8 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} must be divisible by world size × --grad-accum = "
              f"{world * args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)
-    workers = distributed.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if args.workers is None else args.workers
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # share the node's cores
+    workers = distributed.default_workers(local_ranks) if args.workers is None else args.workers
 
     # --- the data, the method around its model, its optimiser ---------------------------------------------------------
     try:
@@ -264,10 +249,8 @@ def main(argv=None):
     lr, source, warmup = pretrained.lr_and_warmup(args)  # the flags', else fine-tuning's or pre-training's
     optimizer, lr, optimizer_line = make_optimizer(method, model_config, args.batch_size, lr, args.weight_decay, source)
 
-    start_step, resumed_stream, own_buffers = 0, None, None
     path = resume_path(args)
-    if args.resume:
-        start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args)
+    start_step, resumed_stream, own_buffers = resume(path, method, optimizer, args) if args.resume else (0, None, None)
     meta = dict(config=vars(args), model_config=model_config, method_kwargs=method_kwargs)  # what evaluation rebuilds
     checkpoints = Checkpoints(args.out_dir, args.steps, args.save_every, meta, args.resume and (path, start_step),
                               args.save_every_minutes)

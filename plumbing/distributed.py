@@ -1,7 +1,6 @@
 """
 Everything that involves several ranks: torchrun's set-up and DDP (train.py), and the one place where features cross
 ranks (every method's loss gathers through all_gather; SLIP's and DeCLIP's heads normalise with GlobalBatchNorm).
-
 W ranks each hold B samples of the global batch of N = W·B. A loss that gathers the other ranks' rows WITH gradient
 and takes the mean over its own rows, summed over ranks by DDP's averaging of gradients, gives the gradients of one
 process holding all N (tested for every method: 2 gloo ranks against one process).
@@ -49,9 +48,8 @@ def default_workers(ranks_per_node=1):
 
 def wrap_ddp(method, device, buffers=None):
     """DistributedDataParallel around the method. Its buffers stay per rank: DeCLIP's queue holds the rank's own
-    captions and must not be overwritten with rank 0's at every forward (torch 2.14 calls that forward_sync_buffers
-    and warns about the older broadcast_buffers, the only name earlier releases know). buffers: this rank's own,
-    from a checkpoint, loaded after DDP has copied rank 0's to every rank, as it does when it starts."""
+    captions and must not be overwritten with rank 0's at every forward (torch 2.14 renamed broadcast_buffers to
+    forward_sync_buffers). buffers: this rank's own, from a checkpoint, loaded after DDP has copied rank 0's."""
     buffer_flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
         "broadcast_buffers"
     ddp = DDP(method, device_ids=[device] if device.startswith("cuda") else None,
@@ -89,10 +87,9 @@ def gather_objects(obj):
 
 
 def rank_state(method, lanes):
-    """What differs between ranks, gathered on rank 0 for its checkpoint: each rank's buffers (DeCLIP's queue holds
-    the rank's own captions; a ResNet's BatchNorm statistics are per rank) when there are several, and where every
-    reader of a shard stream stands, in the order of the lanes: (buffers of each rank or None, positions) on rank 0,
-    (None, None) on the others. A collective: every rank calls it."""
+    """What differs between ranks, gathered on rank 0 for its checkpoint (a collective): each rank's buffers (DeCLIP's
+    queue, a ResNet's BatchNorm statistics) when there are several, and where every reader of a shard stream stands,
+    in lane order -> (buffers of each rank or None, positions) on rank 0, (None, None) on the others."""
     rank, world = rank_and_world()
     names = dict(method.named_buffers())
     mine = ({k: v.cpu() for k, v in method.state_dict().items() if k in names}, lanes)
@@ -133,22 +130,19 @@ class AllGather(torch.autograd.Function):
 
 @torch.compiler.disable  # the collective runs eagerly; torch.compile splits its graph here
 def all_gather(x):
-    """(B, ...) on each rank -> (W·B, ...) in rank order, differentiable: the local features receive the gradient
-    of all W ranks' losses. The identity when not distributed. (torch.distributed.nn.functional.all_gather, which
-    does the same, is deprecated and refuses to run under torch.compile.)"""
+    """AllGather, and the identity when not distributed (torch.distributed.nn.functional.all_gather, which does the
+    same, is deprecated and refuses to run under torch.compile)."""
     _, world = rank_and_world()
     return x if world == 1 else AllGather.apply(x)
 
 
 class GlobalBatchNorm(nn.Module):
-    """BatchNorm1d over (B, C) features whose training statistics are those of the global batch, i.e. of all ranks
-    together, like torch's SyncBatchNorm: the BatchNorm of SLIP's SimCLR head and DeCLIP's SimSiam heads. It mixes the
-    samples of the batch, so it runs in a method's loss, never in its features: with train.py's --grad-accum it then
-    normalises over the whole batch too. Each rank sends (count, mean, sum of squared deviations) per channel,
-    gathered WITH gradient (all_gather), and merges them exactly (Chan et al.), so W ranks of B samples give the
-    output and gradients of one process with W·B samples. Unlike nn.SyncBatchNorm it also runs on CPU (gloo), and it
-    is no _BatchNorm, so nn.SyncBatchNorm.convert_sync_batchnorm leaves it as it is. Eval mode uses running
-    statistics (momentum 0.1, unbiased variance), as nn.BatchNorm1d."""
+    """BatchNorm1d over (B, C) features whose training statistics are those of the global batch (all ranks), like
+    torch's SyncBatchNorm: SLIP's SimCLR head's and DeCLIP's SimSiam heads'. It mixes the batch's samples, so it runs in
+    a method's loss, never in its features: under --grad-accum it too sees the whole batch. Each rank's (count, mean,
+    sum of squared deviations) per channel are gathered WITH gradient and merged exactly (Chan et al.): W ranks of B
+    samples give the output and gradients of one process with W·B. Unlike nn.SyncBatchNorm it runs on CPU (gloo) and
+    is no _BatchNorm (convert_sync_batchnorm leaves it be). Eval mode uses running statistics, as nn.BatchNorm1d."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, min_batch=32):
         super().__init__()

@@ -1,8 +1,7 @@
 """
-One training sample as the DataLoader workers make it, below data.py and the tar shards (plumbing/shards.py) alike:
-an image file's bytes decoded (a JPEG left undecoded, for the training crop to decode at the size it needs, or for the
-device: --gpu-decode), the one policy for samples that cannot be read, the one seeding scheme of a run, and the
-collation of samples into a batch.
+One training sample as the DataLoader workers make it, for data.py and the tar shards (plumbing/shards.py) alike: an
+image file's bytes decoded (a JPEG left for the training crop, or the device, to decode), the one policy for samples
+that cannot be read, the one seeding scheme of a run, and the collation of samples into a batch.
 """
 import io
 import warnings
@@ -15,17 +14,15 @@ from PIL import Image
 
 def load_image(path):
     """An RGB image from a file, decoded now so that a corrupt file fails inside the dataset: a (3, H, W) uint8 tensor
-    from torchvision.io (JPEG decoding 1.7x faster than PIL's here: `python scripts/bench_data.py`), or, for a format
-    torchvision cannot read, a PIL image. The transforms (torchvision.transforms.v2) take either."""
+    from torchvision.io (1.7x faster than PIL on JPEGs: scripts/bench_data.py), or a PIL image if it cannot read it."""
     with open(path, "rb") as f:
         return decode_image(f.read())
 
 
 def decode_image(raw, lazy_name=None):
-    """load_image on the bytes of an image file (a member of a tar shard). Refuses an image of more pixels than PIL's
-    decompression-bomb limit (~89M, a 9,459 px square) before decoding it: a 400M-pixel PNG can be 389 KB on disk and
-    2.7 GB in memory. Of an animated image, the first frame. With lazy_name (the name an UnreadableImage gives), a JPEG
-    is not decoded here but returned as a Jpeg, which the training transform's crop decodes at the size it needs."""
+    """load_image on the bytes of an image file (a member of a tar shard); of an animated image, the first frame.
+    Refuses one over PIL's decompression-bomb limit (~89M pixels) before decoding it: a 400M-pixel PNG can be 389 KB
+    on disk and 2.7 GB in memory. With lazy_name (what an UnreadableImage names), a JPEG is returned as a Jpeg."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
         header = Image.open(io.BytesIO(raw))  # reads the header only: ~1% of decoding a JPEG
@@ -69,8 +66,8 @@ class Jpeg:
                     with img:
                         img.draft("RGB", (self.size[0] // r, self.size[1] // r))  # picks 1/r: the size is >= this
                         img.load()
-                        self.decoded[r] = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
-                        self.decoded[r] = self.decoded[r].permute(2, 0, 1)
+                        rgb = img if img.mode == "RGB" else img.convert("RGB")
+                        self.decoded[r] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
                 raise UnreadableImage(self.name, str(e) or type(e).__name__) from e
         return self.decoded[r]
@@ -88,19 +85,16 @@ class UnreadableImages(Exception):
     """Too many unreadable images to go on training: the data is not where it was looked for."""
 
 
-# The one policy for unreadable samples, from image files and from tar shards alike: a sample that cannot be read (a
-# missing or corrupt image, a shard's sample without a caption, a truncated shard) is replaced by another of the same
-# epoch, so that every batch stays whole; each is counted in the log's `skipped` and the first one printed; and the run
-# stops, naming the first, when this many in a row fail for one sample or reader, or when more than half of all reads
-# have failed (runlog.RunLog, at each console line): then the data is not where it was looked for.
+# The one policy for unreadable samples, from image files and tar shards alike: each is replaced by another of the same
+# epoch, so that every batch stays whole, and counted in the log's `skipped`; the run stops, naming the first, when this
+# many in a row fail for one sample or reader, or more than half of all reads have (runlog.RunLog): docs/data.md
 MAX_UNREADABLE = 64
 
 
 class DeferredCrop:
     """A training crop left to the GPU (train.py --gpu-decode): the JPEG's bytes and the box (top, left, h, w) that
-    RandomResizedCrop drew in the worker, from the worker's seed. decode_crops makes of it the crop of the full decode.
-    A JPEG with no end marker after its last scan (a truncated file) is unreadable here already, where the worker
-    replaces it as it would on failing to decode it."""
+    RandomResizedCrop drew in the worker. A JPEG with no end marker after its last scan (a truncated file) is
+    unreadable here already, in the worker, which replaces it as it would on failing to decode it."""
 
     def __init__(self, jpeg, box, size):
         end = jpeg.raw.rfind(b"\xff\xd9")  # EOI; then no SOS after it (a scan cut short); markers are not data
@@ -110,15 +104,12 @@ class DeferredCrop:
 
 
 def seed_of(seed, *parts):
-    """The one seeding scheme of a run: the seed of what `parts` (integers ≥ 0) name, from the run's --seed. An
-    epoch's order is seed_of(seed, epoch); a sample's augmentation seed_of(seed, its position in the stream) (from
-    shards, seed_of(seed, epoch, shard, index)); a step's in-model randomness seed_of(seed, step, rank, micro-batch).
-    So every draw is a function of where it is in the run, which makes a resume exact. Distinct parts below 1,000,003
-    give distinct seeds; with --seed 0, seed_of(0, p) = p."""
+    """The one seeding scheme of a run: the seed of what `parts` (integers ≥ 0) name, e.g. seed_of(seed, epoch) for an
+    epoch's order, seed_of(seed, step, rank, micro-batch) for a step's in-model randomness. So every draw is a function
+    of where it is in the run, which makes a resume exact. Distinct parts below 1,000,003 give distinct seeds."""
     for part in parts:
         seed = seed * 1_000_003 + part
     return seed % 2**62
-
 
 
 def stack(samples):

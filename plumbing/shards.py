@@ -1,17 +1,8 @@
 """
 Tar shards in WebDataset's layout (as img2dataset writes them), streamed: train.py --data 'dir/{00000..00331}.tar',
 or from anywhere a command or URL reaches: 'pipe:aws s3 cp s3://bucket/{00000..00331}.tar -', 'https://host/{0..9}.tar'.
-
-A sample is the run of a shard's members that share a key (the name up to the first dot): an image (jpg, jpeg, png,
-webp) and a caption (txt, else json's "caption"). The shards are never indexed: N readers (ranks × DataLoader workers)
-each stream their own shards, shuffle in blocks, and know where they stand in four integers, so that a resumed run
-reads on exactly where it stopped (ShardStream).
-
-Read with the standard library rather than the webdataset package: which shards each reader takes, a shuffle that
-resumes exactly and bad samples counted would be written here either way, through webdataset's hooks; what it would
-replace is reading a tar in order and grouping its members by key (tar_members, tar_samples: 50 lines). webdataset
-reads tars with the tarfile module, whose header parsing (every field, in Python) costs more than the rest of reading
-an image (173 us an image, against 42 us with tar_members and 15 us to read it as a file: docs/speed.md).
+A sample is the run of a shard's members that share a key (the name up to the first dot). Read with the standard
+library, not webdataset, nor tarfile (173 us an image for its header parsing, 42 us here): docs/data.md#tar-shards.
 """
 
 import http.client
@@ -20,17 +11,18 @@ import json
 import os
 import random
 import re
+from contextlib import closing
 
 import torch
 
-from plumbing.sources import Source
 # images from shards follow the policy of image files
 from plumbing.samples import MAX_UNREADABLE, UnreadableImage, UnreadableImages, decode_image, seed_of, stack
+from plumbing.sources import Source
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
+REMOTE = ("pipe:", "http://", "https://")  # read by plumbing/sources.py
 MAX_SHARDS = 1_000_000  # what a brace pattern may name (a typo such as {00000000..99999999} would name 10^8)
+MAX_MEMBER = 1 << 28  # bytes: a member over 256 MiB is no image or caption (and reading it could exhaust memory)
 
 
 def braces(pattern):
@@ -50,14 +42,10 @@ def braces(pattern):
         yield from braces(pattern[:m.start()] + item + pattern[m.end():])
 
 
-REMOTE = ("pipe:", "http://", "https://")
-
-
 def shard_list(spec):
-    """The tar shards --data names, or None if it names none: a folder of .tar files, a brace pattern
-    ('cc3m/{00000..00331}.tar'), 'pipe:COMMAND' (its standard output is the shard: 'pipe:aws s3 cp
-    s3://b/{00000..00331}.tar -'), an http(s):// URL, or several of those joined by '::' (as open_clip's --train-data).
-    Only local paths are checked here: a remote shard that cannot be read is a bad sample when it is read."""
+    """The tar shards --data names, or None if it names none: a folder of .tar files, a brace pattern, 'pipe:COMMAND'
+    (its standard output is the shard), an http(s):// URL, or several of those joined by '::' (as open_clip's
+    --train-data). Only local paths are checked here: a remote shard that cannot be read is a bad one when read."""
     if spec in ("synthetic", "coco"):  # names, even where a folder of that name exists
         return None
     if os.path.isdir(spec):
@@ -75,9 +63,6 @@ def shard_list(spec):
         raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {spec} do not exist, the first "
                                 f"{missing[0]}")
     return shards
-
-
-MAX_MEMBER = 1 << 28  # bytes: a member over 256 MiB is no image or caption (and reading it could exhaust memory)
 
 
 def octal(field):
@@ -121,53 +106,42 @@ def tar_members(f):
         long_name = None
 
 
-def open_shard(path, timeout=60):
-    """-> (a binary file of the shard's bytes, failure): failure(), once the file is closed, is why its source failed
-    (a command's exit status and the last line of its standard error) or None. A command's or URL's reads give up
-    after `timeout` seconds without progress (plumbing/sources.py)."""
-    if path.startswith(REMOTE):
-        source = Source(path, timeout)
-        return source, source.failure
-    return open(path, "rb"), lambda: None
-
-
 def tar_samples(path, timeout=60):
-    """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the member's
-    name up to the first dot of its base name, as webdataset groups them); then ("", reason: one line) if the shard
-    cannot be read to its end (a file, URL or command: open_shard), in which case the sample it was reading is
-    dropped."""
-    key, members = None, {}
+    """A shard's samples in file order: (key, {extension: bytes}) for each run of members sharing a key (the name up
+    to the first dot of its base name, as webdataset groups them); then ("", reason: one line) if the shard cannot be
+    read to its end (a file, a command or a URL), in which case the sample it was reading is dropped."""
+    key, members, failure = None, {}, lambda: None
     try:
-        f, failure = open_shard(path, timeout)
-        try:
-            with f:
-                for name, payload in tar_members(f):
-                    folder, base = os.path.split(name)
-                    stem, _, ext = base.partition(".")
-                    if os.path.join(folder, stem) != key and members:
-                        yield key, members
-                        members = {}
-                    key = os.path.join(folder, stem)
-                    if payload is None:  # after the sample before, if this member began a new one
-                        raise ValueError(f"the shard ends within {name} (it is cut short)")
-                    members[ext.lower()] = payload
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            raise ValueError(failure() or str(e)) from e  # a failed command's output ends early: say why it failed
+        if path.startswith(REMOTE):
+            f = Source(path, timeout)
+            failure = f.failure
+        else:
+            f = open(path, "rb")
+        with closing(f):
+            for name, payload in tar_members(f):
+                folder, base = os.path.split(name)
+                stem, _, ext = base.partition(".")
+                if os.path.join(folder, stem) != key and members:
+                    yield key, members
+                    members = {}
+                key = os.path.join(folder, stem)
+                if payload is None:  # after the sample before, if this member began a new one
+                    raise ValueError(f"the shard ends within {name} (it is cut short)")
+                members[ext.lower()] = payload
         if reason := failure():
             raise ValueError(reason)
     except (OSError, ValueError, http.client.HTTPException) as e:  # missing, cut short, corrupt, a URL or command that
-        # fails or stalls, a server whose answer is not HTTP (urlopen: BadStatusLine), said in one line
-        reason = " ".join(str(e).split()) or type(e).__name__
-        yield "", f"{type(e).__name__}: {reason}" if isinstance(e, http.client.HTTPException) else reason
+        # fails or stalls, a server whose answer is not HTTP (BadStatusLine); a failed command's output ends early:
+        # failure() says why it failed (its status and the last line of its stderr)
+        yield "", " ".join((failure() or str(e)).split()) or type(e).__name__
         return
     if members:
         yield key, members
 
 
 def decode_sample(members, caption_key=None, name=None):
-    """{extension: bytes} -> (image, caption): the first image member (jpg, jpeg, png, webp; a JPEG as a samples.Jpeg
-    named `name`, decoded by the transform), the caption from txt or else the json member's "caption" (or
-    caption_key's) field. Raises ValueError for a sample without either."""
+    """{extension: bytes} -> (image, caption): the first image member (a JPEG as a samples.Jpeg named `name`), the
+    caption from txt or else the json member's "caption" (or caption_key's) field; ValueError without either."""
     image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
     if image is None:
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among its members {sorted(members)}")
@@ -184,21 +158,13 @@ def decode_sample(members, caption_key=None, name=None):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Tar shards as N endless streams ("lanes"), one per reader: N = ranks × DataLoader workers (a rank without
-    workers is one reader). Epoch e shuffles the shard list with (seed, e); lane l reads shards l, l + N, l + 2N, ...
-    of it, and when they are done goes on to its share of epoch e + 1: no shard is read by two lanes in an epoch, and
-    no lane runs out (unequal shards only move where each lane's epochs end).
-
-    A lane shuffles in blocks of `buffer` samples (fewer at the end of its epoch): it reads that many (bytes only),
-    permutes them with a seed drawn from the block's first position, then decodes and augments them in that order,
-    each seeded by (seed, epoch, shard, index in the shard). So lane l's stream is a function of (seed, N, l), and where
-    it stands is four integers: the position of its block's first sample (epoch, the lane's shard number in that
-    epoch, sample in the shard) and how many of the block were passed. A lane started from those four integers goes
-    on exactly where it stood, after reading again, without decoding, at most one shard and one block.
-
+    """Tar shards as N endless streams ("lanes"), one per reader (N = ranks × DataLoader workers, docs/data.md): epoch
+    e shuffles the shard list with (seed, e), lane l reads shards l, l + N, ... of it, then its share of epoch e + 1.
+    A lane shuffles in blocks of `buffer` samples, seeded by the block's first position, and augments each sample
+    seeded by (seed, epoch, shard, index in the shard). Where a lane stands is four integers: its block's first
+    position (epoch, the lane's shard number in it, sample in the shard) and how many of the block were passed.
     Reader k of the rank whose first lane is `first_lane` yields chunks of `sizes[k]` samples: the collated transforms,
-    plus "bad", the (name, reason) of each sample passed over (unreadable image, no caption, truncated shard), and
-    "lanes", [(lane, its position after the chunk)]. join() makes a micro-batch of one chunk from each reader."""
+    plus "bad", the (name, reason) of each sample passed over, and "lanes", [(lane, its position after the chunk)]."""
 
     def __init__(self, shards, transform, seed, readers, first_lane, sizes, buffer=2000, start=None, caption_key=None,
                  timeout=60):
@@ -211,9 +177,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order[lane::self.readers]
 
     def read(self, lane, epoch, j, i):
-        """The lane's samples from sample i of its j-th shard of `epoch` on: ((epoch, j, i), shard, key, value); a
-        shard's read error is a sample without a key. An epoch of the lane's shards that gives no sample (they are
-        empty, or all fail) raises UnreadableImages: else the lane would go round them forever."""
+        """The lane's samples from sample i of its j-th shard of `epoch` on: ((epoch, j, i), shard, key, value), a
+        shard's read error as a sample without a key. An epoch without samples raises UnreadableImages."""
         while True:
             sampled, failed = False, None  # whether the epoch gave a sample; the first shard that failed, and why
             for j, shard in enumerate(self.lane_shards(lane, epoch)[j:], start=j):
@@ -222,7 +187,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if n >= i:
                         yield (epoch, j, n), shard, key, value
                 i = 0
-            if not sampled:
+            if not sampled:  # else the lane would go round its shards forever
                 name, reason = failed or (self.shards[self.lane_shards(lane, epoch)[0]], None)
                 raise UnreadableImages(f"the shards of reader {lane} hold no samples, the first {name}"
                                        + (f" ({reason})" if reason else ""))

@@ -1,16 +1,9 @@
 """
-Tar shards from a command (pipe:COMMAND, its standard output, as open_clip's and WebDataset's `pipe:`) or a URL
-(http://, https://): shards.open_shard's remote half, read so that a source that stops sending is found.
-
-A thread reads the source (it alone ever waits on it) and hands its bytes over a queue, on which the reader waits in
-ticks of stops.TICK. So a read that makes no progress (less than 64 KiB, or what it asked for, in --shard-timeout
-seconds: a command or server that stalls, or trickles) ends the shard, as a bad one, with one line that names it and
-what it waited for; and a read in the training process, once a stop signal came, gives up after stops.STOP_WAIT
-seconds without data (stops.Stopped), so that the run stops instead of waiting on it.
-
-A command runs in a shell, in a session of its own (a signal to the training process's group, torchrun's or Ctrl-C,
-must not end it in the middle of a step); its process group is killed once the reader is done with it, since a
-command can outlive its output (a trailing `sleep`, a tool that ignores SIGPIPE).
+Tar shards from a command (pipe:COMMAND, its standard output, as open_clip's and WebDataset's `pipe:`) or a URL, read
+by a thread (it alone ever waits on the source) that hands the bytes over a queue, on which the reader waits in ticks
+of stops.TICK: so a source that stalls ends its shard as a bad one after --shard-timeout, and a stop signal is heard
+(stops.Stopped). A command runs in a session of its own (a signal to the training process's group must not end it
+mid-step); its process group is killed once read, since it can outlive its output (docs/data.md#tar-shards).
 """
 
 import os
@@ -22,6 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import suppress
 
 from plumbing import stops
 from plumbing.runlog import signals
@@ -32,8 +26,8 @@ EXIT_WAIT = 2  # s: how long a command whose output ended may take to exit (its 
 
 
 class Source:
-    """A shard's bytes, from a command or a URL (see the module's docstring): read(n), close(), and failure(): after
-    close, why the command failed (its exit status and the last line of its standard error), or None."""
+    """A shard's bytes, from a command or a URL: read(n), close(), and failure(): after close, why the command failed
+    (its exit status and the last line of its standard error), or None."""
 
     def __init__(self, path, timeout):
         self.path, self.timeout, self.command, self.status = path, timeout, None, None
@@ -60,21 +54,16 @@ class Source:
 
     def hand(self, item):
         while not self.done.is_set():
-            try:
+            with suppress(queue.Full):  # the reader is busy: the source waits
                 return self.chunks.put(item, timeout=stops.TICK)
-            except queue.Full:  # the reader is busy: the source waits
-                pass
 
     def read(self, n):
         since, start = time.monotonic(), len(self.buffer)  # the last progress
         while len(self.buffer) < n and not self.ended:
-            try:
+            with suppress(queue.Empty):  # else nothing came in this tick
                 item = self.chunks.get(timeout=stops.TICK)
-            except queue.Empty:
-                item = None
-            if isinstance(item, Exception):
-                raise item
-            if item is not None:
+                if isinstance(item, Exception):
+                    raise item
                 self.ended, self.got = not item, self.got + len(item)
                 self.buffer += item
             if len(self.buffer) - start >= min(PROGRESS, n - start):
@@ -101,14 +90,10 @@ class Source:
             return
         self.status = 0  # the reader stopped early (the archive's end, a corrupt shard, a stall, a stop): no failure
         if self.ended:  # the output ended: the command exits by itself, with the status that says whether it failed
-            try:
+            with suppress(subprocess.TimeoutExpired):  # it outlives its output (a trailing sleep)
                 self.status = self.command.wait(EXIT_WAIT)
-            except subprocess.TimeoutExpired:  # it outlives its output (a trailing sleep)
-                pass
-        try:
+        with suppress(OSError):
             os.killpg(self.command.pid, signal.SIGKILL)  # what is left of it, its children included
-        except OSError:
-            pass
         self.command.wait()
         stops.children.discard(self.command.pid)
 
@@ -118,9 +103,3 @@ class Source:
         self.errors.seek(0)
         last = (self.errors.read().decode("utf-8", "replace").strip().splitlines() or [""])[-1]
         return f"the command exited with status {self.status}" + (f": {last}" if last else "")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

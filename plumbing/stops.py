@@ -1,15 +1,14 @@
 """
-How a run stops on a signal as clusters send it: torchrun stops a rank by signalling its whole process group, Slurm
-every process of a job step, a terminal's Ctrl-C the foreground group. The DataLoader workers get the signal too; they
-leave it to the training process (ignore_interrupts), which saves the step reached (runlog.stop_on_signals, train.py).
-What could keep the training process from reaching the end of its step is heard as well: a batch that does not come
-(a stalled source, a worker that died anyway) ends with Stopped (next_batch, and plumbing/sources.py's reads).
+How a run stops on a signal as clusters send it, to the whole process group (torchrun, Slurm, Ctrl-C): the DataLoader
+workers leave it to the training process (ignore_interrupts), which saves the step reached (runlog.stop_on_signals),
+and a batch that does not come (a stalled source, a dead worker) ends with Stopped (next_batch, plumbing/sources.py).
 """
 
 import atexit
 import os
 import signal
 import threading
+from contextlib import suppress
 
 from plumbing.runlog import fail, signals
 
@@ -24,10 +23,8 @@ class Stopped(Exception):
 
 def kill_children():
     for pid in list(children):
-        try:
+        with suppress(OSError):  # ended already
             os.killpg(pid, signal.SIGKILL)
-        except OSError:  # ended already
-            pass
         children.discard(pid)
 
 
@@ -36,10 +33,8 @@ atexit.register(kill_children)
 
 def ignore_interrupts(worker_id):
     """A DataLoader worker's worker_init_fn: Ctrl-C and SIGTERM are the training process's to act on, not the
-    worker's (which would die before the training process saves, and fail it). SIGINT is ignored. SIGTERM is blocked
-    and taken by a thread: one from the worker's parent (the DataLoader ending it, Python's exit) ends the worker as
-    before, any other is ignored. torch's own handler, set before this runs, tells them apart in the same way, but
-    dies of the others."""
+    worker's (which would die before the training process saves). SIGINT is ignored; SIGTERM is taken by a thread
+    that ends the worker only when its parent sent it (the DataLoader ending it): torch's own handler dies of any."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children.clear()  # the parent's commands (forked with it), not this worker's to kill
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's, and so every thread's started later
@@ -61,10 +56,9 @@ def found_when_read():
 
 
 def next_batch(batches):
-    """next() of a DataLoader's iterator; one with workers must have timeout=TICK: it gives up every TICK s, so that
-    a stop signal is heard while the batch does not come. -> the batch; raises Stopped once a stop signal has waited
-    STOP_WAIT s for it, or at once if a worker died (SIGKILL, a SIGTERM before ignore_interrupts ran); a worker that
-    died without a stop signal (the OOM killer) stops the run with one line."""
+    """next() of a DataLoader's iterator (with workers: timeout=TICK, so that a stop signal is heard while the batch
+    does not come). Raises Stopped once a stop signal has waited STOP_WAIT s for it, or at once if a worker died; a
+    worker that died without a stop signal (the OOM killer) stops the run with one line."""
     waited = 0
     while True:
         try:
