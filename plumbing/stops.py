@@ -5,6 +5,7 @@ and a batch that does not come (a stalled source, a dead worker) ends with Stopp
 """
 
 import atexit
+import multiprocessing
 import os
 import signal
 import threading
@@ -38,10 +39,12 @@ def ignore_interrupts(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     children.clear()  # the parent's commands (forked with it), not this worker's to kill
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's, and so every thread's started later
-    parent = os.getppid()
+    # the process that started the worker: its OS parent when forked, not when started by a forkserver (Python 3.14's
+    # default on Linux), whose worker's parent is the server
+    parent = multiprocessing.parent_process()
 
     def wait_for_parent():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent and os.getppid() == parent:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent.pid and parent.is_alive():
             pass  # another's SIGTERM (torchrun, Slurm), while the parent lives
         kill_children()
         os._exit(0)

@@ -252,11 +252,13 @@ def test_a_worker_that_dies_with_a_stop_signal_is_a_stop_and_without_one_a_line(
         finally:
             runlog.signals.clear()
         assert signalled or str(ended.value.code).startswith("error: a DataLoader worker died (")
-    batches = iter(torch.utils.data.DataLoader(range(10), num_workers=1, worker_init_fn=stops.ignore_interrupts))
-    next(batches)
-    batches._workers[0].terminate()  # its parent's SIGTERM: it ends, as the DataLoader (or Python's exit) asks
-    batches._workers[0].join(5)
-    assert batches._workers[0].exitcode == 0
+    for context in ("fork", "forkserver"):  # a forkserver's worker is the server's child (Python 3.14's default)
+        batches = iter(torch.utils.data.DataLoader(range(10), num_workers=1, worker_init_fn=stops.ignore_interrupts,
+                                                   multiprocessing_context=context))
+        next(batches)
+        batches._workers[0].terminate()  # its parent's SIGTERM: it ends, as the DataLoader (or Python's exit) asks
+        batches._workers[0].join(10)
+        assert batches._workers[0].exitcode == 0, context
 
 
 class SignalledFile(io.FileIO):
