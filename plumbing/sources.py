@@ -88,10 +88,13 @@ class Source:
         self.done.set()
         if self.command is None or self.status is not None:
             return
-        self.status = 0  # the reader stopped early (the archive's end, a corrupt shard, a stall, a stop): no failure
-        if self.ended:  # the output ended: the command exits by itself, with the status that says whether it failed
-            with suppress(subprocess.TimeoutExpired):  # it outlives its output (a trailing sleep)
-                self.status = self.command.wait(EXIT_WAIT)
+        self.status = 0
+        # the output ended: the command exits by itself, its status says whether it failed; else the reader stopped
+        # early (the archive's end, a corrupt shard, a stall, a stop), and a command that failed already says so
+        with suppress(subprocess.TimeoutExpired):  # it outlives its output (a trailing sleep), or still writes
+            status = self.command.wait(EXIT_WAIT if self.ended else 0.2)
+            # a command whose output the reader stopped reading ends on SIGPIPE (itself, or its shell with 128 + 13)
+            self.status = 0 if not self.ended and status in (-signal.SIGPIPE, 128 + signal.SIGPIPE) else status
         with suppress(OSError):
             os.killpg(self.command.pid, signal.SIGKILL)  # what is left of it, its children included
         self.command.wait()
