@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from plumbing import gpu_decode, samples, shards, stops
+from plumbing import gpu_decode, memory, samples, shards, stops
 from plumbing.runlog import fail
 from plumbing.samples import DeferredCrop, Jpeg, UnreadableImage, UnreadableImages, decode_image, seed_of, stack
 from plumbing.synthetic import SyntheticCaptions
@@ -108,6 +108,8 @@ def normalise(images):
 def to_device(batch, device):
     """A micro-batch as the stream hands it (uint8 images, in pinned memory on CUDA) on the device, its uint8 images
     (the training transforms') normalised there: float32, four times the bytes, so made only when a pass needs it."""
+    if torch.device(device).type == "cpu":  # glibc keeps what the last pass freed; resident, it adds up over K passes
+        memory.release_freed()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return {k: normalise(v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
 

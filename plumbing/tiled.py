@@ -187,6 +187,8 @@ class _Tiled(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable; say so, give no number
+            raise RuntimeError("a tiled loss has no double backward; set TILED_LOSS_MB above its logits' size")
         grads = ctx.grads
         if not ctx.eager:
             tensors, wants = ctx.saved_tensors, ctx.needs_input_grad[4:]
@@ -254,7 +256,9 @@ def sigmoid_loss(image, text, logit_scale, logit_bias, positives_on_diagonal):
     B = image.shape[0]
     labels = torch.arange(B, device=image.device) if positives_on_diagonal else None
     loss = _Sigmoid(B, text.shape[0], (TILE, TILE), labels)
-    return _Tiled.apply(loss, _scaled_dot_plus_bias, 1, 1, image, text, logit_scale, logit_bias)
+    loss.local = torch.is_grad_enabled()  # the gradients at the forward's visit only where a backward may come
+    s, b = (torch.as_tensor(x, device=image.device) for x in (logit_scale, logit_bias))  # (a number, as plain takes)
+    return _Tiled.apply(loss, _scaled_dot_plus_bias, 1, 1, image, text, s, b)
 
 
 @torch.compiler.disable
@@ -265,6 +269,7 @@ def filip_loss(image_to_text, text_to_image, image_tokens, text_tokens, text_mas
     (B, ·, d) tokens are the queries, the gathered (N, ·, d) keys the columns; labels (B,) the own global indices.
     A tile holds TILE tokens of each side, so its token interaction is TILE² similarities."""
     B, N, P, L = image_tokens.shape[0], text_keys.shape[0], image_tokens.shape[1], text_tokens.shape[1]
+    logit_scale = torch.as_tensor(logit_scale, device=image_tokens.device)
     Pk, Lk = image_keys.shape[1], text_keys.shape[1]  # fewer than P, L with keep_fraction < 1
     i2t = _Tiled.apply(_InfoNCE(B, N, (max(1, TILE // P), max(1, TILE // Lk)), labels),
                        lambda x, y, mask, s: s * image_to_text(x, y, mask), 1, 2,

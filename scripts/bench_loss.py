@@ -190,10 +190,19 @@ def sweep(args, command):
     (LIMIT_MB = 0), one line per loss and N: first the times, in malloc's usual regime; then the peaks and losses
     (peak_memory maps every block of 64 KiB or more on its own from then on, which slows every allocation). Where
     plain does not fit, tiled's time is that of its peak's run."""
+    if args.device not in (None, "cpu", "cuda") or args.device == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: cpu, or cuda where torch sees a GPU")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     cases = sweep_cases(args)
-    runs = [(name, N) for name in args.losses.split(",") for N in map(int, args.sizes.split(","))]
+    losses, sizes = [name.strip() for name in args.losses.split(",")], args.sizes.split(",")
+    if not all(n.strip().isdigit() and int(n) > 0 for n in sizes):
+        fail(f"--sizes {args.sizes!r}: batches N of 1 or more, comma-separated, e.g. 1024,4096")
+    if unknown := [name for name in losses if name not in cases]:
+        fail(f"--losses {args.losses!r}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(cases)}")
+    if min(args.repeats, args.tokens, args.queue_size, args.ssl_dim, args.embed_dim) < 1:
+        fail("--repeats, --tokens, --queue-size, --ssl-dim and --embed-dim: 1 or more each")
+    runs = [(name, N) for name in losses for N in map(int, sizes)]
     where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"# loss-sweep | {where}, 1 process | D {args.embed_dim}, SLIP E {args.ssl_dim}, FILIP {args.tokens} + "
           f"{args.tokens} tokens of 256, DeCLIP queue {args.queue_size} | tiles of {tiled.TILE}² | time: median of "

@@ -261,6 +261,32 @@ def test_a_worker_that_dies_with_a_stop_signal_is_a_stop_and_without_one_a_line(
         assert batches._workers[0].exitcode == 0, context
 
 
+class Stalled(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        time.sleep(60)  # a source that stopped sending
+        return i
+
+
+def test_a_stop_signal_while_the_data_does_not_come_stops_within_stop_wait(monkeypatch):
+    """A stalled worker never hands its batch over: once a stop signal came, next_batch gives up after STOP_WAIT s
+    (Stopped: train.py saves the steps done), where it would otherwise wait as long as the source stalls."""
+    monkeypatch.setattr(stops, "STOP_WAIT", 1)
+    batches = iter(torch.utils.data.DataLoader(Stalled(), num_workers=1, timeout=stops.TICK,
+                                               worker_init_fn=stops.ignore_interrupts))
+    runlog.signals[:] = [signal.SIGTERM]
+    start = time.monotonic()
+    try:
+        with pytest.raises(stops.Stopped, match="the data did not come"):
+            stops.next_batch(batches)
+    finally:
+        runlog.signals.clear()
+    assert time.monotonic() - start < 20
+    del batches  # the DataLoader ends its worker: its parent's SIGTERM
+
+
 class SignalledFile(io.FileIO):
     """A file whose third write sends this process SIGTERM: a second stop signal during a save."""
 

@@ -324,5 +324,33 @@ def test_bench_loss_sweep_measures_plain_and_tiled():
     assert [name for name, _, _ in lines] == ["clip", "siglip", "slip", "declip", "filip"], p.stdout
     for _, plain_loss, tiled_loss in lines:
         assert float(plain_loss) == pytest.approx(float(tiled_loss), rel=1e-5)
+    for flags, words in ((["--sizes", "8,"], "--sizes '8,': batches N of 1 or more"),
+                         (["--losses", "clip,clipp"], "--losses 'clip,clipp': unknown 'clipp'")):
+        p = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), "--sweep", *flags],
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()] and words in p.stderr, p.stderr
+
+
+def test_what_the_plain_forms_take_the_tiles_take(calls, monkeypatch):
+    """A hostile round's cases: s and b as numbers (SigLIP, FILIP), a forward under no_grad or inference_mode with
+    parameters that want gradients (the sigmoid's eager gradients only where a backward may come), and a double
+    backward, which the tiles' backward cannot give: it raises, where a wrong number would pass."""
+    monkeypatch.setattr(tiled, "TILE", TILES["filip"])  # (the dot products' 7 × 7 in one tile)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
+    s, b = torch.tensor(5.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+    tiled_loss = siglip.siglip_loss(image, text, s, b)
+    assert siglip.siglip_loss(image, text, 5.0, -2.0).item() == pytest.approx(tiled_loss.item(), rel=1e-6)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert siglip.siglip_loss(image, text, s, b).item() == pytest.approx(tiled_loss.item(), rel=1e-6)
+    image_tokens, text_tokens, ids, _ = filip_inputs()
+    mask = filip.text_padding_mask(ids)
+    assert filip.filip_loss(image_tokens, text_tokens, mask, 10.0).item() == pytest.approx(
+        filip.filip_loss(image_tokens, text_tokens, mask, torch.tensor(10.0)).item(), rel=1e-6)
+    features = torch.randn(6, 8, generator=g, requires_grad=True)
+    loss = clip_loss(features, torch.randn(6, 8, generator=g), torch.tensor(10.0))
+    with pytest.raises(RuntimeError, match="a tiled loss has no double backward"):
+        torch.autograd.grad(loss, features, create_graph=True)
 
 
