@@ -306,6 +306,28 @@ def test_on_two_ranks_rank_0_s_clock_decides_at_a_log_sync(tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 12
 
 
+def worst_rank_window(rank, world, out_dir):
+    """On each of 2 gloo ranks: a RunLog's first sync after 1 s, in which rank 1 waited 0.6 s for data and rank 0
+    not at all, and rank r's peak was 100 (r + 1) MiB -> rank 0's log rows."""
+    import types
+
+    from plumbing import memory, runlog
+
+    memory.window_peak = lambda device: 100.0 * (rank + 1)
+    log = runlog.RunLog(out_dir, 0, 1, 8, 1, stop=lambda *a, **k: None)
+    stream = types.SimpleNamespace(waited=0.0, device=torch.device("cpu"), take_unreadable=lambda: ({}, 1, 0))
+    time.sleep(1.0)
+    stream.waited = 0.6 * rank
+    log.add(1, 1e-3, torch.tensor(1.0), {}, stream)
+    return read_log(out_dir) if rank == 0 else None
+
+
+def test_the_log_shows_the_worst_rank_s_data_wait_and_peak(tmp_path):
+    # the slowest feeder holds every rank back, the fullest memory runs out first: a mean or rank 0 would hide them
+    row, = run_distributed(worst_rank_window, 2, str(tmp_path))[0]
+    assert 0.4 < row["data_wait"] <= 0.6 and row["max_memory_mb"] == 200.0, row
+
+
 def logged(out_dir):
     """The whole lines of a log being written (its last may be half-written)."""
     try:

@@ -78,6 +78,30 @@ class Loop(torch.nn.Module):
         self.n = i
 
 
+class DictLoop(torch.nn.Module):
+    """Its state is a dict of names, as a plain module's is, and its __setstate__ never returns: refused for the
+    __setstate__, not for the state's form."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.n = torch.nn.Parameter(torch.ones(2)), 0
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w}
+
+    @torch.jit.export
+    def __setstate__(self, state: dict[str, torch.Tensor]) -> None:
+        self.w = state["w"]
+        i = 1
+        while i > 0:
+            i = i * 1
+        self.n = i
+
+
 def identity(self, x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -130,7 +154,8 @@ def archives(tmp_path_factory):
                                         ("tiny-rn", "trace", False), ("tiny-rn", "script", False),
                                         ("tiny-vit", "trace", True), ("tiny-rn", "script", True)]}
         torch.jit.script(Loop()).save(str(folder / "loop.pt"))
-    return dict(made, loop=str(folder / "loop.pt"))
+        torch.jit.script(DictLoop()).save(str(folder / "dict-loop.pt"))
+    return dict(made, loop=str(folder / "loop.pt"), dict_loop=str(folder / "dict-loop.pt"))
 
 
 def jit_state_dict(path):
@@ -161,9 +186,10 @@ def test_an_archive_that_writes_a_file_is_refused_and_writes_nothing(tmp_path):
     assert victim.read_bytes()[:6] == b"PWNED\n"
 
 
-def test_an_endless_setstate_is_refused_at_once(archives):
+@pytest.mark.parametrize("name", ["loop", "dict_loop"])
+def test_an_endless_setstate_is_refused_at_once(archives, name):
     outcome = []
-    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(TorchScriptError, read, archives["loop"])),
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(TorchScriptError, read, archives[name])),
                               daemon=True)
     reader.start()
     reader.join(timeout=20)
@@ -239,6 +265,8 @@ def craft(path, root, byteorder=b"little"):
 def test_a_crafted_archive_reads(tmp_path):
     state = read(craft(tmp_path / "ok.pt", M(w=Tensor("0", 4, 0, (2, 2), (2, 1)))))
     assert list(state) == ["w"] and torch.equal(state["w"], torch.arange(4.0).view(2, 2))
+    with pytest.raises(TorchScriptError, match=r"offset 1 reaches past its storage of 4: damaged"):  # by one element
+        read(craft(tmp_path / "past.pt", M(w=Tensor("0", 4, 1, (2, 2), (2, 1)))))
 
 
 def hostile(tmp_path, small):
