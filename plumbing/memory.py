@@ -16,13 +16,19 @@ def process_memory(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def release_freed():
-    """Give the memory malloc holds free back to the system (glibc's malloc_trim; elsewhere nothing). A CPU step of
-    --grad-accum K frees each pass's activations into malloc's heap, where, interleaved with the micro-batches that
-    wait, they stay resident: 16,384 pairs in passes of 256 added 1 GiB of resident peak, 241 MiB with this before
-    each pass (docs/speed.md)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33 and later), fields in its order
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def release_freed(keep_mb=256):
+    """Give back to the system what malloc holds free in its heap, once that passes keep_mb (glibc; elsewhere
+    nothing): data.on_device's CPU passes, when many micro-batches wait (docs/speed.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc, or older than 2.33
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        if libc.mallinfo2().fordblks > keep_mb * 2 ** 20:  # (a fraction of a microsecond)
+            libc.malloc_trim(0)
 
 
 def peak_memory(fn, device):

@@ -42,9 +42,7 @@ def limit_mb(value):
 
 
 LIMIT_MB = limit_mb(os.environ.get("TILED_LOSS_MB"))  # (the tests set it to 0: always)
-# a tile is TILE × TILE logits, 16 MiB in float32 (4096: 64 MiB, and slower on a CPU: docs/speed.md); FILIP's tiles hold
-# TILE tokens of each side, TILE² similarities
-TILE = 2048
+TILE = 2048  # TILE × TILE logits: 16 MiB (4096's 64 are slower on a CPU: docs/speed.md); FILIP: TILE tokens a side
 
 
 def needed(rows, cols):

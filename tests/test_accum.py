@@ -245,3 +245,22 @@ def test_micro_batches_wait_as_the_stream_hands_them_and_reach_the_device_one_at
     assert torch.equal(loss, expected[0]) and logs == expected[1]
     assert all(torch.equal(grads[n], g) for n, g in expected[2].items() if g is not None)
     assert all(torch.equal(buffers[n], b) for n, b in expected[3].items())
+
+
+def test_with_many_micro_batches_on_a_cpu_each_pass_gives_malloc_s_free_heap_back(monkeypatch):
+    """data.on_device calls memory.release_freed before each pass of 16 or more micro-batches on a CPU (the waiting
+    batches fragment the heap: docs/speed.md), never with fewer (it would cost time for nothing); and release_freed
+    gives back what malloc holds free past keep_mb, as the process's resident memory shows."""
+    from plumbing import memory
+    calls = []
+    monkeypatch.setattr(memory, "release_freed", lambda: calls.append(len(calls)))
+    batch = {"image": torch.zeros(1, 3, 2, 2, dtype=torch.uint8)}
+    for k, expected in ((15, 0), (16, 16), (40, 40)):
+        calls.clear()
+        assert len(list(data.on_device([batch] * k, "cpu"))) == k and len(calls) == expected, (k, calls)
+    monkeypatch.undo()
+    held = [bytearray(1000) for _ in range(300_000)]  # 300 MB in small blocks: malloc's heap, not mmap
+    held.clear()
+    before = memory.process_memory("VmRSS")
+    memory.release_freed(keep_mb=64)
+    assert memory.process_memory("VmRSS") < before - 100, before
