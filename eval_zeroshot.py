@@ -24,6 +24,7 @@ any of the image's captions is in the top k) and text→image. Scores come from 
 
 import argparse
 import json
+import re
 
 import torch
 
@@ -108,7 +109,7 @@ def prepare(name, data_dir=None, image_size=224, download=False, classnames=None
     """--dataset NAME, read and checked now (a bad path or flag stops here with one line: train.py prepares its
     --eval-dataset before training) -> the list of tasks that `evaluate` runs. size: images per synthetic task."""
     if name in ("synthetic", "synthetic-retrieval") and size < 1:
-        fail(f"--dataset {name} needs 1 or more held-out images (got {size})")
+        fail(f"--dataset {name} needs 1 or more held-out images (--eval-size, got {size})")
     transform = data.eval_transform(image_size)
     if name == "synthetic":
         return [dict(task="zeroshot_classification", dataset=f"synthetic/{task}", classnames=names, templates=prompts,
@@ -159,8 +160,12 @@ def training_tasks(args, image_size):
     if name is None and args.eval_every:
         fail(f"--eval-every: name what to evaluate with --eval-dataset (and --eval-data-dir) when training on "
              f"{args.data}, e.g. --eval-dataset coco --eval-data-dir {args.data_dir or 'DIR'}")
-    return name is not None and [task for dataset, folder in eval_pairs(name, args.eval_data_dir)
-                                 for task in prepare(dataset, folder, image_size, size=args.eval_size)]
+    try:
+        return name is not None and [task for dataset, folder in eval_pairs(name, args.eval_data_dir)
+                                     for task in prepare(dataset, folder, image_size, size=args.eval_size)]
+    except SystemExit as e:  # prepare speaks eval_zeroshot.py's flags: say train.py's
+        message = re.sub(r"(?<![\w-])--(dataset|data-dir)\b", r"--eval-\1", str(e).removeprefix("error: "))
+        fail(message.replace("add --download", "download it (eval_zeroshot.py --download)"))
 
 
 def report(method, tokenizer, tasks, device, workers, step, log=None):

@@ -108,6 +108,8 @@ def get_args(argv=None):
             fail(f"--{flag.replace('_', '-')} must be {low} or more (got {value})")
     if args.save_every_minutes is not None and not 0 < args.save_every_minutes < math.inf:
         fail(f"--save-every-minutes must be above 0 and finite (got {args.save_every_minutes})")
+    if args.eval_size > 10_000:  # synthetic-retrieval's held-out images are drawn before training, in memory
+        fail(f"--eval-size must be at most 10000 (got {args.eval_size}): held-out images per synthetic task")
     # AdamW moves each weight by about lr per step whatever the gradient's scale: above 1 it overwrites the weights
     if args.lr is not None and not 0 < args.lr <= 1:
         fail(f"--lr must be above 0 and at most 1 (got {args.lr:g}); these methods train with 5e-4 to 3e-3")

@@ -32,20 +32,23 @@ def read_run(out_dir):
     if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a device or pipe (/dev/zero: never ends)
         fail(f"{path} is not a file; is {out_dir} the --out-dir of a train.py run?")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # as train.py reads it: a BOM is no damage
             lines = f.readlines()
     except OSError as e:
         fail(f"cannot read {path}: {(e.strerror or str(e)).lower()}; is {out_dir} the --out-dir of a train.py run?")
-    entries = []
+    entries, damaged = [], []
     for i, line in enumerate(lines):
         if not line.endswith("\n"):  # a run writing right now: its last line may be unfinished
             continue
         try:
             entry = json.loads(line)
             entry["step"] + 0
-        except (ValueError, TypeError, KeyError):
-            fail(f"{path} line {i + 1} is not a log entry of train.py (a JSON object with a step): {line[:60]!r}")
-        entries.append(entry)
+            entries.append(entry)
+        except (ValueError, TypeError, KeyError):  # NUL bytes where a killed run's blocks were: train.py drops them too
+            damaged.append(f"line {i + 1} {line[:40]!r}")
+    if damaged:
+        print(f"warning: {path}: skipped {len(damaged)} line(s) that are not log entries of train.py (a JSON object "
+              f"with a step), the first {damaged[0]}", file=sys.stderr, flush=True)
     if not entries:
         fail(f"{path} holds no step yet")
     label = os.path.basename(os.path.normpath(out_dir))
@@ -98,10 +101,11 @@ def plot(out_dirs, out):
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for (i, metric), (xs, ys) in lines.items():
             dashed = metric == "text->image R@1"  # a retrieval panel's second line
+            label = runs[i][0] + (f" {metric}" if "R@1" in metric else "")
             ax.plot(xs, ys, "--" if dashed else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
-                    marker="o" if len(xs) < 20 else None, label=runs[i][0] + (f" {metric}" if "R@1" in metric else ""))
-        ax.set_title(TITLES.get(title, title), fontsize=10)
-        if title in TITLES:
+                    marker="o" if len(xs) < 20 else None, label=label.replace("$", r"\$"))
+        ax.set_title(TITLES.get(title, title).replace("$", r"\$"), fontsize=10)  # a name's $...$ is no formula
+        if title in TITLES and not any(y < 0 for _, ys in lines.values() for y in ys):
             ax.set_ylim(bottom=0)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -124,10 +124,10 @@ def test_plot_labels_runs_by_method_and_model(runs):
 
 def test_plot_fails_with_one_line(runs, tmp_path, monkeypatch):
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
-    for folder, message in ((tmp_path / "none", "cannot read"), (tmp_path / "bad", "line 2 is not a log entry")):
+    (tmp_path / "bad" / "log.jsonl").write_text('not json\n[1]\n')
+    for folder, message in ((tmp_path / "none", "cannot read"), (tmp_path / "bad", "holds no step yet")):
         p = run("scripts/plot.py", folder, cwd=tmp_path, check=False)
-        assert p.returncode == 1 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.returncode == 1 and message in p.stderr.splitlines()[-1], p.stderr
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         plot.plot([str(runs / "clip")], str(tmp_path / "x.png"))
@@ -488,6 +488,26 @@ def test_plot_draws_the_values_of_the_log(tmp_path, monkeypatch):
         assert [g[:3] for g in got] == [e[:3] for e in lines], title
         for g, e in zip(got, lines):
             assert g[3] == e[3] and g[4] == pytest.approx(e[4], rel=1e-12), title
+
+
+def test_plot_reads_a_damaged_log_as_train_py_does_and_draws_any_name(tmp_path, monkeypatch):
+    """A hostile round's logs: a byte-order mark, bytes that are not UTF-8 and a line of NUL bytes (what a killed run
+    leaves: train.py drops such lines) are skipped with one warning, not a refusal or a traceback; negative values keep
+    their axis; a run or dataset named with $...$ is drawn as text, not as a formula (which raised)."""
+    rows = [dict(step=s, loss=1.0 / s, data_wait=-0.5 * s, max_memory_mb=-1.0) for s in (1, 2)]
+    log = "\ufeff" + json.dumps(rows[0]) + "\n" + "\0" * 30 + "\n" + json.dumps(rows[1]) + "\n"
+    folder = tmp_path / "run$1_$"
+    folder.mkdir()
+    (folder / "log.jsonl").write_bytes(log.encode() + b'\xff\xfe{"step": 3}\n' + json.dumps(dict(
+        step=2, task="zeroshot_classification", dataset="my$x$.csv", top1=0.5)).encode() + b"\n")
+    figures = captured_figure(monkeypatch)
+    p = run("scripts/plot.py", folder, "--out", tmp_path / "p.png", cwd=tmp_path)
+    assert p.stderr.count("warning:") == 1 and "skipped 2 line(s)" in p.stderr and (tmp_path / "p.png").exists()
+    plot.plot([str(folder)], str(tmp_path / "q.png"))
+    panels = lines_of(figures[0])
+    assert [ys for *_, ys in panels["loss"]] == [[1.0, 0.5]] and r"my\$x\$.csv top-1 (%)" in panels
+    wait, = [ax for ax in figures[0].axes if ax.get_title().startswith("data_wait")]
+    assert wait.get_ylim()[0] < -1.0  # the points at -0.5 and -1.0 are in view
 
 
 def test_plot_of_a_real_run_draws_its_log(runs, monkeypatch):

@@ -235,13 +235,18 @@ BAD_EVAL = [
     (["synthetic,imagenett"], "--eval-dataset imagenett: unknown dataset; choose from synthetic, cifar10"),
     (["synthetic,coco-5k", "--eval-data-dir", "/a,/b,/c"], "gives 3 folders for 2 datasets"),
     (["synthetic,coco-5k,coco", "--eval-data-dir", "/a,/b"], "gives 2 folders for 3 datasets"),
+    # eval_zeroshot's own checks, in train.py's flags: no --data-dir or --download here
+    (["synthetic,cifar10", "--eval-data-dir", ",/nonexistent", "--eval-size", "1"],
+     "cifar10 not found under /nonexistent"),
+    (["synthetic", "--eval-size", "0"], "--eval-dataset synthetic needs 1 or more held-out images (--eval-size, got 0)"),
+    (["synthetic-retrieval", "--eval-size", "100000000"], "--eval-size must be at most 10000 (got 100000000)"),
 ]
 
 
 @pytest.mark.parametrize("extra, words", BAD_EVAL, ids=[" ".join(e) for e, _ in BAD_EVAL])
 def test_bad_eval_datasets_stop_with_one_line_before_training(tmp_path, extra, words):
     message = main_error(*TINY, "--steps", "2", "--eval-every", "1", "--eval-dataset", *extra, "--out-dir", tmp_path)
-    assert words in message, message
+    assert words in message and " --data-dir" not in message and "add --download" not in message, message
     assert not (tmp_path / "log.jsonl").exists()
 
 
