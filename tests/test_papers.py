@@ -382,7 +382,8 @@ def test_eval_every_logs_and_leaves_training_unchanged(kind, tmp_path, capsys):
 
 def test_eval_every_checks_its_dataset_before_training(tmp_path):
     for extra, words in [(["--data", str(tmp_path / "pairs.csv")], "name what to evaluate with --eval-dataset"),
-                         (["--eval-dataset", "folder", "--eval-data-dir", str(tmp_path / "none")], "--data-dir"),
+                         (["--eval-dataset", "folder", "--eval-data-dir", str(tmp_path / "none")],
+                          "needs --eval-data-dir pointing at"),  # train.py's flag, not eval_zeroshot's --data-dir
                          (["--eval-dataset", "flickr30k", "--eval-data-dir", str(tmp_path)], "dataset_flickr30k.json")]:
         Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
         (tmp_path / "pairs.csv").write_text("filepath,title\na.png,a thing\na.png,another\n")
