@@ -3,6 +3,7 @@ allocated before it; a training run's (RunLog's max_memory_mb), the peak of each
 allocator's counters; CPU: the process's resident memory."""
 import contextlib
 import ctypes
+import functools
 import gc
 import resource
 import sys
@@ -16,6 +17,11 @@ def process_memory(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")  # (OSError where there is no glibc)
+
+
 class _Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33 and later), fields in its order
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -25,7 +31,7 @@ def release_freed(keep_mb=256):
     """Give back to the system what malloc holds free in its heap, once that passes keep_mb (glibc; elsewhere
     nothing): data.on_device's CPU passes, when many micro-batches wait (docs/speed.md)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc, or older than 2.33
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         libc.mallinfo2.restype = _Mallinfo2
         if libc.mallinfo2().fordblks > keep_mb * 2 ** 20:  # (a fraction of a microsecond)
             libc.malloc_trim(0)
@@ -42,7 +48,7 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2 ** 20
-    libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
     libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (and no dynamic raising of it)
     libc.malloc_trim(0)  # memory freed earlier, still in malloc's heap, goes back too: reused, it counts again
     with open("/proc/self/clear_refs", "w") as f:

@@ -78,16 +78,9 @@ class Loop(torch.nn.Module):
         self.n = i
 
 
-class DictLoop(torch.nn.Module):
+class DictLoop(Loop):
     """Its state is a dict of names, as a plain module's is, and its __setstate__ never returns: refused for the
     __setstate__, not for the state's form."""
-
-    def __init__(self):
-        super().__init__()
-        self.w, self.n = torch.nn.Parameter(torch.ones(2)), 0
-
-    def forward(self, x):
-        return x * self.w
 
     @torch.jit.export
     def __getstate__(self) -> dict[str, torch.Tensor]:
