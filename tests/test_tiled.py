@@ -325,6 +325,7 @@ def test_bench_loss_sweep_measures_plain_and_tiled():
     for _, plain_loss, tiled_loss in lines:
         assert float(plain_loss) == pytest.approx(float(tiled_loss), rel=1e-5)
     for flags, words in ((["--sizes", "8,"], "--sizes '8,': batches N of 1 or more"),
+                         (["--sizes", "0"], "--sizes '0': batches N of 1 or more"),
                          (["--losses", "clip,clipp"], "--losses 'clip,clipp': unknown 'clipp'")):
         p = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_loss.py"), "--sweep", *flags],
                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)

@@ -239,7 +239,7 @@ BAD_EVAL = [
     (["synthetic,cifar10", "--eval-data-dir", ",/nonexistent", "--eval-size", "1"],
      "cifar10 not found under /nonexistent"),
     (["synthetic", "--eval-size", "0"], "--eval-dataset synthetic needs 1 or more held-out images (--eval-size, got 0)"),
-    (["synthetic-retrieval", "--eval-size", "100000000"], "--eval-size must be at most 10000 (got 100000000)"),
+    (["synthetic-retrieval", "--eval-size", "10001"], "--eval-size must be at most 10000 (got 10001)"),
 ]
 
 
