@@ -238,14 +238,15 @@ def karpathy_split(json_path, image_root, split="test"):
     {"images": [{"filepath" (COCO's only), "filename", "split": train|restval|val|test, "sentences": [{"raw": ...}]}]})
     -> (image_paths, captions, caption_image). COCO's test split is the 5,000 val2014 images of the "5k test" papers
     quote, Flickr30k's the 1,000 images of its "1k test"; every caption of an image is kept."""
-    with open(json_path) as f:
-        entries = json.load(f)
     try:
+        with open(json_path) as f:
+            entries = json.load(f)
         entries = [e for e in entries["images"] if e["split"] == split]
         paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in entries]
         pairs = [(s["raw"].strip(), i) for i, e in enumerate(entries) for s in e["sentences"]]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{json_path} is not in the format of Karpathy's split files (no {e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON; a field missing or of another type
+        raise ValueError(f"{json_path} is not in the format of Karpathy's split files ({type(e).__name__}: {e})") \
+            from None
     if not paths:
         raise ValueError(f"{json_path} has no image in the '{split}' split")
     missing = [p for p in paths if not os.path.isfile(p)]

@@ -42,7 +42,8 @@ def read_run(out_dir):
             continue
         try:
             entry = json.loads(line)
-            entry["step"] + 0
+            if isinstance(entry["step"], bool) or not isinstance(entry["step"], (int, float)):
+                raise TypeError  # (JSON's true is no step)
             entries.append(entry)
         except (ValueError, TypeError, KeyError):  # NUL bytes where a killed run's blocks were: train.py drops them too
             damaged.append(f"line {i + 1} {line[:40]!r}")
@@ -53,6 +54,8 @@ def read_run(out_dir):
         fail(f"{path} holds no step yet")
     label = os.path.basename(os.path.normpath(out_dir))
     try:
+        if not os.path.isfile(os.path.join(out_dir, "config.json")):  # (a FIFO would wait, /dev/zero never end)
+            raise OSError
         with open(os.path.join(out_dir, "config.json")) as f:
             config = json.load(f)["config"]
         label = f"{config['method']} {config['model']} ({label})"
@@ -60,6 +63,13 @@ def read_run(out_dir):
         pass
     evaluations = [e for e in entries if isinstance(e.get("task"), str) and isinstance(e.get("dataset"), str)]
     return label, [e for e in entries if "loss" in e], evaluations  # a damaged evaluation line: the rest is plotted
+
+
+def shown(name):
+    """A run's or dataset's name as matplotlib draws it as it is: $...$ is no formula, a name that is not UTF-8 (a
+    folder's bytes) no crash, and a leading _ no hidden legend entry."""
+    name = name.encode("utf-8", "replace").decode().replace("$", r"\$")
+    return " " + name if name.startswith("_") else name
 
 
 def curves(runs):
@@ -103,8 +113,8 @@ def plot(out_dirs, out):
             dashed = metric == "text->image R@1"  # a retrieval panel's second line
             label = runs[i][0] + (f" {metric}" if "R@1" in metric else "")
             ax.plot(xs, ys, "--" if dashed else "-", color=f"C{i % 10}", linewidth=1, markersize=3,
-                    marker="o" if len(xs) < 20 else None, label=label.replace("$", r"\$"))
-        ax.set_title(TITLES.get(title, title).replace("$", r"\$"), fontsize=10)  # a name's $...$ is no formula
+                    marker="o" if len(xs) < 20 else None, label=shown(label))
+        ax.set_title(shown(TITLES.get(title, title)), fontsize=10)
         if title in TITLES and not any(y < 0 for _, ys in lines.values() for y in ys):
             ax.set_ylim(bottom=0)
         ax.set_xlabel("step", fontsize=8)
@@ -132,7 +142,9 @@ def main(argv=None):
                    "for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
-    if os.path.isdir(out) or not (os.path.splitext(out)[1] or os.path.exists(out)):  # as savefig names it
+    if os.path.isdir(out):
+        out = os.path.join(out, "plot.png")
+    elif not (os.path.splitext(out)[1] or os.path.exists(out)):  # as savefig names it
         out += ".png"
     print(plot(args.out_dirs, out))
 

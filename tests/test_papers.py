@@ -258,9 +258,11 @@ def test_karpathy_splits_read_the_test_images_and_all_their_captions(tmp_path):
         evalsets.retrieval_data("flickr30k", str(flickr), 64)
     with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
         evalsets.retrieval_data("coco-5k", str(tmp_path), 64)
-    (tmp_path / "dataset_coco.json").write_text(json.dumps([{"file": "x.jpg"}]))
-    with pytest.raises(ValueError, match="not in the format of Karpathy's split files"):
-        evalsets.retrieval_data("coco-5k", str(tmp_path), 64)
+    for damaged in (json.dumps([{"file": "x.jpg"}]), "{'images': }", json.dumps({"images": [
+            {"split": "test", "filename": "x.jpg", "sentences": [{"raw": 5}]}]})):  # a list, not JSON, a number
+        (tmp_path / "dataset_coco.json").write_text(damaged)
+        with pytest.raises(ValueError, match="dataset_coco.json is not in the format of Karpathy's split files"):
+            evalsets.retrieval_data("coco-5k", str(tmp_path), 64)
 
 
 def test_retrieval_on_coco_5k_with_output(checkpoint, tmp_path, capsys):

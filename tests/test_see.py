@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -498,16 +499,34 @@ def test_plot_reads_a_damaged_log_as_train_py_does_and_draws_any_name(tmp_path, 
     log = "\ufeff" + json.dumps(rows[0]) + "\n" + "\0" * 30 + "\n" + json.dumps(rows[1]) + "\n"
     folder = tmp_path / "run$1_$"
     folder.mkdir()
-    (folder / "log.jsonl").write_bytes(log.encode() + b'\xff\xfe{"step": 3}\n' + json.dumps(dict(
+    (folder / "log.jsonl").write_bytes(log.encode() + b'\xff\xfe{"step": 3}\n{"step": true}\n' + json.dumps(dict(
         step=2, task="zeroshot_classification", dataset="my$x$.csv", top1=0.5)).encode() + b"\n")
     figures = captured_figure(monkeypatch)
     p = run("scripts/plot.py", folder, "--out", tmp_path / "p.png", cwd=tmp_path)
-    assert p.stderr.count("warning:") == 1 and "skipped 2 line(s)" in p.stderr and (tmp_path / "p.png").exists()
+    assert p.stderr.count("warning:") == 1 and "skipped 3 line(s)" in p.stderr and (tmp_path / "p.png").exists()
     plot.plot([str(folder)], str(tmp_path / "q.png"))
     panels = lines_of(figures[0])
     assert [ys for *_, ys in panels["loss"]] == [[1.0, 0.5]] and r"my\$x\$.csv top-1 (%)" in panels
     wait, = [ax for ax in figures[0].axes if ax.get_title().startswith("data_wait")]
     assert wait.get_ylim()[0] < -1.0  # the points at -0.5 and -1.0 are in view
+
+
+def test_plot_draws_any_folder_name_and_reads_no_config_that_is_not_a_file(tmp_path, monkeypatch):
+    """A second round's cases: a folder name that is not UTF-8 (legal on Linux) or starts with _ (which matplotlib
+    hides from a legend), a config.json that is a FIFO (whose open waits for a writer), --out a folder (plot.png in
+    it)."""
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/_bad\xffname")
+    os.mkdir(folder)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(dict(step=s, loss=1.0 / s)) + "\n" for s in (1, 2))
+    os.mkfifo(os.path.join(folder, "config.json"))
+    (tmp_path / "pngs").mkdir()
+    run("scripts/plot.py", folder, "--out", tmp_path / "pngs", cwd=tmp_path)
+    assert os.listdir(tmp_path / "pngs") == ["plot.png"]
+    figures = captured_figure(monkeypatch)
+    plot.plot([folder], str(tmp_path / "p.png"))
+    (label, *_), = lines_of(figures[0])["loss"]
+    assert label == " _bad?name", label
 
 
 def test_plot_of_a_real_run_draws_its_log(runs, monkeypatch):
