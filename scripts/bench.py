@@ -79,8 +79,7 @@ def transformer_macs(L, width, layers):
 
 
 def resnet_macs(layers, width, R, D):
-    """OpenAI's ModifiedResNet (model.py) at R×R: its convolutions and attention pool (BatchNorm, ReLU and pooling
-    are not matmuls)."""
+    """OpenAI's ModifiedResNet (model.py) at R×R: its convolutions and attention pool (not BatchNorm, ReLU, pooling)."""
     def conv(h, c_in, c_out, k=1):  # a k×k conv to an h×h map
         return h * h * c_in * c_out * k * k
 
@@ -314,9 +313,8 @@ def main(argv=None):
     if args.batch_size % args.grad_accum:
         fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum}")
     variants = args.variants.split(",") if args.variants else []
-    for name in variants:
-        if name not in FEATURES:
-            fail(f"--variants: unknown {name}; choose among {', '.join(FEATURES)}")
+    if unknown := [name for name in variants if name not in FEATURES]:
+        fail(f"--variants: unknown {unknown[0]}; choose among {', '.join(FEATURES)}")
     if (args.patch_dropout or "pd" in variants) and not isinstance(CONFIGS[args.model]["vision_layers"], int):
         fail(f"patch dropout: {args.model} is a ResNet, which has no patch tokens")
     method, ours, optimizer, batch, device, autocast = setup(args)

@@ -93,8 +93,7 @@ def main(argv=None):
     N, B, D = args.batch_size, args.batch_size // world, args.embed_dim
     g = torch.Generator().manual_seed(rank)
     image, text = (torch.randn(B, D, generator=g).to(device).requires_grad_() for _ in range(2))
-    scale = torch.tensor(10.0, device=device, requires_grad=True)
-    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    scale, bias = (torch.tensor(value, device=device, requires_grad=True) for value in (10.0, -10.0))
     theirs = open_clip_losses(rank, world)
 
     def mib(logits):  # of float32 logits
@@ -186,10 +185,9 @@ def available_bytes(device):
 
 
 def sweep(args, command):
-    """Forward + backward of each loss of --losses at each N of --sizes, plain (tiled.LIMIT_MB = inf) and tiled
-    (LIMIT_MB = 0), one line per loss and N: first the times, in malloc's usual regime; then the peaks and losses
-    (peak_memory maps every block of 64 KiB or more on its own from then on, which slows every allocation). Where
-    plain does not fit, tiled's time is that of its peak's run."""
+    """--sweep, plain (tiled.LIMIT_MB = inf) against tiled (0): first the times, in malloc's usual regime; then the
+    peaks and losses (peak_memory maps every block of 64 KiB or more on its own from then on, which slows every
+    allocation). Where plain does not fit, tiled's time is that of its peak's run."""
     if args.device not in (None, "cpu", "cuda") or args.device == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: cpu, or cuda where torch sees a GPU")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -228,11 +226,9 @@ def sweep(args, command):
         if len(variants[name, N]) == 2:
             inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
             times[name, N] = {"plain": [], "tiled": []}
-            for variant in ("plain", "tiled"):
-                step(name, N, variant, inputs, [], {})  # warm-up
-            for _ in range(args.repeats):
+            for r in range(args.repeats + 1):  # run 0 warms up and is not counted
                 for variant in ("plain", "tiled"):
-                    step(name, N, variant, inputs, times[name, N][variant], {})
+                    step(name, N, variant, inputs, times[name, N][variant] if r else [], {})
     for name, N in runs:
         inputs = sweep_inputs(cases[name][0](N), device, torch.Generator().manual_seed(N))
         once, losses = {"plain": [], "tiled": []}, {}

@@ -40,12 +40,10 @@ def cached_features(method, dataset, key, cache_dir, device, batch_size, workers
     """features(), read from cache_dir when a file there was written for the same key."""
     path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt") if cache_dir else None
     if path and os.path.isfile(path):
-        try:
+        with contextlib.suppress(Exception):  # a damaged file (cut short, overwritten): computed again, replaced
             cached = torch.load(path, weights_only=True)
             if cached["key"] == key and torch.is_tensor(cached["features"]) and torch.is_tensor(cached["labels"]):
                 return cached["features"], cached["labels"]
-        except Exception:  # a damaged cache file (cut short, overwritten): computed again, and replaced
-            pass
     try:
         x, y = features(method, dataset, device, batch_size, workers)
     except ValueError as e:  # an unreadable image (evalsets.read_image); from a worker, with its traceback
@@ -101,9 +99,7 @@ def search(score):
     def best():
         return max(tried, key=lambda e: (tried[e], -e))
 
-    step = 2.0
-    while step > 1 / 8:
-        step /= 2
+    for step in (1, 1 / 2, 1 / 4, 1 / 8):
         centre = best()
         for e in (centre - step, centre + step):
             if -6 <= e <= 6 and e not in tried:

@@ -9,6 +9,7 @@ every evaluation that --eval-every logged, each dataset in panels of its own (do
 Needs matplotlib (pip install matplotlib); draws without a display (the Agg backend).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -52,15 +53,11 @@ def read_run(out_dir):
               f"with a step), the first {damaged[0]}", file=sys.stderr, flush=True)
     if not entries:
         fail(f"{path} holds no step yet")
-    label = os.path.basename(os.path.normpath(out_dir))
-    try:
-        if not os.path.isfile(os.path.join(out_dir, "config.json")):  # (a FIFO would wait, /dev/zero never end)
-            raise OSError
-        with open(os.path.join(out_dir, "config.json")) as f:
+    label, config_path = os.path.basename(os.path.normpath(out_dir)), os.path.join(out_dir, "config.json")
+    if os.path.isfile(config_path):  # (a FIFO would wait, /dev/zero never end)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(config_path) as f:
             config = json.load(f)["config"]
-        label = f"{config['method']} {config['model']} ({label})"
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+            label = f"{config['method']} {config['model']} ({label})"
     evaluations = [e for e in entries if isinstance(e.get("task"), str) and isinstance(e.get("dataset"), str)]
     return label, [e for e in entries if "loss" in e], evaluations  # a damaged evaluation line: the rest is plotted
 
@@ -138,8 +135,7 @@ def plot(out_dirs, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="train.py --out-dir folders")
-    p.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/plot.png for one run, plot.png "
-                   "for several)")
+    p.add_argument("--out", help="the PNG to write (default: OUT_DIR/plot.png for one run, plot.png for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.out_dirs[0], "plot.png") if len(args.out_dirs) == 1 else "plot.png")
     if os.path.isdir(out):
