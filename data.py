@@ -28,6 +28,7 @@ from plumbing.synthetic import SyntheticCaptions
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = dict(interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # every resize here, as OpenAI's
 
 
 class RandomResizedCrop:
@@ -67,9 +68,8 @@ class RandomResizedCrop:
             return DeferredCrop(image, (top, left, h, w), self.size)
         if isinstance(image, Jpeg):
             # Differs from torchvision: the JPEG is decoded at 1/r of its size (libjpeg's DCT scaling), the largest r
-            # of 8, 4, 2 that leaves the crop at least `size` pixels a side, and the box mapped to the reduced image
-            # (edges at most r/2 source pixels off): the same boxes, pixels at PSNR > 30 dB against torchvision's,
-            # 34-44 dB on average (tests/test_jpeg.py, docs/data.md). A finer decode of another view is reused.
+            # of 8, 4, 2 that leaves the crop at least `size` pixels a side, and the box mapped to the reduced image:
+            # the same boxes, pixels at PSNR > 30 dB (docs/data.md). A finer decode of another view is reused.
             r = next((r for r in (8, 4, 2) if min(h, w) >= r * self.size), 1)
             r = max([k for k in image.decoded if k <= r], default=r)
             if r > 1:
@@ -78,11 +78,9 @@ class RandomResizedCrop:
                 # cut out and copied channels-last (the decode's layout): torch's uint8 antialiased resize takes 0.29
                 # ms on that against 0.48 on a strided view of it (a 300x228 crop to 224)
                 image = image.decode(r)[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-                return v2.functional.resize(image, [self.size, self.size], interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True)
+                return v2.functional.resize(image, [self.size, self.size], **BICUBIC)
             image = image.decode(1)
-        return v2.functional.resized_crop(image, top, left, h, w, [self.size, self.size],
-                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        return v2.functional.resized_crop(image, top, left, h, w, [self.size, self.size], **BICUBIC)
 
 
 def train_transform(image_size, scale=(0.9, 1.0)):
@@ -140,9 +138,8 @@ def on_device(batches, device):
 
 
 def eval_transform(image_size):
-    return v2.Compose([
-        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(image_size),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose([v2.Resize(image_size, **BICUBIC), v2.CenterCrop(image_size), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 class ImageCaptions(Dataset):
@@ -253,7 +250,6 @@ def retrieval_set(data, data_dir=None, split="val", **csv_keys):
 # -----------------------------------------------------------------------------
 # the data stream: which samples make each rank's micro-batches, and the seeds of their augmentations
 
-
 @lru_cache(maxsize=1)
 def epoch_order(n, seed, epoch):
     """The permutation of the n items that epoch `epoch` of the data stream follows."""
@@ -269,12 +265,10 @@ class Batches(torch.utils.data.Sampler):
         self.n, self.micro, self.rank, self.world, self.seed, self.start = n, micro, rank, world, seed, start
 
     def __iter__(self):
-        i = self.start
-        while True:
+        for i in itertools.count(self.start):
             first = i * self.micro * self.world + self.rank * self.micro
             positions = range(first, first + self.micro)
             yield [(epoch_order(self.n, self.seed, p // self.n)[p % self.n].item(), p) for p in positions]
-            i += 1
 
 
 class Seeded(torch.utils.data.Dataset):

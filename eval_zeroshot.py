@@ -14,12 +14,11 @@ state dicts.
     python eval_zeroshot.py --checkpoint ViT-B-32.pt --image dog.jpg --labels "dog,cat,car"   # one image
     ... --output results.json                                                          # metrics, one object per task
 
-Classification (OpenAI's protocol): every class name is put in each prompt template; the method embeds the
-prompts and combines them into one classifier per class (CLIP: normalise each, average, renormalise); an image's
-logits are its similarity to each class. Retrieval (CLIP_benchmark's protocol): recall@k image→text (a hit when
-any of the image's captions is in the top k) and text→image. Scores come from the method's own similarity
-(cosine for CLIP, token-wise for FILIP), through the interface in clip.py. train.py --eval-every runs the same
-`prepare` and `evaluate`.
+Classification (OpenAI's protocol): every class name is put in each prompt template; the method embeds the prompts and
+combines them into one classifier per class (CLIP: normalise each, average, renormalise); an image's logits are its
+similarity to each class. Retrieval (CLIP_benchmark's protocol): recall@k image→text (a hit when any of the image's
+captions is in the top k) and text→image. Scores come from the method's own similarity (cosine for CLIP, token-wise for
+FILIP), through the interface in clip.py. train.py --eval-every runs the same `prepare` and `evaluate`.
 """
 
 import argparse
@@ -37,7 +36,6 @@ from plumbing.weights import load_method
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Zero-shot classification
-
 
 @torch.no_grad()
 def classify(method, tokenizer, dataset, classnames, templates, device, batch_size=256, workers=0):
@@ -67,7 +65,6 @@ def mean_per_class_recall(predictions, labels, classes):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Retrieval
-
 
 @torch.no_grad()
 def retrieve(method, tokenizer, images, captions, caption_image, device, batch_size=256, workers=0, ks=(1, 5, 10)):
@@ -102,7 +99,6 @@ def retrieve(method, tokenizer, images, captions, caption_image, device, batch_s
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the scripts and train.py --eval-every run
-
 
 def prepare(name, data_dir=None, image_size=224, download=False, classnames=None, templates=None, size=1000,
             **csv_keys):
@@ -231,7 +227,7 @@ def write_results(path, results, checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
+# The command line
 
 def evaluation_args(description):
     """The flags of both evaluation programs (scripts/eval_linear.py adds its own to this parser)."""
@@ -327,9 +323,8 @@ def check_flags(args, labels):
 
 def main(argv=None):
     p = evaluation_args(__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default=None,
-                   help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder (classification); "
-                        "synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
+    p.add_argument("--dataset", default=None, help="synthetic | cifar10 | cifar100 | stl10 | imagenet | folder "
+                   "(classification); synthetic-retrieval | coco | coco-5k | flickr30k | a .csv/.tsv (retrieval)")
     p.add_argument("--csv-img-key", default=None, help="as in train.py, for a .csv/.tsv dataset")
     p.add_argument("--csv-caption-key", default=None, help="as in train.py")
     p.add_argument("--csv-separator", default=None, help="as in train.py")

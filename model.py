@@ -12,15 +12,13 @@ The text encoder is a causal (GPT-style) pre-LN transformer; the sequence is rep
 is the largest id in the vocabulary, so its position is text.argmax(-1).
 
 State-dict keys and shapes are those of OpenAI's released checkpoints (and of open_clip's OpenAI-layout models),
-so that weights.build_model loads them strictly. Attention keeps nn.MultiheadAttention's parameter names
-(in_proj_weight, in_proj_bias, out_proj) but runs through F.scaled_dot_product_attention, batch first.
-Every method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
+so that weights.build_model loads them strictly (Attention keeps nn.MultiheadAttention's parameter names). Every
+method (CLIP, SigLIP, SLIP, DeCLIP, FILIP) trains this same model; the methods only add heads and losses.
 
 Two memory and speed options for training (train.py --grad-checkpointing, --patch-dropout), off by default:
   * activation checkpointing (set_grad_checkpointing): each transformer block and each ResNet stage (the stem is one)
-    keeps only its input for the backward and runs its forward again there: the activations of one block or stage
-    instead of all of them, for one more forward (~1/3 more compute). The gradients are bit-identical to those
-    without it.
+    keeps only its input and runs its forward again in the backward: the activations of one block or stage instead of
+    all of them, for ~1/3 more compute. The gradients are bit-identical to those without it.
   * patch dropout (FLIP, Li et al. 2023; open_clip's patch_dropout): in training, a ViT keeps a random (1 − p) of its
     patch tokens (the class token always) after adding their positional embeddings; evaluation sees every token.
 """
@@ -124,8 +122,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         # the text transformer's init (OpenAI's, see Transformer; out_proj/c_proj std 0.0074 for ViT-B), as DeCLIP's
         # release does for its ViT. OpenAI defines no ViT init and open_clip leaves its ViT blocks at PyTorch's
-        # defaults (nn.Linear's kaiming-uniform, std (3·fan_in)^-½: 0.021 for ViT-B's out_proj, 0.010 for its c_proj).
-        # We keep one init for both towers.
+        # defaults (nn.Linear's: std 0.021 for ViT-B's out_proj, 0.010 for its c_proj). One init for both towers.
         self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -148,10 +145,9 @@ class VisionTransformer(nn.Module):
 def drop_patches(x, p):
     """(B, 1+P, width) tokens, the class token first -> (B, 1+P', width): the class token and a random
     P' = max(1, ⌊(1 − p)·P⌋) of the P patch tokens of each image (as open_clip's PatchDropout), drawn from torch's
-    generator on x's device, which train.py seeds per step and micro-batch so that a resumed run, and the two passes
-    of gradient accumulation, draw the same patches (compiled too: `compiled`). The kept tokens come in random
-    order: their positions are already in them, and nothing downstream depends on the order (FILIP's max and mean
-    over tokens included)."""
+    generator on x's device, which train.py seeds per step and micro-batch so that a resumed run and the two passes of
+    gradient accumulation draw the same patches (compiled too: `compiled`). The kept tokens come in random order: their
+    positions are already in them, and nothing downstream depends on it (FILIP's max and mean over tokens included)."""
     B, L, width = x.shape
     keep = max(1, int((L - 1) * (1 - p)))
     index = torch.rand(B, L - 1, device=x.device).topk(keep, dim=1).indices + 1  # (B, P') patch positions
@@ -251,13 +247,11 @@ class ModifiedResNet(nn.Module):
         for stage in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):  # -> (B, 32·width, R/32, R/32)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # the stage's forward runs again in the backward, without updating the running statistics of its
-                # BatchNorm layers a second time
-                if torch.compiler.is_compiling():  # Dynamo refuses a context_fn; and the compiled backward's
-                    # recomputation updates no running statistics (tests/test_accum.py checks both)
-                    x = checkpoint(stage, x, use_reentrant=False)
-                else:
-                    x = checkpoint(stage, x, use_reentrant=False,
-                                   context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
+                # BatchNorm layers a second time. Compiled: Dynamo refuses a context_fn, and the compiled backward's
+                # recomputation updates no running statistics (tests/test_accum.py checks both)
+                frozen = {} if torch.compiler.is_compiling() else dict(
+                    context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
+                x = checkpoint(stage, x, use_reentrant=False, **frozen)
             else:
                 x = stage(x)
         return self.attnpool(x), x.flatten(2).transpose(1, 2)
@@ -370,9 +364,8 @@ def _config(embed_dim, image_resolution, vision_layers, vision_width, vision_pat
                 quick_gelu=True)
 
 
-# name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included,
-# in every checkpoint); weights.build_model infers the rest from a state dict's shapes, so heads are always
-# width // 64.
+# name -> CLIPModel kwargs. All use QuickGELU, as OpenAI's models (train.py saves the config, activation included, in
+# every checkpoint); weights.build_model infers the rest from a state dict's shapes, so heads are always width // 64.
 CONFIGS = {
     # OpenAI's released models
     "RN50": _config(1024, 224, [3, 4, 6, 3], 64),

@@ -170,8 +170,7 @@ class GlobalBatchNorm(nn.Module):
         x32 = x.float()  # statistics in float32, also under bf16 autocast
         mean = x32.mean(dim=0)  # (C,) this rank's
         m2 = (x32 - mean).square().sum(dim=0)  # (C,) this rank's sum of squared deviations
-        count = x32.new_full((1,), B)
-        stats = all_gather(torch.cat([count, mean, m2])[None])  # (W, 1 + 2C), with gradient
+        stats = all_gather(torch.cat([x32.new_full((1,), B), mean, m2])[None])  # (W, 1 + 2C), with gradient
         counts, means, m2s = stats[:, :1], stats[:, 1:C + 1], stats[:, C + 1:]  # (W, 1), (W, C), (W, C)
         N = counts.sum()
         global_mean = (counts * means).sum(dim=0) / N  # (C,)
@@ -179,5 +178,4 @@ class GlobalBatchNorm(nn.Module):
         with torch.no_grad():
             self.running_mean.lerp_(global_mean, self.momentum)
             self.running_var.lerp_(global_var * N / (N - 1), self.momentum)  # unbiased, as nn.BatchNorm1d keeps
-        y = (x32 - global_mean) * torch.rsqrt(global_var + self.eps) * self.weight + self.bias
-        return y.to(x.dtype)
+        return ((x32 - global_mean) * torch.rsqrt(global_var + self.eps) * self.weight + self.bias).to(x.dtype)

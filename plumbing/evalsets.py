@@ -109,10 +109,9 @@ def imagenet_classnames():
 
 def templates_for(choice, default):
     """--templates: "80" (OpenAI's ImageNet set), "7" (its subset), or one template holding {}; None: default."""
-    if choice is None:
-        return default
-    if choice in ("80", "7"):
-        return IMAGENET_TEMPLATES_80 if choice == "80" else IMAGENET_TEMPLATES
+    named = {None: default, "80": IMAGENET_TEMPLATES_80, "7": IMAGENET_TEMPLATES}
+    if choice in named:
+        return named[choice]
     if "{}" not in choice or set("{}") & set(choice.replace("{}", "")):  # 'a {} of {kind}' stops str.format
         fail(f"--templates {choice!r}: give 80, 7, or one template with {{}} where the class name goes (no other "
              f"brace)")
@@ -193,9 +192,7 @@ class Images(torch.utils.data.Dataset):
 
 def cat(chunks):
     """Concatenate batch-first embeddings, which are tensors or (FILIP) tuples of tensors."""
-    if isinstance(chunks[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*chunks))
-    return torch.cat(chunks)
+    return tuple(map(torch.cat, zip(*chunks))) if isinstance(chunks[0], tuple) else torch.cat(chunks)
 
 
 def loader(dataset, batch_size, workers):
@@ -225,8 +222,7 @@ def class_embeddings(method, tokenizer, classnames, templates, device):
 
 
 def read_image(path):
-    """samples.load_image, as in training, but an unreadable file stops the evaluation: skipping would change the
-    benchmark, so say which file to fix."""
+    """samples.load_image, as in training, but an unreadable file stops the evaluation: skipping would change it."""
     try:
         return samples.load_image(path)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
@@ -240,8 +236,7 @@ def karpathy_split(json_path, image_root, split="test"):
     quote, Flickr30k's the 1,000 images of its "1k test"; every caption of an image is kept."""
     try:
         with open(json_path) as f:
-            entries = json.load(f)
-        entries = [e for e in entries["images"] if e["split"] == split]
+            entries = [e for e in json.load(f)["images"] if e["split"] == split]
         paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in entries]
         pairs = [(s["raw"].strip(), i) for i, e in enumerate(entries) for s in e["sentences"]]
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON; a field missing or of another type

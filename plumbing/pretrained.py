@@ -98,8 +98,7 @@ def resolve(source):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             print(f"downloading {url} to {path}", flush=True)
             with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
+                f.writelines(iter(lambda: response.read(1 << 20), b""))
         except OSError as e:  # no network (urllib's URLError is an OSError), a full disk, a read-only folder
             if os.path.exists(part):
                 os.remove(part)
@@ -203,30 +202,22 @@ def image_groups(visual):
     return [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4], [visual.attnpool]]
 
 
-def parameters(group):
-    for item in group:
-        yield from item.parameters() if isinstance(item, nn.Module) else [item]
-
-
 def lock(model, image=None, text=None):
-    """Lock (requires_grad False) the image tower but its last `image` groups, the text tower but its last `text`
-    blocks; None: no lock."""
+    """Freeze the image tower but its last `image` groups, the text tower but its last `text` blocks; None: no lock."""
+    locked = []  # modules and parameters
     if image is not None:
         groups = image_groups(model.visual)
-        for group in groups[:max(len(groups) - image, 0)]:
-            for p in parameters(group):
-                p.requires_grad_(False)
-            for item in group:
-                for m in item.modules() if isinstance(item, nn.Module) else ():
-                    if isinstance(m, nn.BatchNorm2d):  # as open_clip's FrozenBatchNorm2d: the running statistics,
-                        m.eval()  # kept; train.py never calls .train(), evaluation restores each module's own mode
+        locked += [item for group in groups[:max(len(groups) - image, 0)] for item in group]
     if text is not None:
         blocks = list(model.transformer.resblocks)
-        locked = [model.token_embedding, model.positional_embedding, *blocks[:max(len(blocks) - text, 0)]]
+        locked += [model.token_embedding, model.positional_embedding, *blocks[:max(len(blocks) - text, 0)]]
         if not text:
             locked += [model.ln_final, model.text_projection]
-        for p in parameters(locked):
-            p.requires_grad_(False)
+    for item in locked:
+        item.requires_grad_(False)
+        for m in item.modules() if isinstance(item, nn.Module) else ():
+            if isinstance(m, nn.BatchNorm2d):  # as open_clip's FrozenBatchNorm2d: the running statistics,
+                m.eval()  # kept; train.py never calls .train(), evaluation restores each module's own mode
 
 
 def trainable(method):

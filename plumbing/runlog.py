@@ -81,14 +81,12 @@ def keep_log(path, step):
 class RunLog:
     """log.add(step, ...) after every optimiser step; log.synced is the last step whose losses are known finite.
     stop(reason) is called, on every rank, when a loss is not finite (train.py: Checkpoints.stop); late() says whether
-    this rank's clock calls for a save (Checkpoints.late): rank 0's answer, at a sync, sets log.clock_save on every
-    rank."""
+    this rank's clock calls for a save (Checkpoints.late): rank 0's, at a sync, sets log.clock_save on every rank."""
 
     def __init__(self, out_dir, start_step, steps, batch_size, log_every, stop, late=lambda: False):
         self.master = distributed.rank_and_world()[0] == 0
-        self.start_step, self.steps, self.batch_size, self.log_every, self.stop = \
-            start_step, steps, batch_size, log_every, stop
-        self.late, self.clock_save = late, False
+        self.start_step, self.steps, self.batch_size, self.log_every = start_step, steps, batch_size, log_every
+        self.stop, self.late, self.clock_save = stop, late, False
         self.path = os.path.join(out_dir, "log.jsonl")
         self.cut = not self.master  # the log is cut back (keep_log) at its first write: a run refused before keeps it
         self.stopping = None  # the signal that stops the run (stop_on_signals), once every rank knows of it
@@ -101,9 +99,8 @@ class RunLog:
         self.sinks = []  # --report-to's trackers (report_to): each gets every entry that log.jsonl gets
 
     def report_to(self, trackers, meta):
-        """Write OUT/config.json (meta: the run's config, which scripts/plot.py labels curves with) and open
-        --report-to's trackers (comma-separated names of TRACKERS), rank 0 only; a resumed run continues the same
-        tracker run (docs/see.md)."""
+        """Write OUT/config.json (meta: the run's config, scripts/plot.py's curve labels) and open --report-to's
+        trackers (comma-separated names of TRACKERS), rank 0 only; a resumed run continues its own (docs/see.md)."""
         names = [name.strip() for name in trackers.split(",") if name.strip()]
         for name in names:
             if name not in TRACKERS:
@@ -114,8 +111,7 @@ class RunLog:
         rewrite(os.path.join(out_dir, "config.json"), lambda f: json.dump(meta, f, indent=1, default=str))
         for name in names:
             try:
-                self.sinks.append(tensorboard(out_dir, self.start_step, meta) if name == "tensorboard"
-                                  else wandb(out_dir, self.start_step, meta))
+                self.sinks.append((tensorboard if name == "tensorboard" else wandb)(out_dir, self.start_step, meta))
             except ImportError:
                 fail(f"--report-to {name} needs the {name} package: pip install {name}")
             except OSError as e:  # OUT/tensorboard a file, OUT/wandb_id a folder, ...

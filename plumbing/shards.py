@@ -32,8 +32,7 @@ def braces(pattern):
     if m is None:
         yield pattern
         return
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    if r:
+    if r := re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1)):
         a, b = int(r.group(1)), int(r.group(2))
         items = (str(i).zfill(len(r.group(1))) for i in range(a, b + (1 if b >= a else -1), 1 if b >= a else -1))
     else:
@@ -112,11 +111,8 @@ def tar_samples(path, timeout=60):
     read to its end (a file, a command or a URL), in which case the sample it was reading is dropped."""
     key, members, failure = None, {}, lambda: None
     try:
-        if path.startswith(REMOTE):
-            f = Source(path, timeout)
-            failure = f.failure
-        else:
-            f = open(path, "rb")
+        f = Source(path, timeout) if path.startswith(REMOTE) else open(path, "rb")
+        failure = f.failure if isinstance(f, Source) else failure
         with closing(f):
             for name, payload in tar_members(f):
                 folder, base = os.path.split(name)
@@ -145,12 +141,11 @@ def decode_sample(members, caption_key=None, name=None):
     image = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
     if image is None:
         raise ValueError(f"no image ({', '.join(IMAGE_EXTS)}) among its members {sorted(members)}")
+    caption = None
     if "txt" in members and caption_key is None:
         caption = members["txt"].decode("utf-8")
     elif "json" in members:
         caption = json.loads(members["json"]).get(caption_key or "caption")
-    else:
-        caption = None
     if not isinstance(caption, str) or not caption.strip():
         where = f"a json field {caption_key!r}" if caption_key else "a txt member or a json field 'caption'"
         raise ValueError(f"no caption ({where})")

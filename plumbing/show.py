@@ -20,18 +20,16 @@ K = 5  # items shown per query
 
 
 def spread(total, n):
-    """min(n, total) indices spread evenly over range(total): the queries shown (the first N of a sorted set would
-    all look alike)."""
+    """min(n, total) indices spread evenly over range(total): the queries shown (a sorted set's first N look alike)."""
     n = min(n, total)
     return [i * total // n for i in range(n)]
 
 
 def shortfall(task, panels, asked):
     """Why the page shows fewer queries than --show N asked, in words; None when it shows N."""
-    if task["task"] != "retrieval":
-        return f"{len(panels)} mistakes (of {len(task['images'])} images) shown of the {asked} asked" \
-            if len(panels) < asked else None
-    if min(len(task["captions"]), len(task["images"])) < asked:
+    if task["task"] != "retrieval" and len(panels) < asked:
+        return f"{len(panels)} mistakes (of {len(task['images'])} images) shown of the {asked} asked"
+    if task["task"] == "retrieval" and min(len(task["captions"]), len(task["images"])) < asked:
         return (f"{min(asked, len(task['captions']))} captions and {min(asked, len(task['images']))} images shown of "
                 f"the {asked} asked per direction: the set has no more")
 
@@ -41,8 +39,7 @@ def take(embeddings, index):  # rows of an embedding, a tensor or (FILIP) a tupl
 
 
 def panel(direction, query, scores, correct):
-    """A query's scores (items,) and correct items -> its panel: the top K as [(index, score)], the best rank of a
-    correct item, from 1."""
+    """A query's scores (items,) and correct items -> its panel: top K [(index, score)], a correct item's best rank."""
     scores = scores.float().cpu()
     order = scores.argsort(descending=True, stable=True)
     rank = 1 + min((order == c).nonzero().item() for c in correct)

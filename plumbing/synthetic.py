@@ -33,8 +33,7 @@ TASKS = {  # zero-shot tasks on held-out images: (classnames, templates)
 def sample_scene(rng, **fixed):
     """Random attributes; `fixed` pins some (the zero-shot tasks pin the label's attribute)."""
     s = dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), background=rng.choice(list(BACKGROUNDS)),
-             count=rng.choices(COUNTS, weights=(2, 1, 1))[0])  # single objects are most informative: half of them
-    s.update(fixed)
+             count=rng.choices(COUNTS, weights=(2, 1, 1))[0]) | fixed  # half are single objects: most informative
     # several objects are drawn small and in a row, so size and position describe single objects only
     single = s["count"] == "one"
     s.setdefault("size", rng.choice(list(SIZES)) if single else "small")
@@ -59,11 +58,8 @@ def _outline(shape, cx, cy, r):
         return [(cx + x, cy + y) for x, y in [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a),
                                               (-w, w), (-a, w), (-a, -w), (-w, -w)]]
     n, radii = {"triangle": (3, [r]), "hexagon": (6, [r]), "star": (10, [r, 0.42 * r])}[shape]  # star: in and out
-    points = []
-    for k in range(n):  # clockwise from the top
-        a, rk = 2 * np.pi * k / n, radii[k % len(radii)]
-        points.append((cx + rk * np.sin(a), cy - rk * np.cos(a)))
-    return points
+    polar = [(2 * np.pi * k / n, radii[k % len(radii)]) for k in range(n)]  # (angle, radius), clockwise from the top
+    return [(cx + rk * np.sin(a), cy - rk * np.cos(a)) for a, rk in polar]
 
 
 def render_scene(s, rng, image_size=64):
@@ -102,8 +98,7 @@ def render_scene(s, rng, image_size=64):
 def caption_scene(s, rng):
     """A caption with varied phrasing; size, colour, position and background are sometimes left out."""
     k = COUNTS.index(s["count"]) + 1
-    words = [s["size"] if rng.random() < 0.5 else None, s["colour"] if rng.random() < 0.8 else None]
-    words = [w for w in words if w]
+    words = [word for word, p in ((s["size"], 0.5), (s["colour"], 0.8)) if rng.random() < p]
     if k == 1:
         noun = " ".join(words + [s["shape"]])
         noun = ("one " if rng.random() < 0.2 else "an " if noun[0] in "aeiou" else "a ") + noun

@@ -54,18 +54,15 @@ def _blocks(n, size):
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _positives(labels, start, size):
-    """(rows, columns) inside a tile of `size` columns from `start` where the rows' label columns fall."""
-    rows = ((labels >= start) & (labels < start + size)).nonzero()[:, 0]
-    return rows, labels[rows] - start
+def _positives(labels, cols):
+    """(rows, columns) inside a tile of the columns `cols` (a slice) where the rows' label columns fall."""
+    rows = ((labels >= cols.start) & (labels < cols.stop)).nonzero()[:, 0]
+    return rows, labels[rows] - cols.start
 
 
-def _scaled_dot(queries, keys, scale):  # (b, D), (c, D), s -> (b, c): the plain forms' (s · q) @ kᵀ
-    return (scale * queries) @ keys.T
-
-
-def _scaled_dot_plus_bias(queries, keys, scale, bias):  # SigLIP's (s · x) @ yᵀ + b
-    return (scale * queries) @ keys.T + bias
+def _scaled_dot(queries, keys, scale, bias=None):  # (b, D), (c, D), s -> (b, c): the plain forms' (s · q) @ kᵀ
+    logits = (scale * queries) @ keys.T
+    return logits if bias is None else logits + bias  # SigLIP's + b
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,8 +78,7 @@ class _InfoNCE:
     local = False  # ∂CE/∂l of a tile needs the log-sum-exps of whole rows: known after the forward only
 
     def __init__(self, M, N, tile, row_labels, col_labels=None, exclude=None):
-        self.labels = {"row": row_labels, "col": col_labels}
-        self.exclude = exclude
+        self.labels, self.exclude = {"row": row_labels, "col": col_labels}, exclude
         rows, cols = _blocks(M, tile[0]), _blocks(N, tile[1])
         # a tile is visited when it holds part of a labelled row or column; which do is known before the loop
         self.wanted = {(axis, s.start): labels is not None and bool((labels[s] >= 0).any())
@@ -96,19 +92,19 @@ class _InfoNCE:
         labelled = {axis: labels >= 0 for axis, labels in self.labels.items() if labels is not None}
         self.weight = {axis: kept.float() / int(kept.sum()) / len(labelled) for axis, kept in labelled.items()}
 
-    def mask(self, l, r, c):
-        if self.exclude is None:
-            return l
-        columns = torch.arange(c.start, c.stop, device=l.device)  # (c,)
-        return l.masked_fill(columns[None, :] == self.exclude[r, None], -float("inf"))  # exp(−inf) = 0: left out
-
-    def forward(self, l, r, c):
-        l = self.mask(l, r, c)
+    def directions(self, l, r, c):
+        """(axis, its slice, the tile as rows of that axis, its positives (i, j)) of each direction the tile serves."""
+        if self.exclude is not None:
+            columns = torch.arange(c.start, c.stop, device=l.device)  # (c,)
+            l = l.masked_fill(columns[None, :] == self.exclude[r, None], -float("inf"))  # exp(−inf) = 0: left out
         for axis, own, other, tile in (("row", r, c, l), ("col", c, r, l.T)):  # a column is a row of lᵀ
             if self.wanted[axis, own.start]:
-                self.lse[axis][own] = torch.logaddexp(self.lse[axis][own], tile.logsumexp(dim=1))
-                i, j = _positives(self.labels[axis][own], other.start, other.stop - other.start)
-                self.positive[axis][own.start + i] = tile[i, j]
+                yield axis, own, tile, *_positives(self.labels[axis][own], other)
+
+    def forward(self, l, r, c):
+        for axis, own, tile, i, j in self.directions(l, r, c):
+            self.lse[axis][own] = torch.logaddexp(self.lse[axis][own], tile.logsumexp(dim=1))
+            self.positive[axis][own.start + i] = tile[i, j]
 
     def value(self):
         # Σ weight · CE over the labelled rows (columns); the others' statistics may be partial (−inf): left out
@@ -116,17 +112,15 @@ class _InfoNCE:
 
     def gradient(self, l, r, c):
         """∂loss/∂l of the tile: Σ over its rows (columns) of weight · (softmax − one-hot of the label)."""
-        l, grad = self.mask(l, r, c), None
-        for axis, own, other, tile in (("row", r, c, l), ("col", c, r, l.T)):
-            if self.wanted[axis, own.start]:
-                softmax = torch.sub(tile, self.lse[axis][own, None]).exp_()  # (own, other): each row's softmax
-                i, j = _positives(self.labels[axis][own], other.start, other.stop - other.start)
-                softmax[i, j] -= 1
-                softmax *= self.weight[axis][own, None]
-                if grad is None:
-                    grad = softmax if axis == "row" else softmax.T
-                else:
-                    grad.T.add_(softmax)  # the columns' share, onto the rows'
+        grad = None
+        for axis, own, tile, i, j in self.directions(l, r, c):
+            softmax = torch.sub(tile, self.lse[axis][own, None]).exp_()  # (own, other): each row's softmax
+            softmax[i, j] -= 1
+            softmax *= self.weight[axis][own, None]
+            if grad is None:
+                grad = softmax if axis == "row" else softmax.T
+            else:
+                grad.T.add_(softmax)  # the columns' share, onto the rows'
         return grad
 
 
@@ -136,14 +130,13 @@ class _Sigmoid:
     local = True  # ∂/∂l_ij = σ(l_ij) − [j = y_i]: the tile alone
 
     def __init__(self, M, N, tile, labels=None):
-        self.labels = labels
+        self.labels, self.total = labels, 0.0
         self.tiles = [(r, c) for r in _blocks(M, tile[0]) for c in _blocks(N, tile[1])]
-        self.total = 0.0
 
     def forward(self, l, r, c):
         self.total = self.total + F.softplus(l).sum()
         if self.labels is not None:
-            i, j = _positives(self.labels[r], c.start, c.stop - c.start)
+            i, j = _positives(self.labels[r], c)
             self.total = self.total - l[i, j].sum()
 
     def value(self):
@@ -152,7 +145,7 @@ class _Sigmoid:
     def gradient(self, l, r, c):
         grad = torch.sigmoid(l)  # softplus' = σ
         if self.labels is not None:
-            i, j = _positives(self.labels[r], c.start, c.stop - c.start)
+            i, j = _positives(self.labels[r], c)
             grad[i, j] -= 1
         return grad
 
@@ -164,41 +157,28 @@ class _Sigmoid:
 class _Tiled(torch.autograd.Function):
     """loss (an _InfoNCE or _Sigmoid) of the logits l = score(*queries[rows], *keys[cols], *shared), tile by tile.
     tensors: n_queries tensors of M rows, then n_keys of N rows (FILIP: tokens, and the captions' masks), then the
-    tensors every tile shares (s, b). The backward recomputes each tile with autograd, on that tile's slices alone.
-    A loss whose ∂L/∂l of a tile needs that tile only (loss.local: the sigmoid's) has its gradient computed in the
-    forward instead, at its one visit of the tile, and kept, O(N·D), for the backward to scale."""
+    tensors every tile shares (s, b). A loss.local loss (the sigmoid) keeps its forward's gradients for the backward."""
 
     @staticmethod
     def forward(ctx, loss, score, n_queries, n_keys, *tensors):
         ctx.loss, ctx.score, ctx.split = loss, score, (n_queries, n_keys)
         ctx.eager = loss.local and any(ctx.needs_input_grad[4:])
         ctx.save_for_backward(*(() if ctx.eager else tensors))
-        grads = _zeros(tensors, ctx.needs_input_grad[4:])
-        with torch.autocast(tensors[0].device.type, enabled=False):  # float32 logits, as the plain forms
-            for r, c in loss.tiles:
-                if ctx.eager:
-                    _through_tile(loss, score, tensors, ctx.split, ctx.needs_input_grad[4:], r, c, grads, True)
-                else:
+        if ctx.eager:
+            ctx.grads = _through_tiles(loss, score, tensors, ctx.split, ctx.needs_input_grad[4:], first_visit=True)
+        else:
+            with torch.autocast(tensors[0].device.type, enabled=False):  # float32 logits, as the plain forms
+                for r, c in loss.tiles:
                     loss.forward(score(*_slices(tensors, ctx.split, r, c)), r, c)
-        ctx.grads = grads if ctx.eager else None
         return loss.value().to(tensors[0].device)
 
     @staticmethod
     def backward(ctx, grad_loss):
         if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable; say so, give no number
             raise RuntimeError("a tiled loss has no double backward; set TILED_LOSS_MB above its logits' size")
-        grads = ctx.grads
-        if not ctx.eager:
-            tensors, wants = ctx.saved_tensors, ctx.needs_input_grad[4:]
-            grads = _zeros(tensors, wants)
-            with torch.autocast(grad_loss.device.type, enabled=False):
-                for r, c in ctx.loss.tiles:
-                    _through_tile(ctx.loss, ctx.score, tensors, ctx.split, wants, r, c, grads, False)
+        grads = ctx.grads if ctx.eager else \
+            _through_tiles(ctx.loss, ctx.score, ctx.saved_tensors, ctx.split, ctx.needs_input_grad[4:])
         return None, None, None, None, *(None if g is None else g * grad_loss for g in grads)
-
-
-def _zeros(tensors, wants):
-    return [torch.zeros_like(t) if want else None for t, want in zip(tensors, wants)]
 
 
 def _slices(tensors, split, r, c):
@@ -207,18 +187,23 @@ def _slices(tensors, split, r, c):
         list(tensors[n_queries + n_keys:])
 
 
-def _through_tile(loss, score, tensors, split, wants, r, c, grads, first_visit):
-    """The tile's logits l, with autograd on its slices alone, and its ∂L/∂l (loss.gradient) sent back through them,
-    added to grads at the tile's rows and columns; on the tile's first visit (the eager forward) loss.forward too."""
-    parts = [p.detach().requires_grad_(want) for p, want in zip(_slices(tensors, split, r, c), wants)]
-    with torch.enable_grad():
-        l = score(*parts)  # (b, c)
-    if first_visit:
-        loss.forward(l.detach(), r, c)
-    inputs = [k for k, p in enumerate(parts) if p.requires_grad]
+def _through_tiles(loss, score, tensors, split, wants, first_visit=False):
+    """Each tile's logits l, with autograd on its slices alone, and its ∂L/∂l (loss.gradient) sent back through them
+    -> the gradients of `tensors` (None where not `wants`); at the first visit (eager forward) loss.forward too."""
+    grads = [torch.zeros_like(t) if want else None for t, want in zip(tensors, wants)]
     n_queries, n_keys = split
-    for k, g in zip(inputs, torch.autograd.grad(l, [parts[k] for k in inputs], loss.gradient(l.detach(), r, c))):
-        grads[k][r if k < n_queries else c if k < n_queries + n_keys else ...] += g  # shared (s, b): the whole
+    with torch.autocast(tensors[0].device.type, enabled=False):  # float32 logits, as the plain forms
+        for r, c in loss.tiles:
+            parts = [p.detach().requires_grad_(want) for p, want in zip(_slices(tensors, split, r, c), wants)]
+            with torch.enable_grad():
+                l = score(*parts)  # (b, c)
+            if first_visit:
+                loss.forward(l.detach(), r, c)
+            inputs = [k for k, p in enumerate(parts) if p.requires_grad]
+            part_grads = torch.autograd.grad(l, [parts[k] for k in inputs], loss.gradient(l.detach(), r, c))
+            for k, g in zip(inputs, part_grads):
+                grads[k][r if k < n_queries else c if k < n_queries + n_keys else ...] += g  # shared (s, b): the whole
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,7 +241,7 @@ def sigmoid_loss(image, text, logit_scale, logit_bias, positives_on_diagonal):
     loss = _Sigmoid(B, text.shape[0], (TILE, TILE), labels)
     loss.local = torch.is_grad_enabled()  # the gradients at the forward's visit only where a backward may come
     s, b = (torch.as_tensor(x, device=image.device) for x in (logit_scale, logit_bias))  # (a number, as plain takes)
-    return _Tiled.apply(loss, _scaled_dot_plus_bias, 1, 1, image, text, s, b)
+    return _Tiled.apply(loss, _scaled_dot, 1, 1, image, text, s, b)
 
 
 @torch.compiler.disable

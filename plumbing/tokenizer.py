@@ -116,8 +116,7 @@ class Tokenizer:
     """texts -> (N, context_length) LongTensor: [SOT] ids [EOT] then 0-padding; EOT holds the row's largest id."""
 
     def __init__(self, encoding, sot_id, eot_id, clip_bpe=False):
-        self.encoding, self.sot_id, self.eot_id, self.clip_bpe = encoding, sot_id, eot_id, clip_bpe
-        self.pad_id = 0
+        self.encoding, self.sot_id, self.eot_id, self.clip_bpe, self.pad_id = encoding, sot_id, eot_id, clip_bpe, 0
         self.vocab_size = max(encoding.n_vocab, sot_id + 1, eot_id + 1)
         self.cache = {}  # text -> ids: synthetic captions and prompt templates repeat a lot
 

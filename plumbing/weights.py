@@ -67,9 +67,8 @@ def read(path, trust=False):
 def infer_config(sd):
     """CLIPModel kwargs from the shapes of an OpenAI-layout state dict (as OpenAI's loader does), all but
     quick_gelu: the activation has no parameters, so the shapes cannot tell it. ValueError names what does not fit."""
-    required = ["token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
-                "visual.conv1.weight"]
-    missing = [k for k in required if k not in sd]
+    missing = [k for k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
+                           "visual.conv1.weight") if k not in sd]
     if missing or ("visual.proj" not in sd and "visual.attnpool.positional_embedding" not in sd):
         hint = " (keys start with 'module.': strip the DDP prefix first)" if any(k.startswith("module.") for k in sd) \
             else " (this looks like a training checkpoint: pass checkpoint['model'])" if "model" in sd else ""
