@@ -157,7 +157,8 @@ class _Sigmoid:
 class _Tiled(torch.autograd.Function):
     """loss (an _InfoNCE or _Sigmoid) of the logits l = score(*queries[rows], *keys[cols], *shared), tile by tile.
     tensors: n_queries tensors of M rows, then n_keys of N rows (FILIP: tokens, and the captions' masks), then the
-    tensors every tile shares (s, b). A loss.local loss (the sigmoid) keeps its forward's gradients for the backward."""
+    tensors every tile shares (s, b). The backward recomputes each tile with autograd, on that tile's slices alone; a
+    loss.local loss (the sigmoid: ∂L/∂l of a tile needs the tile only) takes them at the forward's one visit instead."""
 
     @staticmethod
     def forward(ctx, loss, score, n_queries, n_keys, *tensors):
