@@ -247,11 +247,13 @@ class ModifiedResNet(nn.Module):
         for stage in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):  # -> (B, 32·width, R/32, R/32)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # the stage's forward runs again in the backward, without updating the running statistics of its
-                # BatchNorm layers a second time. Compiled: Dynamo refuses a context_fn, and the compiled backward's
-                # recomputation updates no running statistics (tests/test_accum.py checks both)
-                frozen = {} if torch.compiler.is_compiling() else dict(
-                    context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
-                x = checkpoint(stage, x, use_reentrant=False, **frozen)
+                # BatchNorm layers a second time
+                if torch.compiler.is_compiling():  # Dynamo refuses a context_fn; and the compiled backward's
+                    # recomputation updates no running statistics (tests/test_accum.py checks both)
+                    x = checkpoint(stage, x, use_reentrant=False)
+                else:
+                    x = checkpoint(stage, x, use_reentrant=False,
+                                   context_fn=lambda: (nullcontext(), frozen_batchnorm_statistics(self)))
             else:
                 x = stage(x)
         return self.attnpool(x), x.flatten(2).transpose(1, 2)
